@@ -1,0 +1,137 @@
+"""Plain data types shared across the server. No protobuf here (see server/converters.py).
+
+Tensors are numpy arrays. BF16 has no numpy dtype: it travels as ``uint16`` holding the
+bfloat16 bit pattern, and backends reinterpret it (see ``swapserve.dtypes``).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+#: A request or response parameter value, as KServe v2's InferParameter allows.
+ParamValue = Union[bool, int, float, str]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as declared in config.pbtxt.
+
+    ``dims`` excludes the batch dimension when the model batches (max_batch_size > 0);
+    -1 marks a variable-size dimension. ``reshape`` (when set) is the shape the model
+    sees instead of ``dims``.
+    """
+
+    name: str
+    datatype: str  # Triton wire name: "FP32", "INT64", ...
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None = None
+    optional: bool = False
+
+
+class VersionPolicyKind(str, enum.Enum):
+    LATEST = "latest"
+    ALL = "all"
+    SPECIFIC = "specific"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which version directories a model serves (Triton's version_policy; default latest 1)."""
+
+    kind: VersionPolicyKind = VersionPolicyKind.LATEST
+    latest: int = 1
+    specific: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions of ``available`` this policy loads, ascending."""
+        ordered = sorted(available)
+        if self.kind is VersionPolicyKind.ALL:
+            return ordered
+        if self.kind is VersionPolicyKind.SPECIFIC:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-self.latest:] if self.latest > 0 else []
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """Server-side batching settings (config.pbtxt dynamic_batching)."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # 0: the server default bound (never unbounded)
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """One model_warmup entry: inputs to run before the version takes traffic."""
+
+    name: str
+    batch_size: int
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's parsed and validated configuration (one per model, shared by its versions)."""
+
+    name: str
+    platform: str  # "pytorch_libtorch" | "onnxruntime_onnx"
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    version_policy: VersionPolicy = VersionPolicy()
+    dynamic_batching: DynamicBatching | None = None
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    default_model_filename: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    warmup: tuple[WarmupSample, ...] = ()
+
+    @property
+    def batching(self) -> bool:
+        """True when requests carry a leading batch dimension."""
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass
+class Tensor:
+    """A named tensor on the request path: wire datatype, wire shape and its data."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request. ``model_version`` "" means: route by policy."""
+
+    model_name: str
+    model_version: str = ""
+    id: str = ""
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    inputs: list[Tensor] = field(default_factory=list)
+    #: Names of the outputs to return; None returns every output.
+    outputs: list[str] | None = None
+
+
+@dataclass
+class InferResponse:
+    """A finished inference: ``model_version`` is always the version that ran."""
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[Tensor]
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
