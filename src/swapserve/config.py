@@ -1,0 +1,64 @@
+"""Server settings (one pydantic-settings object, env prefix ``SWAPSERVE_``) and tunables.
+
+Every ``swapserve serve`` flag has an environment twin: ``--grpc-port`` is
+``SWAPSERVE_GRPC_PORT``. Tests build a ``Settings`` directly with port 0.
+"""
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Requests queued per serving version before the server answers RESOURCE_EXHAUSTED.
+DEFAULT_MAX_QUEUE_SIZE = 4096
+#: How long a worker waits for a batch before checking for shutdown (microseconds).
+WORKER_POLL_US = 100_000
+#: gRPC's own default of 4 MiB is too small for tensors; Triton users expect large messages.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: How long graceful shutdown waits for in-flight requests (seconds).
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
+
+
+class ControlMode(str, enum.Enum):
+    """Triton's --model-control-mode."""
+
+    NONE = "none"  # load everything at start; repository load/unload RPCs refused
+    EXPLICIT = "explicit"  # load --load-model names at start, then by RPC
+    POLL = "poll"  # rescan the repository every --repository-poll-secs
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWAPSERVE_", extra="ignore")
+
+    model_repository: Path = Path("model_repository")
+    """Triton-style repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/<file>."""
+
+    host: str = "0.0.0.0"
+    """Address the inference gRPC and metrics HTTP servers bind to."""
+
+    grpc_port: int = 8001
+    """KServe v2 / Triton gRPC inference port (0 picks a free port)."""
+
+    metrics_port: int = 8002
+    """Prometheus metrics HTTP port (0 picks a free port; -1 disables)."""
+
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+
+    model_control_mode: ControlMode = ControlMode.NONE
+    load_model: list[str] = Field(default_factory=list)
+    """Models to load at start in explicit mode ("*" loads all)."""
+
+    repository_poll_secs: float = 15.0
+    """Rescan interval in poll mode."""
+
+    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request or response message; larger ones get RESOURCE_EXHAUSTED."""
+
+    torch_threads: int = 1
+    """Intra-op threads per torch runtime worker (the 2-core default leaves a core for gRPC)."""
+
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    log_level: str = "INFO"

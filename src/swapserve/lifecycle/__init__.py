@@ -1,0 +1,1 @@
+"""Version lifecycle: loading, warming, residency, serving-version choice, drain before unload."""

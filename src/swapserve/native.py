@@ -1,0 +1,286 @@
+"""Typed access to the native core (``swapserve._native``); the only module that imports it.
+
+Routing (semantics in ``csrc/router.h``, mirrored by ``swapserve.routing.reference``):
+
+* ``Router.publish(model, spec)`` swaps in a whole new, immutable routing table with one
+  atomic store. Readers never wait for it; a spec whose generation is not greater than the
+  model's current one is refused (:class:`~swapserve.errors.FailedPrecondition`).
+* ``Router.route(model, attributes, request_id)`` is wait-free: cohort rules first (first
+  match wins), then the routing key ``attributes[spec.key_attribute]``, else ``request_id``,
+  else random, hashed to one of 10000 buckets and mapped to a version by cumulative weight
+  in the published order. Same key + same snapshot = same version in every process.
+
+Canonical key text: ``str`` -> UTF-8, ``int`` -> decimal, ``bool`` -> ``true``/``false``,
+``float`` -> ``float.__repr__`` (``0.5``, ``1e+20``, ``nan``). Cohort rule values compare on
+the same text, so the rule value ``42`` matches the attribute ``"42"``. Cohort rule values
+may not be floats (write them as ``str``).
+
+Batching: :class:`Batcher` (rules in ``csrc/batcher.h``).
+
+Errors are the classes of :mod:`swapserve.errors`: stale publish -> ``FailedPrecondition``;
+invalid spec, oversize request, bad attribute type -> ``InvalidInput``; unknown model ->
+``ModelNotFound``; queue full -> ``ResourceExhausted``; closed batcher -> ``VersionNotReady``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from swapserve import _native
+from swapserve.errors import InvalidInput
+
+#: A request attribute value (KServe v2 InferParameter kinds).
+AttrValue = Union[str, int, bool, float]
+#: A cohort rule value.
+RuleValue = Union[str, int, bool]
+
+#: Basis points in 100 %.
+TOTAL_BP = 10000
+
+_INT64_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class CohortRule:
+    """Requests whose ``attribute`` equals ``value`` (canonical text) go to ``version``."""
+
+    attribute: str
+    value: RuleValue
+    version: int
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """A complete routing table for one model.
+
+    ``versions`` take live traffic in this fixed order with ``weights_bp`` basis points each
+    (same length, sum exactly 10000). ``shadows`` get a copy of every request (the serving
+    version is left out of a route's shadows). ``cohorts`` win over weights, first match wins.
+    """
+
+    generation: int
+    versions: tuple[int, ...]
+    weights_bp: tuple[int, ...]
+    shadows: tuple[int, ...] = ()
+    cohorts: tuple[CohortRule, ...] = ()
+    key_attribute: str = "routing_key"
+
+
+class Route(NamedTuple):
+    """Where one request goes: the serving version, its shadows, and the snapshot generation."""
+
+    version: int
+    shadows: tuple[int, ...]
+    generation: int
+
+
+_new_route = tuple.__new__
+
+
+def _require_int(model: str, field: str, value: object, upper: int = _INT64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"routing spec for model '{model}' is invalid: {field} {value!r} is not an integer")
+    if not -_INT64_MAX <= value <= upper:
+        raise InvalidInput(f"routing spec for model '{model}' is invalid: {field} {value} is out of range")
+    return value
+
+
+class Router:
+    """Routing tables of every model, read wait-free and replaced as whole snapshots.
+
+    Thread-safe. ``route``/``route_batch``/``snapshot``/``models`` never block on
+    ``publish``/``remove``; publishers serialise among themselves. A failed publish leaves
+    the previous table live.
+    """
+
+    def __init__(self) -> None:
+        self._native = _native.Router()
+
+    def publish(self, model: str, spec: RoutingSpec) -> None:
+        """Make ``spec`` the model's table (adds the model if new).
+
+        Raises InvalidInput (invalid spec; message names the model and the problem) or
+        FailedPrecondition (``spec.generation`` <= the model's current generation).
+        """
+        generation = _require_int(model, "generation", spec.generation, upper=(1 << 64) - 1)
+        if generation < 0:
+            raise InvalidInput(f"routing spec for model '{model}' is invalid: generation must be >= 0")
+        versions = [_require_int(model, "version", v) for v in spec.versions]
+        weights = [_require_int(model, "weight", w) for w in spec.weights_bp]
+        shadows = [_require_int(model, "shadow version", s) for s in spec.shadows]
+        cohorts = []
+        for rule in spec.cohorts:
+            if not isinstance(rule.attribute, str) or not isinstance(rule.value, (str, int, bool)):
+                raise InvalidInput(
+                    f"routing spec for model '{model}' is invalid: cohort rule {rule!r} needs a str attribute "
+                    "and a str, int or bool value"
+                )
+            cohorts.append((rule.attribute, rule.value, _require_int(model, "cohort version", rule.version)))
+        self._native.publish(model, generation, versions, weights, shadows, cohorts, spec.key_attribute)
+
+    def remove(self, model: str) -> bool:
+        """Drop the model's table; True if it existed. Readers see it or not, never half."""
+        return self._native.remove(model)
+
+    def route(self, model: str, attributes: Mapping[str, AttrValue] | None = None, request_id: str = "") -> Route:
+        """Route one request; wait-free. Raises ModelNotFound, or InvalidInput for a key of a bad type."""
+        if attributes is not None and type(attributes) is not dict:
+            attributes = dict(attributes)
+        return _new_route(Route, self._native.route(model, attributes, request_id))
+
+    def route_batch(self, model: str, keys: Iterable[AttrValue]) -> list[int]:
+        """Versions for many routing keys (weights only, no cohorts), all from one snapshot."""
+        return self._native.route_batch(model, keys)
+
+    def snapshot(self, model: str) -> RoutingSpec | None:
+        """The model's current spec, or None if it has no table."""
+        raw = self._native.snapshot(model)
+        if raw is None:
+            return None
+        generation, versions, weights, shadows, cohorts, key_attribute = raw
+        return RoutingSpec(
+            generation=generation,
+            versions=tuple(versions),
+            weights_bp=tuple(weights),
+            shadows=tuple(shadows),
+            cohorts=tuple(CohortRule(a, v, ver) for a, v, ver in cohorts),
+            key_attribute=key_attribute,
+        )
+
+    def models(self) -> list[str]:
+        """Names of the models with a table, sorted."""
+        return self._native.models()
+
+
+def hash64(key: AttrValue) -> int:
+    """mix64(fnv1a64(canonical bytes)): the routing hash (exact definition in csrc/router.h)."""
+    return _native.hash64(key)
+
+
+def bucket_of(key: AttrValue) -> int:
+    """``hash64(key) % 10000``: the key's routing bucket."""
+    return _native.bucket_of(key)
+
+
+def canonical_key(key: AttrValue) -> bytes:
+    """The bytes a key is hashed as."""
+    return _native.canonical(key)
+
+
+def atomics_lock_free() -> bool:
+    """Whether the atomics behind snapshot publication are lock-free on this machine."""
+    return _native.atomics_lock_free()
+
+
+def retired_pending() -> int:
+    """Free what readers no longer hold; return how many retired snapshots still wait."""
+    return _native.retired_pending()
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch from :meth:`Batcher.next_batch`.
+
+    ``inputs[i]`` is input ``i`` of every ticket concatenated in ticket order (a 1-D uint8
+    array owning its buffer); ``rows[k]`` and ``queue_ns[k]`` belong to ``tickets[k]``.
+    ``expired`` tickets were NOT run: answer them DEADLINE_EXCEEDED. Either ``tickets`` or
+    ``expired`` is non-empty.
+    """
+
+    tickets: list[int]
+    rows: list[int]
+    inputs: list[npt.NDArray[np.uint8]]
+    queue_ns: list[int]
+    expired: list[int]
+
+
+class Batcher:
+    """Dynamic batching queue of one serving version (rules in csrc/batcher.h).
+
+    Thread-safe for any number of producers and consumers. ``max_batch_rows == 0`` disables
+    batching (each request is its own batch); ``max_queue_delay_us == 0`` dispatches whatever
+    is queued at once; ``max_queue_size == 0`` means unbounded. ``name`` (e.g.
+    ``"model 'm' version 3"``) appears in error messages.
+    """
+
+    def __init__(
+        self,
+        max_batch_rows: int,
+        preferred_batch_rows: Sequence[int] = (),
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 0,
+        name: str = "",
+    ) -> None:
+        self._native = _native.Batcher(
+            max_batch_rows, list(preferred_batch_rows), max_queue_delay_us, max_queue_size, name
+        )
+
+    def submit(self, ticket: int, rows: int, inputs: Sequence[Any], deadline_ns: int = 0) -> None:
+        """Copy the request's C-contiguous input buffers into the queue.
+
+        ``deadline_ns`` is an absolute ``time.monotonic_ns()`` (0 = none). Raises
+        ResourceExhausted (queue full), VersionNotReady (closed), InvalidInput (rows outside
+        [1, max_batch_rows], non-contiguous input, input count differs from earlier requests).
+        """
+        self._native.submit(ticket, rows, inputs, deadline_ns)
+
+    def next_batch(self, timeout_us: int) -> Batch | None:
+        """Block (GIL released) until a batch is due; None on timeout or once closed and drained.
+
+        ``timeout_us < 0`` waits forever. Rows of the batch never exceed max_batch_rows.
+        """
+        raw = self._native.next_batch(timeout_us)
+        return None if raw is None else Batch(*raw)
+
+    def close(self) -> None:
+        """Refuse new submits and wake every consumer; queued requests still drain."""
+        self._native.close()
+
+    def pending(self) -> int:
+        """Requests queued now."""
+        return self._native.pending()
+
+    def __len__(self) -> int:
+        return self._native.pending()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: submitted, rejected_full, expired, batches, rows_histogram {rows: batches}."""
+        return self._native.stats()
+
+
+def split_rows(array: npt.NDArray[Any], rows: Sequence[int]) -> list[npt.NDArray[Any]]:
+    """Views of ``array`` along axis 0, ``rows[k]`` rows each (no copy); scatter helper."""
+    total = sum(rows)
+    if array.shape[0] != total:
+        raise InvalidInput(f"batch output has {array.shape[0]} rows but the batch's requests sum to {total}")
+    out = []
+    start = 0
+    for n in rows:
+        out.append(array[start : start + n])
+        start += n
+    return out
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def bench_route_ns(router: Router, model: str, keys: Sequence[AttrValue], reps: int, iters: int) -> list[float]:
+    """Per-call ns of the C++ Router::Route in a C++ loop (one value per rep)."""
+    return _native.bench_route(router._native, model, keys, reps, iters)
+
+
+def bench_publish_visible(trials: int) -> tuple[list[int], list[int]]:
+    """Latencies (ns) until a spinning reader sees a new snapshot, per trial.
+
+    First list: from the atomic store. Second: from the start of Router.publish (validation,
+    table build and store included).
+    """
+    store, publish = _native.bench_publish_visible(trials)
+    return store, publish

@@ -1,0 +1,199 @@
+"""config.pbtxt -> validated ``ModelSpec``.
+
+Validation rejects what swapserve cannot serve faithfully (sequence batching,
+ensembles, unknown platforms, inconsistent shapes) with a message that names the
+model, the field and the fix. A model whose config fails is marked UNAVAILABLE
+with that message; other models are unaffected.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+
+from swapserve import dtypes
+from swapserve._proto import model_config_pb2 as mc
+from swapserve.errors import ConfigError
+from swapserve.types import (
+    DynamicBatching,
+    ModelSpec,
+    TensorSpec,
+    VersionPolicy,
+    VersionPolicyKind,
+    WarmupSample,
+)
+
+#: Triton backend names -> platform names, and the model file each expects by default.
+PLATFORMS: dict[str, str] = {"pytorch": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}
+DEFAULT_FILENAMES: dict[str, str] = {"pytorch_libtorch": "model.pt", "onnxruntime_onnx": "model.onnx"}
+
+
+def parse_config(model_dir: Path) -> mc.ModelConfig:
+    """Parse ``model_dir/config.pbtxt``; ConfigError with the parser's line and column on failure."""
+    path = model_dir / "config.pbtxt"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"model '{model_dir.name}': {path} is missing; every model directory needs a config.pbtxt") from None
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"model '{model_dir.name}': {path}: {exc}") from None
+    return config
+
+
+def _infer_platform(config: mc.ModelConfig, model_dir: Path) -> str:
+    if config.platform:
+        if config.platform not in DEFAULT_FILENAMES:
+            raise ConfigError(
+                f"model '{config.name}': platform '{config.platform}' is not supported; "
+                f"use one of {sorted(DEFAULT_FILENAMES)}"
+            )
+        return config.platform
+    if config.backend:
+        if config.backend not in PLATFORMS:
+            raise ConfigError(
+                f"model '{config.name}': backend '{config.backend}' is not supported; use one of {sorted(PLATFORMS)}"
+            )
+        return PLATFORMS[config.backend]
+    # Like Triton's auto-complete: infer from the model files present.
+    for platform, filename in DEFAULT_FILENAMES.items():
+        if any((d / filename).exists() for d in model_dir.iterdir() if d.is_dir()):
+            return platform
+    raise ConfigError(
+        f"model '{config.name}': config.pbtxt sets neither platform nor backend and no version directory holds "
+        f"{' or '.join(DEFAULT_FILENAMES.values())}; set platform: \"pytorch_libtorch\" or \"onnxruntime_onnx\""
+    )
+
+
+def _tensor(model: str, kind: str, name: str, data_type: int, dims: list[int], reshape: list[int] | None,
+            optional: bool) -> TensorSpec:
+    if not name:
+        raise ConfigError(f"model '{model}': an {kind} has no name")
+    enum_name = mc.DataType.Name(data_type)
+    if enum_name == "TYPE_INVALID":
+        raise ConfigError(f"model '{model}': {kind} '{name}' has no data_type; set e.g. data_type: TYPE_FP32")
+    wire = dtypes.from_config(enum_name)
+    if wire == "BYTES":
+        raise ConfigError(f"model '{model}': {kind} '{name}' is TYPE_STRING; swapserve's backends serve fixed-size types only")
+    if any(d < -1 or d == 0 for d in dims):
+        raise ConfigError(f"model '{model}': {kind} '{name}' dims {list(dims)} must be positive or -1 (variable)")
+    if reshape is not None:
+        fixed = all(d > 0 for d in dims) and all(d > 0 for d in reshape)
+        if fixed and math.prod(dims) != math.prod(reshape):
+            raise ConfigError(
+                f"model '{model}': {kind} '{name}' reshape {list(reshape)} has {math.prod(reshape)} elements "
+                f"but dims {list(dims)} have {math.prod(dims)}"
+            )
+    return TensorSpec(name, wire, tuple(dims), tuple(reshape) if reshape is not None else None, optional)
+
+
+def _version_policy(config: mc.ModelConfig) -> VersionPolicy:
+    which = config.version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        return VersionPolicy(VersionPolicyKind.ALL)
+    if which == "specific":
+        return VersionPolicy(VersionPolicyKind.SPECIFIC, specific=tuple(config.version_policy.specific.versions))
+    if which == "latest":
+        n = config.version_policy.latest.num_versions
+        if n < 1:
+            raise ConfigError(f"model '{config.name}': version_policy latest.num_versions must be at least 1")
+        return VersionPolicy(VersionPolicyKind.LATEST, latest=n)
+    return VersionPolicy()
+
+
+def _warmup(config: mc.ModelConfig, spec_inputs: dict[str, TensorSpec], model_dir: Path) -> tuple[WarmupSample, ...]:
+    samples = []
+    rng = np.random.default_rng(0)
+    for w in config.model_warmup:
+        batch = max(1, w.batch_size)
+        arrays: dict[str, np.ndarray] = {}
+        for name, inp in w.inputs.items():
+            if name not in spec_inputs:
+                raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' names unknown input '{name}'")
+            dtype = dtypes.numpy_dtype(dtypes.from_config(mc.DataType.Name(inp.data_type)))
+            shape = ((batch,) if config.max_batch_size > 0 else ()) + tuple(inp.dims)
+            source = inp.WhichOneof("input_data_type")
+            if source == "random_data":
+                arrays[name] = (rng.random(shape) * 10).astype(dtype)
+            elif source == "input_data_file":
+                raw = (model_dir / "warmup" / inp.input_data_file).read_bytes()
+                arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+            else:
+                arrays[name] = np.zeros(shape, dtype=dtype)
+        samples.append(WarmupSample(w.name, batch, arrays, max(1, w.count)))
+    return tuple(samples)
+
+
+def spec_from_config(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
+    """Validate ``config`` (filling Triton's defaults in place) and return the model's spec.
+
+    Raises ConfigError naming the model and the offending field.
+    """
+    name = model_dir.name
+    if not config.name:
+        config.name = name
+    elif config.name != name:
+        raise ConfigError(f"model '{name}': config.pbtxt name '{config.name}' must match its directory name '{name}'")
+    platform = _infer_platform(config, model_dir)
+    config.platform = platform
+    if config.max_batch_size < 0:
+        raise ConfigError(f"model '{name}': max_batch_size must be >= 0 (0 disables batching)")
+    if config.HasField("sequence_batching") or config.HasField("ensemble_scheduling"):
+        raise ConfigError(f"model '{name}': sequence batching and ensembles are not supported by swapserve")
+    if not config.input or not config.output:
+        raise ConfigError(f"model '{name}': config.pbtxt must declare at least one input and one output")
+    inputs = tuple(
+        _tensor(name, "input", i.name, i.data_type, list(i.dims), list(i.reshape.shape) if i.HasField("reshape") else None,
+                i.optional)
+        for i in config.input
+    )
+    outputs = tuple(
+        _tensor(name, "output", o.name, o.data_type, list(o.dims), list(o.reshape.shape) if o.HasField("reshape") else None,
+                False)
+        for o in config.output
+    )
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        seen = [t.name for t in tensors]
+        dup = {n for n in seen if seen.count(n) > 1}
+        if dup:
+            raise ConfigError(f"model '{name}': duplicate {kind} name(s) {sorted(dup)}")
+    batching = None
+    if config.HasField("dynamic_batching"):
+        db = config.dynamic_batching
+        if config.max_batch_size == 0:
+            raise ConfigError(f"model '{name}': dynamic_batching needs max_batch_size > 0")
+        bad = [p for p in db.preferred_batch_size if p < 1 or p > config.max_batch_size]
+        if bad:
+            raise ConfigError(
+                f"model '{name}': preferred_batch_size {bad} must lie between 1 and max_batch_size {config.max_batch_size}"
+            )
+        batching = DynamicBatching(
+            preferred_batch_sizes=tuple(sorted(set(db.preferred_batch_size))),
+            max_queue_delay_us=int(db.max_queue_delay_microseconds),
+            max_queue_size=int(db.default_queue_policy.max_queue_size),
+        )
+    count = sum(g.count or 1 for g in config.instance_group) or 1
+    kinds = {mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
+    filename = config.default_model_filename or DEFAULT_FILENAMES[platform]
+    if not config.instance_group:
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    spec_inputs = {t.name: t for t in inputs}
+    return ModelSpec(
+        name=name,
+        platform=platform,
+        max_batch_size=int(config.max_batch_size),
+        inputs=inputs,
+        outputs=outputs,
+        version_policy=_version_policy(config),
+        dynamic_batching=batching,
+        instance_count=count,
+        instance_kind=kinds.pop() if len(kinds) == 1 else "KIND_AUTO",
+        default_model_filename=filename,
+        parameters=parameters,
+        warmup=_warmup(config, spec_inputs, model_dir),
+    )

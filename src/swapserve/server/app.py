@@ -1,0 +1,151 @@
+"""Assembling and running the server: gRPC (inference, health, reflection), metrics HTTP, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from swapserve.backends import backend_class, resolve_device
+from swapserve.config import ControlMode, Settings
+from swapserve.dataplane import DataPlane
+from swapserve.lifecycle.manager import ModelManager
+from swapserve.monitoring.metrics import Metrics
+from swapserve.native import Batcher, Router
+from swapserve.repository import ModelRepository
+from swapserve.server.inference import InferenceServicer
+from swapserve._proto import grpc_service_pb2 as pb
+from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _load_backend(spec: Any, path: Any, device: str) -> Any:
+    return backend_class(spec.platform).load(spec, path, device)
+
+
+def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue)
+
+
+@dataclass
+class Server:
+    """A running swapserve. ``grpc_port``/``metrics_port`` are the bound ports (useful with port 0)."""
+
+    settings: Settings
+    grpc_server: grpc.aio.Server
+    manager: ModelManager
+    servicer: InferenceServicer
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    grpc_port: int
+    metrics_port: int | None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _http: Any = None
+
+    async def _set_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.manager.server_ready() \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(INFERENCE_SERVICE, status)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.manager.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling; the log says what failed
+                log.exception("repository poll failed")
+            await self._set_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: stop accepting, finish in-flight requests (up to ``grace`` s), unload, close."""
+        self.servicer.live = False
+        await self.health.enter_graceful_shutdown()
+        for t in self._tasks:
+            t.cancel()
+        await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
+        await self.manager.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(settings: Settings, metrics: Metrics | None = None) -> Server:
+    """Build, load models per the control mode, and start serving. Returns once the ports are bound
+    and the start-up loads have finished (models that failed are UNAVAILABLE with their reason)."""
+    import torch
+
+    torch.set_num_threads(max(1, settings.torch_threads))
+    metrics = metrics or Metrics()
+    device = resolve_device(settings.device)
+    repository = ModelRepository(settings.model_repository)
+    manager = ModelManager(repository, device=device, metrics=metrics, router=Router(),
+                           backend_loader=_load_backend, batcher_factory=_batcher)
+    dataplane = DataPlane(manager, metrics)
+    servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
+    limit = settings.grpc_max_message_bytes
+    grpc_server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        grpc_server)
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
+
+    http = None
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        metrics_port = http.server_port
+
+    server = Server(settings, grpc_server, manager, servicer, health_servicer, metrics, port, metrics_port, _http=http)
+    await server._set_health()
+    await grpc_server.start()  # live (ServerLive) while models load; ready once they have
+    log.info("gRPC inference on %s:%d, metrics on %s", settings.host, port, metrics_port)
+
+    names = repository.names()
+    if settings.model_control_mode is ControlMode.EXPLICIT:
+        wanted = names if "*" in settings.load_model else [n for n in settings.load_model]
+        unknown = [n for n in wanted if n not in names]
+        for n in unknown:
+            log.error("--load-model %s: no such model in %s", n, settings.model_repository)
+        await manager.load_all([n for n in wanted if n in names])
+    else:
+        await manager.load_all(names)
+    await server._set_health()
+    if settings.model_control_mode is ControlMode.POLL:
+        server._tasks.append(asyncio.create_task(server._poll()))
+    return server
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the process exit code."""
+    server = await create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"swapserve ready: grpc={settings.host}:{server.grpc_port} metrics={server.metrics_port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests")
+    await server.stop()
+    return 0

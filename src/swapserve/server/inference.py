@@ -1,0 +1,233 @@
+"""KServe v2 / Triton ``inference.GRPCInferenceService``: convert, delegate, convert back."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from swapserve import __version__
+from swapserve.config import ControlMode
+from swapserve.dataplane import DataPlane
+from swapserve.errors import FailedPrecondition, ModelNotFound, Unimplemented
+from swapserve.lifecycle.manager import ModelManager
+from swapserve.server import converters
+from swapserve.server.errors import map_errors, status_of
+from swapserve._proto import grpc_service_pb2 as pb
+from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: KServe v2 extensions this server implements (reported by ServerMetadata).
+EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "schedule_policy"]
+
+
+def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return 0
+    return time.monotonic_ns() + int(remaining * 1e9)
+
+
+def _stats_pb(s: object) -> pb.ModelStatistics:
+    from swapserve.monitoring.statistics import StatsSnapshot
+
+    assert isinstance(s, StatsSnapshot)
+
+    def d(x: object) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=x.count, ns=x.ns)  # type: ignore[attr-defined]
+
+    out = pb.ModelStatistics(
+        name=s.model, version=s.version, last_inference=s.last_inference_ms, inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(success=d(s.success), fail=d(s.fail), queue=d(s.queue),
+                                           compute_input=d(s.compute_input), compute_infer=d(s.compute_infer),
+                                           compute_output=d(s.compute_output)),
+    )
+    for b in s.batches:
+        out.batch_stats.add(batch_size=b.batch_size, compute_input=d(b.compute_input),
+                            compute_infer=d(b.compute_infer), compute_output=d(b.compute_output))
+    return out
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, manager: ModelManager, mode: ControlMode) -> None:
+        self._dataplane = dataplane
+        self._manager = manager
+        self._mode = mode
+        self.live = True
+
+    @map_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.live)
+
+    @map_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.live and self._manager.server_ready())
+
+    @map_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._manager.is_ready(request.name, request.version))
+
+    @map_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="swapserve", version=__version__, extensions=EXTENSIONS)
+
+    def _spec_for(self, name: str, version: str):  # type: ignore[no-untyped-def]
+        m = self._manager.model(name)
+        if version:
+            rt = self._manager.runtime(name, version)
+            return m, rt.spec
+        if m.entry.spec is None:
+            raise ModelNotFound(f"model '{name}' has no valid configuration: {m.entry.error}")
+        return m, m.entry.spec
+
+    @map_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        m, spec = self._spec_for(request.name, request.version)
+        out = pb.ModelMetadataResponse(name=spec.name, platform=spec.platform,
+                                       versions=[str(v) for v in m.ready_versions()])
+        lead = [-1] if spec.batching else []
+        for t in spec.inputs:
+            out.inputs.add(name=t.name, datatype=t.datatype, shape=lead + list(t.dims))
+        for t in spec.outputs:
+            out.outputs.add(name=t.name, datatype=t.datatype, shape=lead + list(t.dims))
+        return out
+
+    @map_errors
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        m = self._manager.model(request.name)
+        if request.version:
+            self._manager.runtime(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for inference
+        if m.entry.config is None or m.entry.error:
+            raise ModelNotFound(f"model '{request.name}' has no valid configuration: {m.entry.error}")
+        return pb.ModelConfigResponse(config=m.entry.config)
+
+    @map_errors
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        out = pb.ModelStatisticsResponse()
+        names = [request.name] if request.name else sorted(self._manager.models)
+        for name in names:
+            m = self._manager.model(name)
+            for v, slot in sorted(m.slots.items()):
+                if request.version and str(v) != request.version:
+                    continue
+                if slot.runtime is not None:
+                    out.model_stats.append(_stats_pb(slot.runtime.stats.snapshot()))
+        if request.version and not out.model_stats:
+            raise ModelNotFound(f"model '{request.name}' version {request.version} is not loaded")
+        return out
+
+    @map_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        out = pb.RepositoryIndexResponse()
+        for e in self._manager.index(ready_only=request.ready):
+            out.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return out
+
+    def _check_explicit(self, verb: str) -> None:
+        if self._mode is not ControlMode.EXPLICIT:
+            raise FailedPrecondition(
+                f"model {verb} by RPC needs --model-control-mode explicit (the server runs in "
+                f"'{self._mode.value}' mode); operators can use the swapserve control service instead")
+
+    @map_errors
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        self._check_explicit("load")
+        if request.parameters:
+            raise Unimplemented("RepositoryModelLoad parameters (config override, file upload) are not supported; "
+                                "put the model in the repository and load it by name")
+        await self._manager.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @map_errors
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        self._check_explicit("unload")
+        await self._manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @map_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        req = converters.infer_request_from_pb(request)
+        return converters.infer_response_to_pb(await self._dataplane.infer(req, _deadline_ns(context)))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream. Requests run concurrently; responses come back as they finish.
+
+        A failed request yields a response with ``error_message`` (and the request's id), and the
+        stream stays open for the requests that follow.
+        """
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                req = converters.infer_request_from_pb(request)
+                resp = converters.infer_response_to_pb(await self._dataplane.infer(req))
+                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except Exception as exc:  # noqa: BLE001 - becomes this request's error message
+                _, message = status_of(exc, "ModelStreamInfer")
+                failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                               id=request.id)
+                await results.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+
+        async def reader() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                await results.put(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            read_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    # Shared memory, trace and log settings are not implemented: answer precisely instead of hanging.
+    async def _unimplemented(self, what: str, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{what} is not supported by swapserve; send tensors in the request "
+                            "(raw_input_contents) instead")
+
+    async def SystemSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("system shared memory", context)
+
+    async def CudaSharedMemoryStatus(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryRegister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        await self._unimplemented("CUDA shared memory", context)
+
+    async def TraceSetting(self, request, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "trace settings are not supported by swapserve; "
+                            "use the Prometheus metrics on the metrics port for latency breakdowns")
+
+    async def LogSettings(self, request, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "log settings cannot be changed at run time; "
+                            "restart with --log-level")

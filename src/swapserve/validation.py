@@ -1,0 +1,70 @@
+"""Checking a decoded request against the configuration of the version that will run it.
+
+Every message names the model, the input and what was expected, so a person can fix
+the client without reading server code.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from swapserve.errors import InvalidInput
+from swapserve.types import InferRequest, ModelSpec
+
+
+def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
+
+
+def validate(spec: ModelSpec, version: int, req: InferRequest) -> tuple[list[np.ndarray], int]:
+    """Return the request's arrays in config input order and its batch size (1 when not batching).
+
+    Raises InvalidInput for unknown, missing or duplicate inputs, wrong datatypes, shapes or
+    element counts, a batch over max_batch_size, and unknown requested outputs.
+    """
+    where = f"model '{spec.name}' version {version}"
+    expected_names = [t.name for t in spec.inputs]
+    by_name = {}
+    for t in req.inputs:
+        if t.name in by_name:
+            raise InvalidInput(f"{where}: input '{t.name}' appears twice in the request")
+        if spec.input(t.name) is None:
+            raise InvalidInput(f"{where}: unexpected input '{t.name}'; the model's inputs are {expected_names}")
+        by_name[t.name] = t
+    missing = [n for n in expected_names if n not in by_name]
+    if missing:
+        raise InvalidInput(f"{where}: missing input(s) {missing}; the model's inputs are {expected_names}")
+    arrays: list[np.ndarray] = []
+    batch: int | None = None
+    for ts in spec.inputs:
+        t = by_name[ts.name]
+        if t.datatype != ts.datatype:
+            raise InvalidInput(f"{where}: input '{t.name}' has datatype {t.datatype}, expected {ts.datatype}")
+        shape = tuple(t.shape)
+        if spec.batching:
+            full = (-1, *ts.dims)
+            if not shape or not _dims_match(full, shape):
+                raise InvalidInput(f"{where}: input '{t.name}' has shape {list(shape)}, expected "
+                                   f"[batch, {', '.join(map(str, ts.dims))}] with batch <= {spec.max_batch_size}")
+            if shape[0] < 1 or shape[0] > spec.max_batch_size:
+                raise InvalidInput(f"{where}: input '{t.name}' has batch size {shape[0]}, which exceeds "
+                                   f"max_batch_size {spec.max_batch_size}; split the request" if shape[0] > 1 else
+                                   f"{where}: input '{t.name}' has batch size {shape[0]}; it must be at least 1")
+            if batch is None:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise InvalidInput(f"{where}: inputs disagree on the batch size ({batch} vs {shape[0]} for "
+                                   f"'{t.name}'); every input needs the same leading dimension")
+        elif not _dims_match(ts.dims, shape):
+            raise InvalidInput(f"{where}: input '{t.name}' has shape {list(shape)}, expected {list(ts.dims)}")
+        if t.data.size != math.prod(shape):
+            raise InvalidInput(f"{where}: input '{t.name}' carries {t.data.size} elements but shape {list(shape)} "
+                               f"needs {math.prod(shape)}")
+        arrays.append(np.ascontiguousarray(t.data).reshape(shape))
+    if req.outputs is not None:
+        names = [o.name for o in spec.outputs]
+        unknown = [o for o in req.outputs if o not in names]
+        if unknown:
+            raise InvalidInput(f"{where}: unknown requested output(s) {unknown}; the model's outputs are {names}")
+    return arrays, (batch if batch is not None else 1)

@@ -1,0 +1,185 @@
+"""scripts/make_examples.py: the example repository builds, is deterministic, and serves.
+
+Builds every example model once per module into a temporary directory (~10 s on two
+cores) and runs them through the real backends with specs read from the committed
+config.pbtxt files.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from swapserve import dtypes
+from swapserve.backends import backend_class
+from swapserve.types import ModelSpec, TensorSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "make_examples.py"
+MODELS = ("simple", "digits", "convnet", "digits_onnx")
+
+
+def _import_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_examples_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_spec(config: Path) -> ModelSpec:
+    """Just enough of config.pbtxt -> ModelSpec for these tests (Triton's own schema)."""
+    from google.protobuf import text_format  # type: ignore[import-untyped]
+
+    from swapserve._proto import model_config_pb2 as mc
+
+    cfg = text_format.Parse(config.read_text(), mc.ModelConfig())
+
+    def tensors(items: Any) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(i.name, dtypes.from_config(mc.DataType.Name(i.data_type)), tuple(i.dims))
+            for i in items
+        )
+
+    return ModelSpec(
+        name=cfg.name,
+        platform=cfg.platform,
+        max_batch_size=cfg.max_batch_size,
+        inputs=tensors(cfg.input),
+        outputs=tensors(cfg.output),
+        parameters={k: v.string_value for k, v in cfg.parameters.items()},
+    )
+
+
+def backend(repo: Path, model: str, version: int) -> Any:
+    spec = model_spec(repo / model / "config.pbtxt")
+    cls = backend_class(spec.platform)
+    return cls.load(spec, cls.model_file(spec, repo / model / str(version)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def mk() -> ModuleType:
+    return _import_script()
+
+
+@pytest.fixture(scope="module")
+def built(mk: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("repo")
+    return out, mk.make(out, MODELS)
+
+
+def test_layout(built: tuple[Path, dict[str, Any]]) -> None:
+    repo, summary = built
+    assert sorted(summary) == sorted(MODELS)
+    for model in MODELS:
+        assert (repo / model / "config.pbtxt").read_text() == (
+            ROOT / "model_repository" / model / "config.pbtxt"
+        ).read_text()
+    assert (repo / "simple" / "1" / "model.pt").is_file()
+    assert (repo / "digits" / "1" / "model.pt").is_file()
+    assert (repo / "digits" / "2" / "model.pt").is_file()
+    assert (repo / "convnet" / "1" / "model.pt").is_file()
+    assert (repo / "digits_onnx" / "1" / "model.onnx").is_file()
+
+
+def test_committed_configs_match_the_brief() -> None:
+    specs = {m: model_spec(ROOT / "model_repository" / m / "config.pbtxt") for m in MODELS}
+    assert specs["simple"].max_batch_size == 8
+    assert [(t.name, t.datatype, t.dims) for t in specs["simple"].inputs] == [
+        ("INPUT0", "INT32", (16,)), ("INPUT1", "INT32", (16,))
+    ]
+    assert [(t.name, t.datatype, t.dims) for t in specs["convnet"].inputs] == [("image", "FP32", (1, 32, 32))]
+    for m in ("digits", "digits_onnx"):
+        assert [(t.name, t.dims) for t in specs[m].inputs] == [("pixels", (64,))]
+        assert [(t.name, t.dims) for t in specs[m].outputs] == [("probabilities", (10,))]
+    assert specs["digits_onnx"].platform == "onnxruntime_onnx"
+
+
+def test_digits_versions_differ_in_quality(built: tuple[Path, dict[str, Any]], mk: ModuleType) -> None:
+    repo, summary = built
+    acc = summary["digits"]["holdout_accuracy"]
+    holdout = np.load(repo / "digits" / "holdout.npz")
+    x, y = holdout["x"], holdout["y"]
+    assert x.dtype == np.float32 and x.shape[1] == 64 and y.dtype == np.int64 and len(x) == len(y)
+    assert set(holdout["slice"]) == {"round", "straight", "curved"}
+    v1 = mk.accuracy(repo / "digits" / "1" / "model.pt", x, y)
+    v2 = mk.accuracy(repo / "digits" / "2" / "model.pt", x, y)
+    assert (v1, v2) == (acc["1"], acc["2"])
+    assert v2 >= 0.93
+    assert v2 > v1 + 0.03, (v1, v2)
+
+
+def test_digits_served_by_the_backend(built: tuple[Path, dict[str, Any]]) -> None:
+    repo, summary = built
+    holdout = np.load(repo / "digits" / "holdout.npz")
+    b = backend(repo, "digits", 2)
+    probs = b.infer({"pixels": holdout["x"][:64]})["probabilities"]
+    assert probs.shape == (64, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_deterministic(built: tuple[Path, dict[str, Any]], mk: ModuleType, tmp_path: Path) -> None:
+    repo, summary = built
+    again = mk.make(tmp_path, ["digits", "digits_onnx"])
+    assert again["digits"] == summary["digits"]
+    assert again["digits_onnx"] == summary["digits_onnx"]
+    holdout = np.load(repo / "digits" / "holdout.npz")
+    for version in (1, 2):
+        first = mk.predict(repo / "digits" / str(version) / "model.pt", holdout["x"])
+        second = mk.predict(tmp_path / "digits" / str(version) / "model.pt", holdout["x"])
+        np.testing.assert_array_equal(first, second)
+        a = np.load(repo / "digits" / str(version) / "reference.npz")
+        b = np.load(tmp_path / "digits" / str(version) / "reference.npz")
+        np.testing.assert_array_equal(a["probabilities"], b["probabilities"])
+    assert (tmp_path / "digits" / "holdout.npz").read_bytes() == (repo / "digits" / "holdout.npz").read_bytes()
+
+
+def test_simple_computes_sum_and_difference(built: tuple[Path, dict[str, Any]]) -> None:
+    repo, _ = built
+    b = backend(repo, "simple", 1)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16).repeat(3, axis=0)
+    c = np.full((3, 16), 5, np.int32)
+    out = b.infer({"INPUT0": a, "INPUT1": c})
+    assert out["OUTPUT0"].dtype == np.int32
+    np.testing.assert_array_equal(out["OUTPUT0"], a + c)
+    np.testing.assert_array_equal(out["OUTPUT1"], a - c)
+
+
+def test_convnet_shapes(built: tuple[Path, dict[str, Any]]) -> None:
+    repo, _ = built
+    b = backend(repo, "convnet", 1)
+    out = b.infer({"image": np.zeros((5, 1, 32, 32), np.float32)})["logits"]
+    assert out.shape == (5, 10) and out.dtype == np.float32
+
+
+def test_digits_onnx_matches_torchscript_v2(built: tuple[Path, dict[str, Any]]) -> None:
+    pytest.importorskip("onnxruntime")
+    repo, summary = built
+    x = np.load(repo / "digits" / "holdout.npz")["x"]
+    pt = backend(repo, "digits", 2).infer({"pixels": x})["probabilities"]
+    ort = backend(repo, "digits_onnx", 1).infer({"pixels": x})["probabilities"]
+    np.testing.assert_allclose(ort, pt, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ort.argmax(1), pt.argmax(1))
+    assert summary["digits_onnx"]["holdout_accuracy"]["1"] == summary["digits"]["holdout_accuracy"]["2"]
+
+
+@pytest.mark.parametrize(
+    ("model", "version"), [("simple", 1), ("digits", 1), ("digits", 2), ("convnet", 1), ("digits_onnx", 1)]
+)
+def test_reference_outputs_reproduce(built: tuple[Path, dict[str, Any]], model: str, version: int) -> None:
+    repo, _ = built
+    b = backend(repo, model, version)
+    spec = model_spec(repo / model / "config.pbtxt")
+    ref = np.load(repo / model / str(version) / "reference.npz")
+    out = b.infer({t.name: ref[t.name] for t in spec.inputs})
+    for t in spec.outputs:
+        np.testing.assert_allclose(out[t.name], ref[t.name], rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_model_is_refused(mk: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resnet"):
+        mk.make(tmp_path, ["resnet"])
