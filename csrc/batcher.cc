@@ -138,7 +138,9 @@ size_t Batcher::Plan(int64_t now, bool* due, int64_t* due_at) const {
 void Batcher::NextBatch(int64_t timeout_us, Batch* out, bool* got) {
   *out = Batch();
   *got = false;
-  const int64_t give_up = timeout_us < 0 ? kNever : MonotonicNowNs() + timeout_us * 1000;
+  // Negative or absurdly long (> ~11 days) timeouts wait forever (and cannot overflow).
+  const int64_t give_up =
+      (timeout_us < 0 || timeout_us > 1000000000000LL) ? kNever : MonotonicNowNs() + timeout_us * 1000;
   std::vector<Request> taken;
   {
     std::unique_lock<std::mutex> lock(mu_);

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <charconv>
 #include <thread>
+#include <unordered_map>
 
 #include "batcher.h"
 #include "router.h"
@@ -22,8 +23,8 @@ using namespace swapserve;
 
 namespace {
 
-// The one Status -> Python exception mapping (see status.h).
-[[noreturn]] void RaiseStatus(const Status& st) {
+// The one Status -> Python exception mapping (see status.h). Sets the Python error.
+void SetStatusError(const Status& st) {
   const char* name = "SwapserveError";
   switch (st.code()) {
     case StatusCode::kInvalidArgument: name = "InvalidInput"; break;
@@ -33,8 +34,18 @@ namespace {
     case StatusCode::kUnavailable: name = "VersionNotReady"; break;
     default: break;
   }
-  py::object cls = py::module_::import("swapserve.errors").attr(name);
-  PyErr_SetObject(cls.ptr(), py::str(st.message()).ptr());
+  PyObject* errors = PyImport_ImportModule("swapserve.errors");
+  PyObject* cls = errors ? PyObject_GetAttrString(errors, name) : nullptr;
+  Py_XDECREF(errors);
+  if (cls == nullptr) return;  // the import error stays set
+  PyObject* msg = PyUnicode_DecodeUTF8(st.message().data(), static_cast<Py_ssize_t>(st.message().size()), "replace");
+  PyErr_SetObject(cls, msg);
+  Py_XDECREF(msg);
+  Py_DECREF(cls);
+}
+
+[[noreturn]] void RaiseStatus(const Status& st) {
+  SetStatusError(st);
   throw py::error_already_set();
 }
 
@@ -43,8 +54,10 @@ void Check(const Status& st) {
 }
 
 // Canonical key text (router.h): str -> UTF-8, bool -> true/false, int -> decimal,
-// float -> float.__repr__. Anything else is refused.
-Status Canonical(PyObject* v, const std::string& what, std::string* out) {
+// float -> float.__repr__. Anything else is refused. `what` names the value in errors
+// and is only evaluated on error (this runs on every route()).
+template <typename What>
+Status Canonical(PyObject* v, const What& what, std::string* out) {
   if (PyBool_Check(v)) {
     *out = (v == Py_True) ? "true" : "false";
   } else if (PyLong_Check(v)) {
@@ -65,7 +78,7 @@ Status Canonical(PyObject* v, const std::string& what, std::string* out) {
     const char* p = PyUnicode_AsUTF8AndSize(v, &n);
     if (p == nullptr) {
       PyErr_Clear();
-      return Status::InvalidArgument(what + " is a str that is not valid UTF-8 (lone surrogate?); send UTF-8 text");
+      return Status::InvalidArgument(what() + " is a str that is not valid UTF-8 (lone surrogate?); send UTF-8 text");
     }
     out->assign(p, static_cast<size_t>(n));
   } else if (PyFloat_Check(v)) {
@@ -73,10 +86,26 @@ Status Canonical(PyObject* v, const std::string& what, std::string* out) {
     if (!s) throw py::error_already_set();
     *out = py::cast<std::string>(s);
   } else {
-    return Status::InvalidArgument(what + " has type " + std::string(Py_TYPE(v)->tp_name) +
+    return Status::InvalidArgument(what() + " has type " + std::string(Py_TYPE(v)->tp_name) +
                                    "; use str, int, bool or float");
   }
   return Status::Ok();
+}
+
+// Interned Python str for an attribute name, cached (attribute names come from a few
+// published specs). Guarded by the GIL; the cache and its strings live for the process.
+py::object InternedName(const std::string& name) {
+  static auto* cache = new std::unordered_map<std::string, PyObject*>();
+  auto it = cache->find(name);
+  if (it != cache->end()) return py::reinterpret_borrow<py::object>(it->second);
+  PyObject* s = PyUnicode_FromStringAndSize(name.data(), static_cast<Py_ssize_t>(name.size()));
+  if (s == nullptr) throw py::error_already_set();
+  PyUnicode_InternInPlace(&s);
+  if (cache->size() < 4096) {  // bounded; the cache keeps one reference for the process
+    Py_INCREF(s);
+    cache->emplace(name, s);
+  }
+  return py::reinterpret_steal<py::object>(s);
 }
 
 // Request attributes straight from a Python dict (looked up lazily: only the key
@@ -87,23 +116,74 @@ class DictAttributes final : public AttributeSource {
   Status Get(const std::string& name, bool* found, std::string* canonical) const override {
     *found = false;
     if (dict_ == nullptr) return Status::Ok();
-    py::str key(name);
-    PyObject* v = PyDict_GetItemWithError(dict_, key.ptr());  // borrowed
+    PyObject* v = PyDict_GetItemWithError(dict_, InternedName(name).ptr());  // borrowed
     if (v == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       return Status::Ok();
     }
     *found = true;
-    return Canonical(v, "attribute '" + name + "'", canonical);
+    return Canonical(v, [&name] { return "attribute '" + name + "'"; }, canonical);
   }
 
  private:
   PyObject* dict_;  // borrowed, kept alive by the caller's argument
 };
 
+// route_fast(router_capsule, model, attributes: dict | None, request_id, route_type)
+// -> route_type((version, shadows, generation)). A raw METH_FASTCALL function: this
+// is the per-request path, and pybind11's generic dispatch costs more than the route.
+PyObject* RouteFast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 5 || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[3]) ||
+        !(args[2] == Py_None || PyDict_Check(args[2])) || !PyType_Check(args[4])) {
+      PyErr_SetString(PyExc_TypeError, "route_fast(capsule, model: str, attributes: dict | None, request_id: str, type)");
+      return nullptr;
+    }
+    auto* router = static_cast<const Router*>(PyCapsule_GetPointer(args[0], "swapserve.Router"));
+    if (router == nullptr) return nullptr;
+    Py_ssize_t n = 0;
+    const char* p = PyUnicode_AsUTF8AndSize(args[1], &n);
+    if (p == nullptr) return nullptr;
+    std::string model(p, static_cast<size_t>(n));
+    p = PyUnicode_AsUTF8AndSize(args[3], &n);
+    if (p == nullptr) return nullptr;
+    std::string_view request_id(p, static_cast<size_t>(n));
+    DictAttributes source(args[2] == Py_None ? nullptr : args[2]);
+    RouteResult res;
+    Status st = router->Route(model, source, request_id, &res);
+    if (!st.ok()) {
+      SetStatusError(st);
+      return nullptr;
+    }
+    PyObject* shadows = PyTuple_New(static_cast<Py_ssize_t>(res.shadows.size()));
+    if (shadows == nullptr) return nullptr;
+    for (size_t i = 0; i < res.shadows.size(); ++i)
+      PyTuple_SET_ITEM(shadows, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(res.shadows[i]));
+    PyObject* items = PyTuple_Pack(3, py::int_(res.version).ptr(), shadows, py::int_(res.generation).ptr());
+    Py_DECREF(shadows);
+    if (items == nullptr) return nullptr;
+    PyObject* wrapped = PyTuple_Pack(1, items);
+    Py_DECREF(items);
+    if (wrapped == nullptr) return nullptr;
+    // tuple.__new__(route_type, items): route_type is a NamedTuple (a tuple subclass).
+    PyObject* out = PyTuple_Type.tp_new(reinterpret_cast<PyTypeObject*>(args[4]), wrapped, nullptr);
+    Py_DECREF(wrapped);
+    return out;
+  } catch (py::error_already_set& e) {
+    e.restore();
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef kRouteFastDef = {"route_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&RouteFast)),
+                             METH_FASTCALL, "Router.route without pybind11 dispatch (see swapserve.native)."};
+
 std::string CanonicalOrRaise(py::handle v, const char* what) {
   std::string s;
-  Check(Canonical(v.ptr(), what, &s));
+  Check(Canonical(v.ptr(), [what] { return std::string(what); }, &s));
   return s;
 }
 
@@ -246,16 +326,6 @@ PYBIND11_MODULE(_native, m) {
              Check(r.Remove(model, &removed));
              return removed;
            })
-      .def("route",
-           [](const Router& r, const std::string& model, py::handle attrs, std::string_view request_id) {
-             if (!attrs.is_none() && !PyDict_Check(attrs.ptr())) throw py::type_error("attributes must be a dict");
-             DictAttributes source(attrs.is_none() ? nullptr : attrs.ptr());
-             RouteResult res;
-             Check(r.Route(model, source, request_id, &res));
-             py::tuple shadows(res.shadows.size());
-             for (size_t i = 0; i < res.shadows.size(); ++i) shadows[i] = py::int_(res.shadows[i]);
-             return py::make_tuple(res.version, shadows, res.generation);
-           })
       .def("route_batch",
            [](const Router& r, const std::string& model, py::iterable keys) {
              std::vector<std::string> canon;
@@ -279,7 +349,11 @@ PYBIND11_MODULE(_native, m) {
              return py::make_tuple(spec.generation, spec.versions, spec.weights_bp, spec.shadows, cohorts,
                                    spec.key_attribute);
            })
-      .def("models", &Router::Models);
+      .def("models", &Router::Models)
+      .def("capsule", [](Router& r) { return py::capsule(&r, "swapserve.Router"); },
+           "Borrowed pointer for route_fast; valid only while this Router is alive.");
+  m.add_object("route_fast",
+               py::reinterpret_steal<py::object>(PyCFunction_NewEx(&kRouteFastDef, nullptr, m.ptr())));
 
   py::class_<Batcher>(m, "Batcher", py::release_gil_before_calling_cpp_dtor())
       .def(py::init([](int64_t max_batch_rows, std::vector<int64_t> preferred, int64_t max_queue_delay_us,

@@ -241,7 +241,10 @@ def build_digits(out: Path, data: dict[str, np.ndarray] | None = None) -> dict[s
 
 
 class ConvNet(nn.Module):
-    """image [batch, 1, 32, 32] -> logits [batch, 10]; ~76 M multiply-adds per image (~2.5 ms on one thread)."""
+    """image [batch, 1, 32, 32] -> logits [batch, 10].
+
+    ~76 M multiply-adds per image: ~2.3 ms per image on one modern CPU thread.
+    """
 
     def __init__(self) -> None:
         super().__init__()

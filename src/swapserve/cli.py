@@ -26,6 +26,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="largest gRPC message accepted or sent (default 256 MiB)")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads per torch worker (default 1)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--registry", default=None,
+                   help="registry URL, any SQLAlchemy URL (default: SQLite under $SWAPSERVE_HOME, ~/.swapserve)")
+    p.add_argument("--control-address", default=None,
+                   help="control service HOST:PORT (default 127.0.0.1:8003; non-loopback needs --control-token)")
+    p.add_argument("--control-token", default=None, help="bearer token the control service requires")
+    p.add_argument("--device-memory-budget", default=None,
+                   help="memory resident versions may use, e.g. 4GiB (default: half the free RAM on cpu, "
+                        "80%% of free GPU memory)")
+    p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -44,14 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swapserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    # Each verb family registers its own sub-parsers and sets ``func``.
+    from swapserve.bench.cli import add_parser as add_bench
+    from swapserve.control_cli import add_parsers as add_control
+
+    add_control(sub)
+    add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": _cmd_serve}
-    return handlers[args.command](args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,40 @@ class Settings(BaseSettings):
 
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log_level: str = "INFO"
+
+    home: Path = Path("~/.swapserve")
+    """State directory (SWAPSERVE_HOME): the default SQLite registry lives here."""
+
+    registry: str | None = None
+    """Registry URL (any SQLAlchemy URL; SWAPSERVE_REGISTRY). Default: SQLite under ``home``."""
+
+    control_address: str = "127.0.0.1:8003"
+    """Operator control service. A non-loopback address needs ``control_token``."""
+
+    control_token: str | None = None
+    """Bearer token the control service requires (SWAPSERVE_CONTROL_TOKEN)."""
+
+    device_memory_budget: str | None = None
+    """Bytes of device memory resident versions may use ("8GiB", "512MiB", "1000000").
+    Default: half of the available RAM on cpu, 80% of free memory on a GPU."""
+
+    def registry_url(self) -> str:
+        if self.registry:
+            return self.registry
+        home = self.home.expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{home / 'registry.db'}"
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+          "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """ "8GiB" -> 8589934592; plain integers are bytes. ValueError names the accepted units."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read '{text}' as a size; use e.g. 2GiB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -78,7 +78,7 @@ class Route(NamedTuple):
     generation: int
 
 
-_new_route = tuple.__new__
+_route_fast = _native.route_fast
 
 
 def _require_int(model: str, field: str, value: object, upper: int = _INT64_MAX) -> int:
@@ -99,6 +99,8 @@ class Router:
 
     def __init__(self) -> None:
         self._native = _native.Router()
+        # Borrowed pointer for the per-request fast path; lives exactly as long as _native.
+        self._capsule = self._native.capsule()
 
     def publish(self, model: str, spec: RoutingSpec) -> None:
         """Make ``spec`` the model's table (adds the model if new).
@@ -130,7 +132,7 @@ class Router:
         """Route one request; wait-free. Raises ModelNotFound, or InvalidInput for a key of a bad type."""
         if attributes is not None and type(attributes) is not dict:
             attributes = dict(attributes)
-        return _new_route(Route, self._native.route(model, attributes, request_id))
+        return _route_fast(self._capsule, model, attributes, request_id, Route)  # type: ignore[no-any-return]
 
     def route_batch(self, model: str, keys: Iterable[AttrValue]) -> list[int]:
         """Versions for many routing keys (weights only, no cohorts), all from one snapshot."""

@@ -135,3 +135,56 @@ class InferResponse:
     id: str
     outputs: list[Tensor]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+# -- control plane views (what `swapserve status` and the control RPCs report) ----------------
+
+
+@dataclass(frozen=True)
+class VersionView:
+    """One version as the control plane sees it: registry facts plus residency and traffic."""
+
+    version: int
+    state: str  # registered | loading | warming | ready | serving | draining | unloaded | failed
+    reason: str = ""
+    traffic_bp: int = 0
+    shadow: bool = False
+    resident: bool = False
+    memory_bytes: int = 0
+    sha256: str = ""
+    stage: str = ""
+    source_path: str = ""
+    registered_at: str = ""
+    training_run: str = ""
+    data_ref: str = ""
+    parent_version: int = 0
+    last_used_at: str = ""
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A model's live state. ``traffic`` is ((version, basis points), ...), summing to 10000 when serving."""
+
+    name: str
+    champion: int = 0  # 0: nothing serves
+    previous_champions: tuple[int, ...] = ()  # most recent last; rollback pops it
+    traffic: tuple[tuple[int, int], ...] = ()
+    shadows: tuple[int, ...] = ()
+    cohorts: tuple[tuple[str, str, int], ...] = ()  # (attribute, value, version)
+    key_attribute: str = "routing_key"
+    generation: int = 0  # the registry deployment generation (0: Triton default routing, nothing recorded)
+    versions: tuple[VersionView, ...] = ()
+    memory_budget_bytes: int = 0
+    memory_used_bytes: int = 0
+    warnings: tuple[str, ...] = ()
+    rollout: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSummaryView:
+    name: str
+    champion: int
+    traffic: tuple[tuple[int, int], ...]
+    resident_versions: tuple[int, ...]
+    state: str  # READY | UNAVAILABLE
+    rollout_state: str = ""

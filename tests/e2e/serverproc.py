@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"swapserve ready: grpc=(?P<host>[^:]+):(?P<grpc>\d+) metrics=(?P<metrics>\S+)")
+READY = re.compile(r"swapserve ready: grpc=(?P<host>[^:]+):(?P<grpc>\d+) metrics=(?P<metrics>\S+)"
+                   r"(?: control=(?P<control>\S+))?")
 
 
 class ServerProcess:
@@ -25,12 +26,14 @@ class ServerProcess:
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> None:
         self.repository = repository
         self.args = list(args)
-        self.env = {**os.environ, **(env or {})}
+        # Each server gets its own state directory (SQLite registry) unless the test shares one.
+        self.env = {**os.environ, "SWAPSERVE_HOME": str(Path(repository).parent / "swapserve-home"), **(env or {})}
         self.timeout = timeout
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.grpc_port = 0
         self.metrics_port: int | None = None
+        self.control_url = ""
 
     @property
     def url(self) -> str:
@@ -38,7 +41,8 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--model-repository", str(self.repository),
-               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *self.args]
+               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+               "--control-address", "127.0.0.1:0", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
                                      cwd=ROOT)
         ready = threading.Event()
@@ -51,6 +55,7 @@ class ServerProcess:
                 if m:
                     self.grpc_port = int(m["grpc"])
                     self.metrics_port = None if m["metrics"] == "None" else int(m["metrics"])
+                    self.control_url = m["control"] or ""
                     ready.set()
             ready.set()
 

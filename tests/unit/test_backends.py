@@ -411,6 +411,19 @@ def test_model_exception_is_model_execution_error_with_its_message(tmp_path: Pat
     np.testing.assert_array_equal(b.infer({"x": f32(1, 4)})["y"], f32(1, 4))
 
 
+def test_torch_op_failure_keeps_only_the_error_line(tmp_path: Path) -> None:
+    path = tmp_path / "1" / "model.pt"
+    path.parent.mkdir()
+    traced = torch.jit.trace(nn.Linear(4, 2), torch.zeros(1, 4))  # type: ignore[no-untyped-call]
+    torch.jit.save(traced, str(path))
+    s = spec([t("input", dims=(-1,))], [t("y", dims=(2,))])
+    b = TorchScriptBackend.load(s, path, "cpu")
+    with pytest.raises(errors.ModelExecutionError) as e:
+        b.infer({"input": np.zeros((2, 3), np.float32)})
+    assert e.value.message.startswith("model 'm' version 1 failed: RuntimeError: mat1 and mat2")
+    assert "Traceback" not in e.value.message and ".py" not in e.value.message
+
+
 def test_missing_model_file_names_it(tmp_path: Path) -> None:
     s = spec([t("x")], [t("y")])
     missing = tmp_path / "1" / "model.pt"

@@ -423,3 +423,25 @@ def test_traffic_is_accepted_exactly_when_it_is_a_valid_split(traffic: list[tupl
             with pytest.raises(errors.InvalidInput, match="model 'm'"):
                 reg.publish_deployment("m", champion=1, traffic=traffic, action="t", actor="h")
             assert reg.current_deployment("m") is None
+
+
+def test_concurrent_rollout_starts_leave_exactly_one_active(reg: Registry) -> None:
+    register(reg, "m", 1, 2)
+    results: list[object] = []
+    start = threading.Barrier(6)
+
+    def begin() -> None:
+        start.wait()
+        try:
+            results.append(reg.save_rollout(RolloutRecord(model="m", challenger=2, champion=1)))
+        except errors.FailedPrecondition as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=begin) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    started = [r for r in results if isinstance(r, RolloutRecord)]
+    assert len(results) == 6 and len(started) == 1
+    assert reg.active_rollout("m") == started[0]

@@ -70,14 +70,20 @@ def _index_suffix(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# The line where the model's own error starts, after TorchScript's interpreter traceback.
+_ERROR_LINE = re.compile(r"(?:^|\n)(?:builtins\.)?[A-Za-z_][\w.]*(?:Error|Exception): ")
+
+
 def _model_message(exc: BaseException) -> str:
-    """The model's own message, without TorchScript's interpreter traceback."""
+    """The model's own message (``ValueError: ...``), without TorchScript's traceback.
+
+    The full traceback names source files and is logged at debug level, never returned.
+    """
     text = str(exc).strip()
-    cut = text.rfind("\nbuiltins.")
-    if cut >= 0:
-        return text[cut + len("\nbuiltins."):].strip()
-    if isinstance(exc, torch.jit.Error):
-        return text
+    if "TorchScript" in text and "Traceback" in text:
+        tail = list(_ERROR_LINE.finditer(text))
+        if tail:
+            return text[tail[-1].start():].strip().removeprefix("builtins.")
     return f"{type(exc).__name__}: {text}"
 
 

@@ -1,24 +1,41 @@
-"""Which versions are loaded, which one serves, and how models load and unload safely.
+"""Which versions are resident, which serve, and how they load, swap and unload safely.
 
-Order of operations on every change (promise 1: no request fails because of a
-model change): new versions are loaded and warmed in a worker thread while the old
-ones keep serving; then one routing-snapshot publish moves traffic; only then are
-versions that left the snapshot drained (every in-flight request finishes) and closed.
+Order of operations on every change (promise 1: no request fails because of a model
+change): a new version is registered, loaded and warmed in a worker thread while the
+current ones keep serving; one routing-snapshot publish then moves traffic; only
+afterwards are versions that left the snapshot drained (every in-flight request
+finishes) and closed. A version is never routed to before it is warm (promise 3).
+
+All mutations run on the event loop and are serialised per model by
+``ManagedModel.lock``; callers of the ``*_locked`` methods must hold it. Blocking
+work (backend loads, warmup, hashing, registry I/O) runs in worker threads so that
+requests keep flowing during control actions.
 """
 from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swapserve.errors import ConfigError, ModelNotFound, SwapserveError, VersionNotReady
+from swapserve.errors import (
+    ConfigError,
+    FailedPrecondition,
+    ModelNotFound,
+    SwapserveError,
+    VersionNotReady,
+)
+from swapserve.lifecycle.budget import Resident, plan_eviction
 from swapserve.lifecycle.runtime import BackendLike, BatcherFactory, VersionRuntime
 from swapserve.monitoring.metrics import Metrics
+from swapserve.registry import Registry
 from swapserve.repository import ModelEntry, ModelRepository
+from swapserve.routing.policy import RoutingPolicy
 from swapserve.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -26,14 +43,32 @@ log = logging.getLogger(__name__)
 #: (spec, model file, device) -> a loaded backend; raises SwapserveError with the reason.
 BackendLoader = Callable[[ModelSpec, Path, str], BackendLike]
 
+HASH_CHUNK = 1 << 20
+
 
 class VersionState(str, enum.Enum):
-    """States as RepositoryIndex reports them (Triton's names)."""
+    """The version lifecycle (each transition is a registry event)."""
 
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
+    REGISTERED = "registered"
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"  # resident and warm, no traffic
+    SERVING = "serving"  # in the routing snapshot (weight > 0, shadow or cohort)
+    DRAINING = "draining"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+    @property
+    def index_state(self) -> str:
+        """The state name RepositoryIndex reports (Triton's vocabulary)."""
+        return _INDEX_STATE[self]
+
+
+_INDEX_STATE = {
+    VersionState.REGISTERED: "UNAVAILABLE", VersionState.LOADING: "LOADING", VersionState.WARMING: "LOADING",
+    VersionState.READY: "READY", VersionState.SERVING: "READY", VersionState.DRAINING: "UNLOADING",
+    VersionState.UNLOADED: "UNAVAILABLE", VersionState.FAILED: "UNAVAILABLE",
+}
 
 
 @dataclass
@@ -42,22 +77,52 @@ class VersionSlot:
     state: VersionState
     reason: str = ""
     runtime: VersionRuntime | None = None
+    loaded_at: float = 0.0
+    memory_bytes: int = 0
+
+    @property
+    def resident(self) -> bool:
+        return self.runtime is not None and self.state in (VersionState.READY, VersionState.SERVING)
+
+    @property
+    def last_used(self) -> float:
+        used = self.runtime.stats.last_inference_ms / 1000 if self.runtime is not None else 0.0
+        return max(used, self.loaded_at)
 
 
 @dataclass
 class ManagedModel:
-    """A model the server knows. ``serving`` is the version unpinned requests go to."""
+    """A model the server knows. ``policy`` decides where unpinned requests go (None: nowhere)."""
 
     name: str
     entry: ModelEntry
     slots: dict[int, VersionSlot] = field(default_factory=dict)
-    serving: int | None = None
-    #: True while the operator or the control mode wants this model loaded.
+    policy: RoutingPolicy | None = None
+    #: True while the control mode, an operator or the registry wants this model served.
     wanted: bool = False
+    #: Versions an active rollout relies on (never evicted).
+    rollout_versions: frozenset[int] = frozenset()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def ready_versions(self) -> list[int]:
-        return sorted(v for v, s in self.slots.items() if s.state is VersionState.READY)
+    @property
+    def serving(self) -> int | None:
+        return self.policy.champion if self.policy else None
+
+    def resident_versions(self) -> list[int]:
+        return sorted(v for v, s in self.slots.items() if s.resident)
+
+    def protected(self) -> dict[int, str]:
+        """Versions that must stay resident, with the reason."""
+        out: dict[int, str] = {}
+        for v in self.rollout_versions:
+            out[v] = "rollout"
+        if self.policy is not None:
+            for v in self.policy.previous_champions[-1:]:
+                out[v] = "previous champion"
+            for v in self.policy.serving_versions():
+                out[v] = "serving"
+            out[self.policy.champion] = "champion"
+        return out
 
 
 @dataclass(frozen=True)
@@ -68,19 +133,32 @@ class IndexEntry:
     reason: str
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class ModelManager:
-    """Owns every ``VersionRuntime``. All mutations run on the event loop, serialised per model."""
+    """Owns every ``VersionRuntime`` and the routing snapshot of every model."""
 
     def __init__(self, repository: ModelRepository, *, device: str, metrics: Metrics, router: Any,
-                 backend_loader: BackendLoader, batcher_factory: BatcherFactory) -> None:
+                 registry: Registry, backend_loader: BackendLoader, batcher_factory: BatcherFactory,
+                 memory_budget: int) -> None:
         self.repository = repository
         self.device = device
         self.metrics = metrics
         self.router = router
+        self.registry = registry
+        self.memory_budget = memory_budget
         self._load_backend = backend_loader
         self._batcher_factory = batcher_factory
         self.models: dict[str, ManagedModel] = {}
-        self._generation = 0
+        self._router_generation = 0
+        #: Called after every routing publish (health refresh, rollout bookkeeping).
+        self.on_change: Callable[[str], None] = lambda name: None
 
     # -- queries (hot path) ----------------------------------------------------------------
 
@@ -89,7 +167,7 @@ class ModelManager:
         if m is None:
             if name in self.repository.names():
                 raise VersionNotReady(f"model '{name}' is in the repository but not loaded; load it with "
-                                      "RepositoryModelLoad (explicit mode) or the control service")
+                                      "RepositoryModelLoad (explicit mode) or `swapserve load`")
             raise ModelNotFound(f"model '{name}' is not in the model repository; RepositoryIndex lists the models")
         return m
 
@@ -106,20 +184,22 @@ class ModelManager:
             except ValueError:
                 raise ModelNotFound(f"model '{name}' has no version '{version}'; versions are positive integers") from None
             slot = m.slots.get(v)
-            if slot is None:
+            if slot is None or slot.state in (VersionState.UNLOADED, VersionState.REGISTERED):
                 if v in m.entry.versions:
-                    raise VersionNotReady(f"model '{name}' version {v} is not loaded; ready versions: {m.ready_versions()}")
-                raise ModelNotFound(f"model '{name}' has no version {v}; ready versions: {m.ready_versions()}")
-            if slot.state is not VersionState.READY or slot.runtime is None:
-                raise VersionNotReady(f"model '{name}' version {v} is {slot.state.value.lower()}"
-                                      + (f": {slot.reason}" if slot.reason else "") + "; retry or pick a ready version")
+                    raise VersionNotReady(f"model '{name}' version {v} is not loaded; resident versions: "
+                                          f"{m.resident_versions()}")
+                raise ModelNotFound(f"model '{name}' has no version {v}; resident versions: {m.resident_versions()}")
+            if slot.runtime is None or slot.state not in (VersionState.READY, VersionState.SERVING,
+                                                          VersionState.DRAINING):
+                raise VersionNotReady(f"model '{name}' version {v} is {slot.state.value}"
+                                      + (f": {slot.reason}" if slot.reason else "") + "; retry or pick a resident version")
             return slot.runtime
-        if m.serving is None:
+        if m.policy is None:
             if m.entry.error:
                 raise VersionNotReady(f"model '{name}' is unavailable: {m.entry.error}")
-            raise VersionNotReady(f"model '{name}' has no ready version; load it (RepositoryModelLoad) or check "
-                                  "RepositoryIndex for the reason")
-        route = self.router.route(name, attributes or {}, request_id)
+            raise VersionNotReady(f"model '{name}' has no serving version; load it or check RepositoryIndex for "
+                                  "the reason")
+        route = self.router.route(name, attributes, request_id)
         slot = m.slots.get(route.version)
         if slot is None or slot.runtime is None:
             raise VersionNotReady(f"model '{name}' version {route.version} is not resident; retry")
@@ -132,148 +212,263 @@ class ModelManager:
             return False
         if version:
             slot = m.slots.get(int(version)) if version.isdigit() else None
-            return slot is not None and slot.state is VersionState.READY
-        return m.serving is not None
+            return slot is not None and slot.resident
+        return m.policy is not None
 
     def server_ready(self) -> bool:
-        """Every model that should be loaded has a ready serving version."""
-        return all(m.serving is not None for m in self.models.values() if m.wanted)
+        """Every model that should be served has a serving version."""
+        return all(m.policy is not None for m in self.models.values() if m.wanted)
+
+    def memory_used(self) -> int:
+        return sum(s.memory_bytes for m in self.models.values() for s in m.slots.values() if s.runtime is not None)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         out: list[IndexEntry] = []
         for name in sorted(set(self.models) | set(self.repository.names())):
             m = self.models.get(name)
-            if m is None or not m.slots:
-                reason = (m.entry.error if m and m.entry.error else "unloaded") if m else "unloaded"
+            shown = {v: s for v, s in (m.slots.items() if m else ()) if s.state is not VersionState.UNLOADED}
+            if m is None or not shown:
                 if not ready_only:
-                    out.append(IndexEntry(name, "", VersionState.UNAVAILABLE.value, reason or "unloaded"))
+                    reason = (m.entry.error if m is not None and m.entry.error else "") or "unloaded"
+                    out.append(IndexEntry(name, "", "UNAVAILABLE", reason))
                 continue
-            for v, slot in sorted(m.slots.items()):
-                if ready_only and slot.state is not VersionState.READY:
+            for v, slot in sorted(shown.items()):
+                state = slot.state.index_state
+                if ready_only and state != "READY":
                     continue
-                out.append(IndexEntry(name, str(v), slot.state.value, slot.reason))
+                out.append(IndexEntry(name, str(v), state, slot.reason))
         return out
 
-    # -- mutations -------------------------------------------------------------------------
+    # -- building blocks (callers hold m.lock) ---------------------------------------------
 
-    def _entry(self, name: str) -> ManagedModel:
-        entry = self.repository.entry(name)
+    def entry_model(self, name: str) -> ManagedModel:
+        """The ManagedModel for a repository model, created on first use (ModelNotFound if not in the repo)."""
         m = self.models.get(name)
         if m is None:
+            entry = self.repository.entry(name)
             m = self.models[name] = ManagedModel(name, entry)
         return m
 
-    async def load(self, name: str) -> ManagedModel:
-        """Load (or reload) a model per its config and version policy; hot: old versions serve meanwhile.
+    async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "") -> None:
+        slot.state = state
+        slot.reason = reason
+        try:
+            await asyncio.to_thread(self.registry.set_state, m.name, slot.version, state.value, reason)
+        except SwapserveError as exc:  # an unregistered version (should not happen): log, keep serving
+            log.warning("registry: %s", exc.message)
 
-        Raises ModelNotFound for a model not in the repository and the config error (ConfigError)
-        when config.pbtxt is invalid; a version that fails to load is marked UNAVAILABLE with its
-        reason and does not fail the call while another version serves.
+    async def ensure_registered(self, m: ManagedModel, version: int, *, actor: str = "system",
+                                reason: str = "found in the model repository", **extra: Any) -> Any:
+        """The version's registry record, registering it (sha256 of its model file) if new.
+
+        Raises ModelNotFound when the version directory or its model file is missing, and
+        AlreadyExists when the files differ from what was registered under that number.
         """
-        m = self._entry(name)
+        record = await asyncio.to_thread(self.registry.get_version, m.name, version)
+        if record is not None:
+            return record
+        entry = self.repository.entry(m.name)
+        if entry.spec is None:
+            raise ConfigError(entry.error or f"model '{m.name}' has an invalid config.pbtxt")
+        if version not in entry.versions:
+            raise ModelNotFound(f"model '{m.name}' has no version directory {version} in {entry.path}; "
+                                f"found {sorted(entry.versions)}")
+        path = entry.model_file(version)
+        if not path.exists():
+            raise ModelNotFound(f"model '{m.name}' version {version}: {path} is missing")
+        digest = await asyncio.to_thread(sha256_of, path)
+        return await asyncio.to_thread(lambda: self.registry.register_version(
+            m.name, version, source_path=str(path), sha256=digest, actor=actor, reason=reason, **extra))
+
+    def _residents(self) -> list[Resident]:
+        out = []
+        for m in self.models.values():
+            protected = m.protected()
+            for v, s in m.slots.items():
+                if s.runtime is not None:
+                    out.append(Resident(m.name, v, s.memory_bytes, s.last_used, protected.get(v, "")))
+        return out
+
+    async def ensure_resident_locked(self, m: ManagedModel, version: int, *, spec: ModelSpec | None = None,
+                                     replace: bool = False, actor: str = "system") -> list[str]:
+        """Make ``version`` resident and warm (no traffic). Idempotent. Returns warnings.
+
+        Registers the version first if needed and refuses files whose sha256 changed since
+        registration. Evicts least-recently-used unprotected versions when the memory budget
+        requires; raises ResourceExhausted (nothing evicted) when even that would not fit.
+        On failure the slot is FAILED with the reason and the error is raised.
+        """
+        warnings: list[str] = []
+        slot = m.slots.get(version)
+        if slot is not None and slot.resident and not replace:
+            return warnings
+        entry = self.repository.entry(m.name)
+        spec = spec or entry.spec
+        if spec is None:
+            raise ConfigError(entry.error or f"model '{m.name}' has an invalid config.pbtxt")
+        record = await self.ensure_registered(m, version, actor=actor)
+        path = entry.model_file(version) if version in entry.versions else Path(record.source_path)
+        if not path.exists():
+            raise ModelNotFound(f"model '{m.name}' version {version}: {path} is missing (registered from "
+                                f"{record.source_path})")
+        digest = await asyncio.to_thread(sha256_of, path)
+        if digest != record.sha256:
+            raise FailedPrecondition(
+                f"model '{m.name}' version {version}: {path} changed since it was registered (sha256 {record.sha256[:12]}… "
+                f"then, {digest[:12]}… now); versions are immutable: put the new files in a new version directory")
+        need = path.stat().st_size
+        for victim in plan_eviction(self.device, self.memory_budget, need, self._residents(), m.name, version):
+            vm = self.models[victim.model]
+            warnings.append(f"evicted {victim.model} version {victim.version} (least recently used) to make room")
+            log.warning("memory budget: %s", warnings[-1])
+            if vm is m:
+                await self.retire_locked(vm, victim.version)
+            else:
+                async with vm.lock:
+                    await self.retire_locked(vm, victim.version)
+        new = VersionSlot(version, VersionState.LOADING)
+        if slot is None or not slot.resident:
+            m.slots[version] = new
+        await self._set_state(m, new, VersionState.LOADING)
+        log.info("loading model '%s' version %d from %s", m.name, version, path)
+        try:
+            backend = await asyncio.to_thread(self._load_backend, spec, path, self.device)
+            try:
+                runtime = VersionRuntime(spec, version, path, backend, self._batcher_factory, self.metrics)
+                await self._set_state(m, new, VersionState.WARMING)
+                await asyncio.to_thread(runtime.start)
+            except BaseException:
+                backend.close()
+                raise
+        except Exception as exc:
+            message = exc.message if isinstance(exc, SwapserveError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SwapserveError):
+                log.exception("model '%s' version %d failed to load", m.name, version)
+            else:
+                log.error("model '%s' version %d failed to load: %s", m.name, version, message)
+            if m.slots.get(version) is new:
+                await self._set_state(m, new, VersionState.FAILED, message)
+            self.metrics.version_ready.labels(m.name, str(version)).set(0)
+            if isinstance(exc, SwapserveError):
+                raise
+            raise VersionNotReady(f"model '{m.name}' version {version} failed to load: {message}") from exc
+        new.runtime = runtime
+        new.loaded_at = time.time()
+        new.memory_bytes = runtime.memory_bytes()
+        old = m.slots.get(version)
+        m.slots[version] = new  # a replaced runtime (new config) takes over here; the old one drains below
+        serving = m.policy is not None and version in m.policy.serving_versions()
+        await self._set_state(m, new, VersionState.SERVING if serving else VersionState.READY)
+        self.metrics.version_ready.labels(m.name, str(version)).set(1)
+        log.info("model '%s' version %d is resident and warm (%.1f MiB)", m.name, version, new.memory_bytes / 2**20)
+        if old is not None and old is not new and old.runtime is not None:
+            await self._close_runtime(m, old)
+        return warnings
+
+    async def _close_runtime(self, m: ManagedModel, slot: VersionSlot) -> None:
+        rt = slot.runtime
+        assert rt is not None
+        if not await rt.drain():
+            log.warning("model '%s' version %d: in-flight requests did not finish in time", m.name, slot.version)
+        await asyncio.to_thread(rt.close)
+        slot.runtime = None
+
+    async def retire_locked(self, m: ManagedModel, version: int) -> None:
+        """Drain then unload a version that takes no traffic (raises FailedPrecondition if it does)."""
+        slot = m.slots.get(version)
+        if slot is None or slot.runtime is None:
+            return
+        if m.policy is not None and version in m.policy.serving_versions():
+            raise FailedPrecondition(f"model '{m.name}' version {version} is serving; move traffic away first")
+        await self._set_state(m, slot, VersionState.DRAINING)
+        await self._close_runtime(m, slot)
+        await self._set_state(m, slot, VersionState.UNLOADED)
+        self.metrics.version_ready.labels(m.name, str(version)).set(0)
+        log.info("model '%s' version %d unloaded", m.name, version)
+
+    async def apply_locked(self, m: ManagedModel, policy: RoutingPolicy) -> None:
+        """Publish ``policy`` as the model's routing snapshot (one atomic store), then update states.
+
+        Raises InvalidInput when the policy names a version that is not resident.
+        """
+        policy.validate(m.name, m.resident_versions())
+        self._router_generation += 1
+        self.router.publish(m.name, policy.compile(self._router_generation))
+        m.policy = policy
+        serving = policy.serving_versions()
+        self.metrics.serving_version.labels(m.name).set(policy.champion)
+        for v, slot in sorted(m.slots.items()):
+            if slot.resident:
+                want = VersionState.SERVING if v in serving else VersionState.READY
+                if slot.state is not want:
+                    await self._set_state(m, slot, want)
+        self.on_change(m.name)
+
+    async def _unpublish_locked(self, m: ManagedModel) -> None:
+        self.router.remove(m.name)
+        m.policy = None
+        self.on_change(m.name)
+
+    # -- model-level operations (Triton RPCs, start-up, poll) ------------------------------
+
+    async def load(self, name: str) -> ManagedModel:
+        """Load (or reload) a model per its config and version policy; hot: current versions serve meanwhile.
+
+        An operator's routing (a registry deployment) is kept; otherwise unpinned requests go to the
+        highest resident version, as in Triton. Raises ModelNotFound, ConfigError (invalid config) or
+        VersionNotReady (no version could load); a failed extra version is reported in the index only.
+        """
+        m = self.entry_model(name)
         async with m.lock:
             m.wanted = True
             entry = self.repository.entry(name)
             old_spec = m.entry.spec
             m.entry = entry
             if entry.error or entry.spec is None:
-                log.error("model '%s' cannot load: %s", name, entry.error)
                 message = entry.error or f"model '{name}' has an invalid config.pbtxt"
-                if m.slots:  # keep serving the versions loaded with the last good config
-                    message += " (the previously loaded versions keep serving)"
+                if m.policy is not None:
+                    message += " (the versions loaded with the previous config keep serving)"
                 raise ConfigError(message)
-            spec = entry.spec
             wanted = entry.policy_versions()
-            if not wanted:
+            pinned = m.policy is not None and m.policy.pinned
+            if not wanted and not pinned:
                 raise VersionNotReady(f"model '{name}' has no version directory that its version policy selects; "
                                       f"found {sorted(entry.versions)}")
-            config_changed = old_spec is not None and old_spec != spec
-            to_load = [v for v in wanted if config_changed or v not in m.slots
-                       or m.slots[v].state is not VersionState.READY]
-            fresh: dict[int, VersionSlot] = {}
-            for v in to_load:
-                fresh[v] = await self._load_version(spec, entry, v, m)
-            # Swap: the new set is the union of kept ready versions and freshly loaded ones.
-            retired = [s for v, s in m.slots.items() if v not in wanted or v in fresh]
-            new_slots = {v: s for v, s in m.slots.items() if v in wanted and v not in fresh}
-            new_slots.update(fresh)
-            m.slots = new_slots
-            self._publish(m)
-            for s in retired:
-                if s.runtime is not None:
-                    await self._retire(m, s)
-            if m.serving is None:
+            config_changed = old_spec is not None and old_spec != entry.spec
+            keep = set(wanted) | (m.policy.serving_versions() if pinned and m.policy else set())
+            for v in sorted(keep):
+                slot = m.slots.get(v)
+                if slot is not None and slot.resident and not config_changed:
+                    continue
+                if v not in entry.versions:
+                    continue
+                try:
+                    await self.ensure_resident_locked(m, v, spec=entry.spec, replace=config_changed)
+                except SwapserveError as exc:
+                    log.error("model '%s' version %d: %s", name, v, exc.message)
+            if pinned and m.policy is not None:
+                if self.router.snapshot(name) is None:
+                    await self.apply_locked(m, m.policy)
+            else:
+                resident = [v for v in m.resident_versions() if v in wanted]
+                if resident and (m.policy is None or m.policy.champion != resident[-1]):
+                    await self.apply_locked(m, RoutingPolicy.single(resident[-1]))
+            protected = m.protected()
+            for v in [v for v in m.resident_versions() if v not in keep and v not in protected]:
+                await self.retire_locked(m, v)
+            if m.policy is None:
                 reasons = "; ".join(f"version {v}: {s.reason}" for v, s in sorted(m.slots.items()) if s.reason)
                 raise VersionNotReady(f"model '{name}' failed to load: {reasons or 'no version became ready'}")
             return m
 
-    async def _load_version(self, spec: ModelSpec, entry: ModelEntry, v: int, m: ManagedModel) -> VersionSlot:
-        path = entry.model_file(v)
-        log.info("loading model '%s' version %d from %s", spec.name, v, path)
-
-        def build() -> VersionRuntime:
-            backend = self._load_backend(spec, path, self.device)
-            try:
-                rt = VersionRuntime(spec, v, path, backend, self._batcher_factory, self.metrics)
-                rt.start()
-            except BaseException:
-                backend.close()
-                raise
-            return rt
-
-        try:
-            runtime = await asyncio.to_thread(build)
-        except SwapserveError as exc:
-            log.error("model '%s' version %d failed to load: %s", spec.name, v, exc.message)
-            self.metrics.version_ready.labels(spec.name, str(v)).set(0)
-            return VersionSlot(v, VersionState.UNAVAILABLE, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a broken model must not take the server down
-            log.exception("model '%s' version %d failed to load", spec.name, v)
-            self.metrics.version_ready.labels(spec.name, str(v)).set(0)
-            return VersionSlot(v, VersionState.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-        self.metrics.version_ready.labels(spec.name, str(v)).set(1)
-        log.info("model '%s' version %d is ready", spec.name, v)
-        return VersionSlot(v, VersionState.READY, "", runtime)
-
-    def _publish(self, m: ManagedModel) -> None:
-        """Route unpinned traffic to the highest ready version (Triton's default) with one publish."""
-        from swapserve.native import RoutingSpec  # local: native is optional for repository-only tools
-
-        ready = m.ready_versions()
-        serving = ready[-1] if ready else None
-        if serving is None:
-            self.router.remove(m.name)
-        elif serving != m.serving or self.router.snapshot(m.name) is None:
-            self._generation += 1
-            self.router.publish(m.name, RoutingSpec(generation=self._generation, versions=(serving,),
-                                                    weights_bp=(10_000,)))
-        m.serving = serving
-        if serving is not None:
-            self.metrics.serving_version.labels(m.name).set(serving)
-
-    async def _retire(self, m: ManagedModel, slot: VersionSlot) -> None:
-        """Drain then close a version that no longer takes traffic."""
-        rt = slot.runtime
-        assert rt is not None
-        slot.state = VersionState.UNLOADING
-        drained = await rt.drain()
-        if not drained:
-            log.warning("model '%s' version %d: in-flight requests did not finish in time", m.name, slot.version)
-        await asyncio.to_thread(rt.close)
-        self.metrics.version_ready.labels(m.name, str(slot.version)).set(0)
-        log.info("model '%s' version %d unloaded", m.name, slot.version)
-
     async def unload(self, name: str) -> None:
         """Stop serving a model: route nothing to it, let in-flight requests finish, free it."""
-        m = self.model(name) if name in self.models else self._entry(name)
+        m = self.model(name) if name in self.models else self.entry_model(name)
         async with m.lock:
             m.wanted = False
-            slots = list(m.slots.values())
-            m.slots = {}
-            self._publish(m)
-            for s in slots:
-                if s.runtime is not None:
-                    await self._retire(m, s)
+            await self._unpublish_locked(m)
+            for v in list(m.slots):
+                await self.retire_locked(m, v)
 
     async def load_all(self, names: list[str]) -> None:
         """Load several models; failures are logged and visible in the index, never raised."""
@@ -283,8 +478,45 @@ class ModelManager:
             except SwapserveError as exc:
                 log.error("model '%s' not loaded: %s", name, exc.message)
 
+    async def restore(self) -> list[str]:
+        """Bring back what the registry says is live (champion, split, shadows, cohorts), preloading
+        what it needs before it is published. Returns the models restored."""
+        restored = []
+        names = set(self.repository.names())
+        for name in await asyncio.to_thread(self.registry.live_models):
+            if name not in names:
+                log.error("registry: model '%s' is live but no longer in the repository; not restored", name)
+                continue
+            deployment = await asyncio.to_thread(self.registry.current_deployment, name)
+            if deployment is None:
+                continue
+            policy = RoutingPolicy.from_deployment(deployment)
+            m = self.entry_model(name)
+            async with m.lock:
+                m.wanted = True
+                needed = sorted(policy.serving_versions() | {policy.champion})
+                optional = [v for v in policy.previous_champions[-1:] if v not in needed]
+                try:
+                    for v in needed:
+                        await self.ensure_resident_locked(m, v)
+                    await self.apply_locked(m, policy)
+                except SwapserveError as exc:
+                    log.error("model '%s': could not restore deployment generation %d: %s", name,
+                              policy.generation, exc.message)
+                    continue
+                for v in optional:  # the rollback target stays warm, best effort
+                    try:
+                        await self.ensure_resident_locked(m, v)
+                    except SwapserveError as exc:
+                        log.warning("model '%s': previous champion %d not preloaded: %s", name, v, exc.message)
+            log.info("model '%s': restored deployment generation %d (champion %d)", name, policy.generation,
+                     policy.champion)
+            restored.append(name)
+        return restored
+
     async def poll_once(self) -> None:
-        """Poll mode: load new models and versions, reload changed configs, unload removed ones."""
+        """Poll mode: register new version directories, load what the policy selects, reload changed
+        configs, unload models whose directory disappeared."""
         names = set(self.repository.names())
         for name in sorted(names):
             m = self.models.get(name)
@@ -294,6 +526,10 @@ class ModelManager:
             if unchanged:
                 continue
             try:
+                if entry.spec is not None:
+                    mm = self.entry_model(name)
+                    for v in sorted(set(entry.versions) - set(mm.entry.versions if m else ())):
+                        await self.ensure_registered(mm, v, reason="new version directory (poll)")
                 await self.load(name)
             except SwapserveError as exc:
                 log.error("poll: model '%s': %s", name, exc.message)
@@ -302,5 +538,10 @@ class ModelManager:
             self.models.pop(name, None)
 
     async def close(self) -> None:
-        for name in list(self.models):
-            await self.unload(name)
+        """Unload everything (graceful shutdown). Registry state is left as is: restart restores it."""
+        for m in list(self.models.values()):
+            async with m.lock:
+                self.router.remove(m.name)
+                for slot in list(m.slots.values()):
+                    if slot.runtime is not None:
+                        await self._close_runtime(m, slot)

@@ -62,6 +62,11 @@ class VersionStats:
         self._output = Duration()
         self._batches: dict[int, BatchStats] = {}
 
+    @property
+    def last_inference_ms(self) -> int:
+        """Wall-clock ms of the last finished request (0: never used)."""
+        return self._last_ms
+
     def request_done(self, ok: bool, total_ns: int, queue_ns: int = 0) -> None:
         with self._lock:
             (self._success if ok else self._fail).add(total_ns)

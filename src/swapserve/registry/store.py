@@ -722,7 +722,11 @@ class Registry:
             try:
                 s.flush()
             except IntegrityError:
-                raise conflict(s) from None
+                # Lost a race with another replica; the session is unusable, so no lookup.
+                raise errors.FailedPrecondition(
+                    f"model '{r.model}' already has an active rollout (started concurrently); "
+                    "finish, abort or roll it back before starting another"
+                ) from None
             rec = _rollout_record(row)
             if changed:
                 self._event(s, "rollout", f"{r.model} rollout {rec.id} v{r.challenger} vs "

@@ -12,20 +12,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from swapserve.backends import backend_class, resolve_device
-from swapserve.config import ControlMode, Settings
+from swapserve.backends import backend_class, device_free_bytes, resolve_device
+from swapserve.config import ControlMode, Settings, parse_bytes
+from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
+from swapserve.errors import ConfigError
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.monitoring.metrics import Metrics
 from swapserve.native import Batcher, Router
+from swapserve.registry import Registry
 from swapserve.repository import ModelRepository
+from swapserve.server.control import ControlServicer
 from swapserve.server.inference import InferenceServicer
+from swapserve._proto import control_pb2
+from swapserve._proto import control_pb2_grpc
 from swapserve._proto import grpc_service_pb2 as pb
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
 def _load_backend(spec: Any, path: Any, device: str) -> Any:
@@ -42,12 +50,16 @@ class Server:
 
     settings: Settings
     grpc_server: grpc.aio.Server
+    control_server: grpc.aio.Server
+    control: ControlPlane
+    registry: Registry
     manager: ModelManager
     servicer: InferenceServicer
     health: health.aio.HealthServicer
     metrics: Metrics
     grpc_port: int
     metrics_port: int | None
+    control_port: int
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: Any = None
 
@@ -56,6 +68,12 @@ class Server:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
+
+    def _refresh_health(self) -> None:
+        """Schedule a health-status update (routing changed); keeps a reference so the task is not lost."""
+        task = asyncio.get_running_loop().create_task(self._set_health())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     async def _poll(self) -> None:
         while True:
@@ -72,8 +90,10 @@ class Server:
         await self.health.enter_graceful_shutdown()
         for t in self._tasks:
             t.cancel()
+        await self.control_server.stop(1.0)
         await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
         await self.manager.close()
+        self.registry.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -91,8 +111,19 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     metrics = metrics or Metrics()
     device = resolve_device(settings.device)
     repository = ModelRepository(settings.model_repository)
-    manager = ModelManager(repository, device=device, metrics=metrics, router=Router(),
-                           backend_loader=_load_backend, batcher_factory=_batcher)
+    control_host, _, control_port_text = settings.control_address.rpartition(":")
+    if control_host not in LOOPBACK_HOSTS and not settings.control_token:
+        raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
+                          "address, without authentication; set --control-token (or SWAPSERVE_CONTROL_TOKEN) or "
+                          "use 127.0.0.1")
+    if settings.device_memory_budget:
+        budget = parse_bytes(settings.device_memory_budget)
+    else:
+        budget = int(device_free_bytes(device) * (0.5 if device == "cpu" else 0.8))
+    registry = await asyncio.to_thread(Registry, settings.registry_url())
+    manager = ModelManager(repository, device=device, metrics=metrics, router=Router(), registry=registry,
+                           backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
+    control = ControlPlane(manager, registry)
     dataplane = DataPlane(manager, metrics)
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
@@ -111,26 +142,38 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     if port == 0:
         raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
 
+    control_server = grpc.aio.server()
+    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(control, settings.control_token), control_server)
+    reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], control_server)
+    control_port = control_server.add_insecure_port(settings.control_address)
+    if control_port == 0:
+        raise OSError(f"could not bind the control service on {settings.control_address}")
+
     http = None
     metrics_port = None
     if settings.metrics_port >= 0:
         http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = http.server_port
 
-    server = Server(settings, grpc_server, manager, servicer, health_servicer, metrics, port, metrics_port, _http=http)
+    server = Server(settings, grpc_server, control_server, control, registry, manager, servicer, health_servicer,
+                    metrics, port, metrics_port, control_port, _http=http)
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have
-    log.info("gRPC inference on %s:%d, metrics on %s", settings.host, port, metrics_port)
+    await control_server.start()
+    log.info("gRPC inference on %s:%d, control on %s:%d, metrics on %s", settings.host, port, control_host,
+             control_port, metrics_port)
 
-    names = repository.names()
+    # The registry's record of what is live wins over the start-up load rules (promise 5).
+    restored = await manager.restore()
+    names = [n for n in repository.names() if n not in restored]
     if settings.model_control_mode is ControlMode.EXPLICIT:
-        wanted = names if "*" in settings.load_model else [n for n in settings.load_model]
-        unknown = [n for n in wanted if n not in names]
-        for n in unknown:
+        wanted = names if "*" in settings.load_model else [n for n in settings.load_model if n not in restored]
+        for n in [n for n in wanted if n not in names]:
             log.error("--load-model %s: no such model in %s", n, settings.model_repository)
         await manager.load_all([n for n in wanted if n in names])
     else:
         await manager.load_all(names)
+    manager.on_change = lambda name: server._refresh_health()
     await server._set_health()
     if settings.model_control_mode is ControlMode.POLL:
         server._tasks.append(asyncio.create_task(server._poll()))
@@ -144,7 +187,9 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"swapserve ready: grpc={settings.host}:{server.grpc_port} metrics={server.metrics_port}", flush=True)
+    control_host = settings.control_address.rpartition(":")[0]
+    print(f"swapserve ready: grpc={settings.host}:{server.grpc_port} metrics={server.metrics_port} "
+          f"control={control_host}:{server.control_port}", flush=True)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests")
     await server.stop()

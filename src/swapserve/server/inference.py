@@ -90,7 +90,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         m, spec = self._spec_for(request.name, request.version)
         out = pb.ModelMetadataResponse(name=spec.name, platform=spec.platform,
-                                       versions=[str(v) for v in m.ready_versions()])
+                                       versions=[str(v) for v in m.resident_versions()])
         lead = [-1] if spec.batching else []
         for t in spec.inputs:
             out.inputs.add(name=t.name, datatype=t.datatype, shape=lead + list(t.dims))

@@ -1,0 +1,83 @@
+"""``swapserve bench``: argument parsing and output; the work is in ``swapserve.bench.runner``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _versions(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="load-test a KServe v2 gRPC server (closed or open loop)",
+                       description="Load-test any KServe v2 / Triton gRPC server. Closed loop with --concurrency, "
+                                   "open loop (fixed arrival rate, latency from the scheduled send time) with --rate.")
+    p.add_argument("--url", required=True, help="gRPC inference endpoint HOST:PORT")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--model-version", default="", help="pin every request to this version (default: route by policy)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 1)")
+    load.add_argument("--rate", type=float, default=None, help="open loop: arrivals per second")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds (default 30)")
+    p.add_argument("--input-data", type=Path, default=None,
+                   help="JSON or npz with the inputs (and parameters, model_version) of each request")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="request parameter on every request, e.g. routing_key=u7 (repeatable)")
+    p.add_argument("--client", choices=["raw", "tritonclient"], default="raw",
+                   help="raw: pre-serialised generic gRPC calls (cheap; default); tritonclient: its aio infer()")
+    p.add_argument("--processes", type=int, default=0, help="client processes (default: automatic)")
+    p.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
+                   help="local server process (its children count too): report server CPU per request")
+    p.add_argument("--swap-every", type=float, default=0.0, metavar="S", help="make the next version live every S s")
+    p.add_argument("--versions", type=_versions, default=[], help="versions to cycle through, e.g. 1,2")
+    p.add_argument("--control-url", default="", help="swapserve control service HOST:PORT (swaps use `swapserve promote`)")
+    p.add_argument("--swap-command", default="",
+                   help="swap with this command instead, {model} and {version} substituted (for other servers)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the summary as JSON")
+    p.add_argument("--records", type=Path, default=None, metavar="FILE.npz",
+                   help="write every request's times, status and version (for your own statistics)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="latency-over-time plot marking swaps")
+    p.add_argument("--quiet", action="store_true", help="no summary table")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+    from rich.console import Console
+
+    from swapserve.bench import report
+    from swapserve.bench.runner import BenchConfig, BenchError, run_bench
+    from swapserve.bench.swap import SwapFailed
+    from swapserve.bench.workload import WorkloadError, parse_params
+
+    console = Console(stderr=not sys.stdout.isatty() and args.quiet)
+    try:
+        cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency or 1, rate=args.rate or 0.0,
+                          duration=args.duration, warmup=args.warmup, timeout=args.timeout,
+                          model_version=args.model_version, input_data=args.input_data,
+                          params=parse_params(args.param), client=args.client, processes=args.processes,
+                          server_pids=args.server_pid, swap_every=args.swap_every, versions=args.versions,
+                          control_url=args.control_url, swap_command=args.swap_command,
+                          progress=sys.stdout.isatty() and not args.quiet)
+        result = run_bench(cfg)
+    except (BenchError, WorkloadError, SwapFailed) as exc:
+        console.print(f"[red]swapserve bench: {exc}[/red]")
+        return 2
+    summary = result.summary
+    summary["config"]["command"] = ["swapserve", *sys.argv[1:]]
+    if args.json:
+        report.write_json(summary, args.json)
+    if args.records:
+        r = result.records
+        np.savez(args.records, sched=r.sched - result.window_start, sent=r.sent - result.window_start,
+                 done=r.done - result.window_start, status=r.status, version=r.version,
+                 version_table=np.array(r.version_table, dtype=str))
+    if args.plot:
+        report.plot(result.records, summary, result.window_start, args.plot)
+    if not args.quiet:
+        report.print_summary(summary, console)
+    return 1 if summary["swaps"] and any(not s["ok"] for s in summary["swaps"]) else 0

@@ -1,0 +1,271 @@
+"""Run one benchmark: build payloads, start worker processes, drive swaps, collect and summarise."""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swapserve.bench import procstat, report
+from swapserve.bench.loop import WorkerSpec
+from swapserve.bench.swap import SwapDriver, SwapFailed
+
+WORKERS = {"raw": "swapserve.bench.worker_raw", "tritonclient": "swapserve.bench.worker_triton"}
+
+#: Requests in flight one raw worker process sustains cheaply; beyond it, add processes.
+CONCURRENCY_PER_PROCESS = 64
+#: Arrival rate one raw worker process sustains with a small send lag (req/s).
+RATE_PER_PROCESS = 4000.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class BenchConfig:
+    url: str
+    model: str
+    concurrency: int = 1
+    rate: float = 0.0                       # > 0: open loop at this arrival rate; concurrency is ignored
+    duration: float = 10.0
+    warmup: float = 1.0
+    timeout: float = 30.0
+    model_version: str = ""
+    input_data: Path | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    client: str = "raw"                     # raw | tritonclient
+    processes: int = 0                      # 0 = automatic
+    server_pids: list[int] = field(default_factory=list)
+    swap_every: float = 0.0
+    versions: list[str] = field(default_factory=list)
+    control_url: str = ""
+    swap_command: str = ""
+    distinct_requests: int = 64
+    seed: int = 0
+    progress: bool = False
+
+    def auto_processes(self) -> int:
+        if self.processes > 0:
+            return self.processes
+        if self.rate > 0:
+            return max(1, math.ceil(self.rate / RATE_PER_PROCESS))
+        return max(1, math.ceil(self.concurrency / CONCURRENCY_PER_PROCESS))
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_data"] = str(self.input_data) if self.input_data else None
+        d["processes"] = self.auto_processes()
+        d["mode"] = "open" if self.rate > 0 else "closed"
+        d.pop("progress")
+        return d
+
+
+@dataclass
+class BenchResult:
+    summary: dict[str, Any]
+    records: report.Records
+    window_start: int
+
+
+def _swap_driver(cfg: BenchConfig) -> SwapDriver | None:
+    from swapserve.bench import swap
+
+    if cfg.swap_every <= 0:
+        return None
+    if len(cfg.versions) < 2:
+        raise BenchError("--swap-every needs --versions with at least two versions, e.g. --versions 1,2")
+    if cfg.swap_command:
+        return swap.command_driver(cfg.swap_command)
+    if cfg.control_url:
+        return swap.promote_driver(cfg.control_url)
+    raise BenchError("--swap-every needs --control-url HOST:PORT (swapserve's control service) or --swap-command")
+
+
+class _Swapper(threading.Thread):
+    """Makes versions[k % n] live at window start + k * every, k = 1, 2, ... (versions[0] before the run)."""
+
+    def __init__(self, driver: SwapDriver, model: str, versions: list[str], every: float, t0: int, end: int) -> None:
+        super().__init__(daemon=True, name="bench-swapper")
+        self.driver, self.model, self.versions, self.every, self.t0, self.end = driver, model, versions, every, t0, end
+        self.events: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+
+    def swap(self, version: str) -> dict[str, Any]:
+        began = time.monotonic_ns()
+        try:
+            self.driver(self.model, version)
+            ok, error = True, None
+        except SwapFailed as exc:
+            ok, error = False, str(exc)
+        return {"t": round((began - self.t0) / 1e9, 4), "version": version, "ok": ok,
+                "seconds": round((time.monotonic_ns() - began) / 1e9, 4), "error": error}
+
+    def run(self) -> None:
+        for k in range(1, 1_000_000):
+            due = self.t0 + int(k * self.every * 1e9)
+            if due >= self.end or self.stop.wait(max(0.0, (due - time.monotonic_ns()) / 1e9)):
+                return
+            self.events.append(self.swap(self.versions[k % len(self.versions)]))
+
+
+class _Worker:
+    def __init__(self, module: str, spec: WorkerSpec, tmp: Path, n: int) -> None:
+        self.spec_path = tmp / f"spec{n}.pkl"
+        self.out = tmp / f"out{n}.npz"
+        with open(self.spec_path, "wb") as f:
+            pickle.dump(spec, f)
+        self.completed = self.errors = 0
+        self.lines: list[str] = []
+        self.state = threading.Condition()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", module, str(self.spec_path), str(self.out)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.err: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            with self.state:
+                if line.startswith("progress "):
+                    _, c, e = line.split()
+                    self.completed, self.errors = int(c), int(e)
+                else:
+                    self.lines.append(line)
+                self.state.notify_all()
+        with self.state:
+            self.lines.append("eof")
+            self.state.notify_all()
+
+    def wait_for(self, word: str, timeout: float) -> None:
+        with self.state:
+            if not self.state.wait_for(lambda: word in self.lines or "eof" in self.lines, timeout):
+                raise BenchError(f"bench worker did not report '{word}' within {timeout:.0f}s")
+            if word not in self.lines:
+                self.proc.wait(5)
+                raise BenchError(f"bench worker exited {self.proc.returncode}:\n" + "".join(self.err[-30:]))
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run one benchmark and return its summary (the ``--json`` document) and per-request records.
+
+    Raises ``BenchError`` when the workers cannot start; request failures are results, not exceptions.
+    """
+    from swapserve.bench.workload import build_payloads
+
+    if cfg.client not in WORKERS:
+        raise BenchError(f"--client must be one of {sorted(WORKERS)}, not {cfg.client!r}")
+    if cfg.rate <= 0 and cfg.concurrency < 1:
+        raise BenchError("give --concurrency >= 1 (closed loop) or --rate > 0 (open loop)")
+    driver = _swap_driver(cfg)
+    payloads, _meta = build_payloads(cfg.url, cfg.model, input_data=cfg.input_data, params=cfg.params,
+                                     version=cfg.model_version, count=cfg.distinct_requests, seed=cfg.seed)
+    nproc = cfg.auto_processes()
+    if cfg.rate <= 0:
+        nproc = min(nproc, cfg.concurrency)
+    total_s = cfg.warmup + cfg.duration
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory(prefix="swapserve-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        conc = _split(cfg.concurrency, nproc)
+        workers = []
+        try:
+            for n in range(nproc):
+                spec = WorkerSpec(url=cfg.url, model=cfg.model, payloads=payloads, duration_s=total_s,
+                                  timeout_s=cfg.timeout, concurrency=conc[n] if cfg.rate <= 0 else 0,
+                                  rate=cfg.rate, slot=n, slots=nproc, first_payload=n * 7919)
+                workers.append(_Worker(WORKERS[cfg.client], spec, tmp, n))
+            for w in workers:
+                w.wait_for("ready", 120)
+            if driver is not None:  # a known champion before the clock starts
+                driver(cfg.model, cfg.versions[0])
+            start = time.monotonic_ns() + 200_000_000
+            for w in workers:
+                w.send(str(start))
+            window_start = start + int(cfg.warmup * 1e9)
+            end = start + int(total_s * 1e9)
+            time.sleep(max(0.0, (window_start - time.monotonic_ns()) / 1e9))
+            server_before = procstat.tree_cpu(cfg.server_pids) if cfg.server_pids else None
+            swapper = None
+            if driver is not None:
+                swapper = _Swapper(driver, cfg.model, cfg.versions, cfg.swap_every, window_start, end)
+                swapper.start()
+            _watch(workers, cfg, window_start, end)
+            for w in workers:
+                w.wait_for("done", cfg.timeout + 60)
+            server_after = procstat.tree_cpu(cfg.server_pids) if cfg.server_pids else None
+            if swapper is not None:
+                swapper.stop.set()
+                swapper.join(120)
+        finally:
+            for w in workers:
+                w.send("abort")
+                try:
+                    w.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+        parts = []
+        for w in workers:
+            with np.load(w.out, allow_pickle=True) as z:
+                parts.append({k: z[k] for k in z.files})
+    rec = report.Records.merge(parts, window_start)
+    client_cpu = float(sum(float(p["cpu_s"]) for p in parts))
+    server_cpu = (procstat.cpu_between(server_before, server_after)
+                  if server_before is not None and server_after is not None else None)
+    summary = report.summarize(rec, config=cfg.public(), window_start=window_start, duration_s=cfg.duration,
+                               swaps=swapper.events if swapper else [], client_cpu_s=client_cpu,
+                               server_cpu_s=server_cpu, processes=nproc, started_at=started_at)
+    # Client CPU covers the warm-up too; scale it to the requests of the same span.
+    total_requests = sum(len(p["status"]) for p in parts)
+    if total_requests:
+        summary["client"]["cpu_us_per_request"] = round(client_cpu / total_requests * 1e6, 2)
+    return BenchResult(summary, rec, window_start)
+
+
+def _watch(workers: list[_Worker], cfg: BenchConfig, window_start: int, end: int) -> None:
+    """Wait for the end of scheduling, with a live line on a terminal."""
+    if not cfg.progress:
+        time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = (end - window_start) / 1e9
+    with Progress(TextColumn("[bold]bench"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("run", total=total, status="")
+        while (now := time.monotonic_ns()) < end:
+            done = sum(w.completed for w in workers)
+            errs = sum(w.errors for w in workers)
+            bar.update(task, completed=max(0.0, (now - window_start) / 1e9), status=f"{done} ok, {errs} errors")
+            time.sleep(min(0.25, (end - now) / 1e9))

@@ -1,0 +1,52 @@
+"""The swap driver: how the harness makes a model version live during a run.
+
+Kept to this one module so that the control CLI can later be replaced by a Python
+control client without touching the harness. A driver is ``(model, version) -> None``
+and raises ``SwapFailed`` when the server refused or the command failed.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+
+SwapDriver = Callable[[str, str], None]
+
+
+class SwapFailed(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise SwapFailed(f"{shlex.join(cmd)} did not finish in {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        raise SwapFailed(f"{shlex.join(cmd)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
+
+
+def promote_driver(control_url: str, reason: str = "swapserve bench swap scenario", timeout: float = 60) -> SwapDriver:
+    """Promote through swapserve's control service: ``swapserve promote MODEL VERSION --url URL``."""
+
+    def promote(model: str, version: str) -> None:
+        _run([sys.executable, "-m", "swapserve.cli", "promote", model, version, "--url", control_url,
+              "--reason", reason, "--json"], timeout)
+
+    return promote
+
+
+def command_driver(template: str, timeout: float = 60) -> SwapDriver:
+    """Any server's own reload API, through a command; ``{model}`` and ``{version}`` are substituted."""
+
+    def run(model: str, version: str) -> None:
+        _run([part.format(model=model, version=version) for part in shlex.split(template)], timeout)
+
+    return run
+
+
+def control_cli_available() -> bool:
+    """True when this installation has the ``swapserve promote`` verb (the control service's CLI)."""
+    proc = subprocess.run([sys.executable, "-m", "swapserve.cli", "promote", "--help"], capture_output=True, timeout=60)
+    return proc.returncode == 0

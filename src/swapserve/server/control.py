@@ -1,0 +1,273 @@
+"""``swapserve.v1.Control``: the operator control service. Convert, delegate to the ControlPlane, convert back.
+
+Every RPC is authenticated (when a token is configured) and knows its caller: the
+``x-swapserve-actor`` metadata (the CLI sends ``$USER@hostname``; "anonymous" without it)
+plus the gRPC peer, e.g. ``"alice@box (ipv4:127.0.0.1:50412)"``. That string is what
+the audit log records as the actor. Weights on the wire are basis points (10000 = 100 %).
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from swapserve.errors import ConfigError, InvalidInput, Unauthenticated
+from swapserve.server.errors import map_errors
+from swapserve.types import ModelSummaryView, ModelView, VersionView
+from swapserve._proto import control_pb2 as pb
+from swapserve._proto import control_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the control plane imports the whole server; the servicer needs only its API
+    from swapserve.controlplane import ControlPlane
+    from swapserve.registry.records import AuditEntry, Event
+
+log = logging.getLogger(__name__)
+
+#: Metadata key naming the human or system behind a call (recorded in the audit log).
+ACTOR_METADATA = "x-swapserve-actor"
+#: Past events sent before following when EventsRequest.limit is 0.
+DEFAULT_EVENTS_LIMIT = 100
+DEFAULT_AUDIT_LIMIT = 100
+
+
+# -- conversions: views and records -> protobuf --------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    """Compact JSON for the *_json fields; "" for None. Non-JSON values (datetimes, ...) become strings."""
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _iso(value: datetime | str | None) -> str:
+    if value is None:
+        return ""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _traffic_pb(traffic: Sequence[tuple[int, int]]) -> list[pb.TrafficShare]:
+    return [pb.TrafficShare(version=int(v), weight_bp=int(w)) for v, w in traffic]
+
+
+def version_view_to_pb(v: VersionView) -> pb.VersionStatus:
+    return pb.VersionStatus(
+        version=v.version, state=v.state, reason=v.reason, traffic_bp=v.traffic_bp, shadow=v.shadow,
+        memory_bytes=v.memory_bytes, sha256=v.sha256, stage=v.stage, source_path=v.source_path,
+        registered_at=v.registered_at, training_run=v.training_run or "", data_ref=v.data_ref or "",
+        parent_version=v.parent_version or 0, resident=v.resident, last_used_at=v.last_used_at,
+    )
+
+
+def model_view_to_pb(m: ModelView) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        name=m.name, champion=m.champion, previous_champions=list(m.previous_champions),
+        traffic=_traffic_pb(m.traffic), shadows=list(m.shadows),
+        cohorts=[pb.CohortRule(attribute=a, value=val, version=ver) for a, val, ver in m.cohorts],
+        key_attribute=m.key_attribute, generation=m.generation,
+        versions=[version_view_to_pb(v) for v in m.versions],
+        memory_budget_bytes=m.memory_budget_bytes, memory_used_bytes=m.memory_used_bytes,
+        warnings=list(m.warnings), rollout_json=_json(m.rollout),
+    )
+
+
+def summary_to_pb(s: ModelSummaryView) -> pb.ModelSummary:
+    return pb.ModelSummary(name=s.name, champion=s.champion, traffic=_traffic_pb(s.traffic),
+                           resident_versions=list(s.resident_versions), state=s.state,
+                           rollout_state=s.rollout_state)
+
+
+def event_to_pb(e: Event) -> pb.Event:
+    return pb.Event(id=e.id, at=_iso(e.at), kind=e.kind, model=e.model or "", version=e.version or 0,
+                    message=e.message, data_json=_json(dict(e.data)) if e.data else "")
+
+
+def audit_to_pb(a: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(id=a.id, at=_iso(a.at), actor=a.actor, action=a.action, model=a.model or "",
+                         version=a.version or 0, before_json=_json(a.before), after_json=_json(a.after),
+                         reason=a.reason)
+
+
+# -- conversions: protobuf -> arguments ----------------------------------------------------------
+
+
+def metrics_from_pb(metrics: Mapping[str, pb.SliceMetrics]) -> dict[str, dict[str, float]] | None:
+    if not metrics:
+        return None
+    return {slice_: dict(m.values) for slice_, m in metrics.items()}
+
+
+def metadata_from_json(text: str) -> dict[str, Any] | None:
+    """RegisterRequest.metadata_json -> dict (None when empty); anything but a JSON object is INVALID_ARGUMENT."""
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"metadata_json is not valid JSON ({exc}); send a JSON object such as "
+                           '{"framework": "torch"}') from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"metadata_json must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+# -- the servicer --------------------------------------------------------------------------------
+
+
+class ControlServicer(pb_grpc.ControlServicer):
+    """Thin edge over ``ControlPlane``; ``token`` (when set) is required as ``authorization: Bearer <token>``."""
+
+    def __init__(self, control: ControlPlane, token: str | None) -> None:
+        self._control = control
+        self._token = token or None
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """Authenticate the call and return the caller's identity for the audit log.
+
+        Raises Unauthenticated when a token is configured and the call does not carry it.
+        """
+        md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+        if self._token is not None:
+            header = md.get("authorization", "")
+            given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self._token.encode()):
+                what = "a wrong token" if given else "no token"
+                raise Unauthenticated(
+                    f"the control service requires a token and this call carried {what}; pass it with "
+                    "--token TOKEN or the SWAPSERVE_TOKEN environment variable (gRPC metadata "
+                    "'authorization: Bearer TOKEN')")
+        actor = md.get(ACTOR_METADATA) or "anonymous"
+        if not isinstance(actor, str):  # a binary header (-bin) would arrive as bytes
+            actor = "anonymous"
+        return f"{actor} ({context.peer()})"
+
+    @map_errors
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        self._caller(context)
+        return pb.ListModelsResponse(models=[summary_to_pb(s) for s in await self._control.list_models()])
+
+    @map_errors
+    async def GetStatus(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        self._caller(context)
+        return model_view_to_pb(await self._control.status(request.model))
+
+    @map_errors
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        view = await self._control.register(
+            request.model, request.version, actor=actor, reason=request.reason,
+            training_run=request.training_run or None, data_ref=request.data_ref or None,
+            parent_version=request.parent_version or None, metrics=metrics_from_pb(request.metrics),
+            metadata=metadata_from_json(request.metadata_json))
+        return model_view_to_pb(view)
+
+    @map_errors
+    async def Load(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        return model_view_to_pb(await self._control.load(request.model, request.version, actor=actor,
+                                                         reason=request.reason, force=request.force))
+
+    @map_errors
+    async def Unload(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        return model_view_to_pb(await self._control.unload(request.model, request.version, actor=actor,
+                                                           reason=request.reason, force=request.force))
+
+    @map_errors
+    async def Promote(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        return model_view_to_pb(await self._control.promote(request.model, request.version, actor=actor,
+                                                            reason=request.reason, force=request.force))
+
+    @map_errors
+    async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        return model_view_to_pb(await self._control.rollback(
+            request.model, request.to_version or None, actor=actor, reason=request.reason, force=request.force))
+
+    @map_errors
+    async def SetTraffic(self, request: pb.SetTrafficRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        view = await self._control.set_traffic(
+            request.model, [(t.version, t.weight_bp) for t in request.traffic],
+            shadows=list(request.shadows), cohorts=[(c.attribute, c.value, c.version) for c in request.cohorts],
+            key_attribute=request.key_attribute or None, actor=actor, reason=request.reason, force=request.force)
+        return model_view_to_pb(view)
+
+    @map_errors
+    async def Events(self, request: pb.EventsRequest, context: grpc.aio.ServicerContext) -> None:
+        """Past events after ``after_id`` (up to ``limit``), then with ``follow`` new ones until the client cancels.
+
+        A coroutine writing with ``context.write`` (not an async generator) so that map_errors
+        turns a bad request (unknown model, ...) into its status like any unary call.
+        """
+        self._caller(context)
+        model = request.model or None
+        last = request.after_id
+        for e in await self._control.events(model, after_id=request.after_id,
+                                            limit=request.limit or DEFAULT_EVENTS_LIMIT):
+            await context.write(event_to_pb(e))
+            last = max(last, e.id)
+        if not request.follow:
+            return
+        stream = self._control.follow_events(model, after_id=last)
+        try:
+            async for e in stream:
+                if e.id <= last:  # an event already sent from the backlog
+                    continue
+                await context.write(event_to_pb(e))
+                last = e.id
+        finally:  # the client cancelled (CancelledError) or the plane stopped: release the subscription
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @map_errors
+    async def AuditLog(self, request: pb.AuditLogRequest, context: grpc.aio.ServicerContext) -> pb.AuditLogResponse:
+        self._caller(context)
+        entries = await self._control.audit_log(request.model or None, limit=request.limit or DEFAULT_AUDIT_LIMIT)
+        return pb.AuditLogResponse(entries=[audit_to_pb(a) for a in entries])
+
+
+# -- serving it ----------------------------------------------------------------------------------
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``address`` ("127.0.0.1:8003", "[::1]:8003", "localhost:8003") binds only loopback."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: may resolve anywhere
+
+
+async def start_control_server(control: ControlPlane, address: str, *, token: str | None,
+                               options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, int]:
+    """Start the control service on its own gRPC server at ``address`` (port 0: any free port).
+
+    Returns ``(server, bound port)``. Refuses (ConfigError) a non-loopback address without a
+    token, and raises OSError when the address cannot be bound.
+    """
+    if not token and not is_loopback(address):
+        raise ConfigError(
+            f"refusing to serve the control service on the non-loopback address {address} without "
+            "authentication; set a control token (--control-token or SWAPSERVE_CONTROL_TOKEN) or bind "
+            "127.0.0.1")
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
+    pb_grpc.add_ControlServicer_to_server(ControlServicer(control, token), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the control service address {address}")
+    await server.start()
+    log.info("control service on %s (port %d)%s", address, port, ", token required" if token else "")
+    return server, port
