@@ -239,7 +239,10 @@ def render_audit(entries: list[dict[str, Any]], out: Console) -> None:
 
 def _console(stderr: bool = False) -> Console:
     # markup off: model names, messages and JSON may contain [brackets]; colour comes from Text styles.
-    return Console(stderr=stderr, markup=False, highlight=False, soft_wrap=False)
+    # Piped or logged output is not squeezed to 80 columns (rich's default without a terminal).
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, markup=False, highlight=False, soft_wrap=False, width=width)
 
 
 def _print_json(doc: Any) -> None:

@@ -70,14 +70,14 @@ def test_hash_known_values() -> None:
     assert hash64(42) == hash64("42") and hash64(True) == hash64("true")
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.lists(keys, max_size=40))
 def test_route_batch_matches_reference(spec: RoutingSpec, ks: list[object]) -> None:
     native, reference = both(spec)
     assert native.route_batch("m", ks) == reference.route_batch("m", ks)  # type: ignore[arg-type]
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), attributes, texts.filter(bool))
 def test_route_matches_reference(spec: RoutingSpec, attrs: dict[str, object], request_id: str) -> None:
     native, reference = both(spec)
@@ -94,7 +94,7 @@ def test_snapshot_round_trips(spec: RoutingSpec) -> None:
     assert native.snapshot("other") is None
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.integers(0, 9999), st.integers(1, 10000))
 def test_raising_canary_only_moves_keys_from_champion(low: int, extra: int) -> None:
     high = min(10000, low + extra)
