@@ -1,7 +1,7 @@
 """The swap driver: how the harness makes a model version live during a run.
 
-Kept to this one module so that the control CLI can later be replaced by a Python
-control client without touching the harness. A driver is ``(model, version) -> None``
+Kept to this one module: swapserve's control client, its CLI, or any other server's
+reload command all fit behind the same function type. A driver is ``(model, version) -> None``
 and raises ``SwapFailed`` when the server refused or the command failed.
 """
 from __future__ import annotations
@@ -28,7 +28,29 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 
 def promote_driver(control_url: str, reason: str = "swapserve bench swap scenario", timeout: float = 60) -> SwapDriver:
-    """Promote through swapserve's control service: ``swapserve promote MODEL VERSION --url URL``."""
+    """Promote through swapserve's control service, in process (``swapserve.client.ControlClient``).
+
+    An in-process client, not a ``swapserve promote`` subprocess per swap: starting Python
+    for each swap would spend client CPU that the run is measuring.
+    """
+    try:
+        from swapserve.client import ControlClient, ControlError
+    except ImportError:  # an installation without the control client: its CLI
+        return promote_cli_driver(control_url, reason, timeout)
+    client = ControlClient(control_url)
+
+    def promote(model: str, version: str) -> None:
+        try:
+            client.promote(model, int(version), reason=reason)
+        except ControlError as exc:
+            raise SwapFailed(f"promote {model} {version} at {control_url}: {exc}") from exc
+
+    return promote
+
+
+def promote_cli_driver(control_url: str, reason: str = "swapserve bench swap scenario",
+                       timeout: float = 60) -> SwapDriver:
+    """Promote through the operator CLI: ``swapserve promote MODEL VERSION --url URL``."""
 
     def promote(model: str, version: str) -> None:
         _run([sys.executable, "-m", "swapserve.cli", "promote", model, version, "--url", control_url,

@@ -185,6 +185,9 @@ def build_payloads(url: str, model: str, *, input_data: Path | None = None, para
         payloads = [encode_request(model, e["tensors"], {**params, **e["parameters"]}, e["version"] or version)
                     for e in entries]
         return payloads, meta
+    if not meta["inputs"]:
+        raise WorkloadError(f"the metadata of model '{model}' at {url} lists no inputs, so the harness cannot "
+                            "make random ones: describe the requests with --input-data")
     rng = np.random.default_rng(seed)
     payloads = []
     for _ in range(count):

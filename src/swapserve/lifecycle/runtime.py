@@ -50,7 +50,7 @@ class BatcherLike(Protocol):
     def pending(self) -> int: ...
 
 
-BatcherFactory = Callable[[int, list[int], int, int], BatcherLike]
+BatcherFactory = Callable[[int, list[int], int, int, str], BatcherLike]
 
 
 class BackendLike(Protocol):
@@ -99,6 +99,7 @@ class VersionRuntime:
             list(db.preferred_batch_sizes) if db else [],
             db.max_queue_delay_us if db else 0,
             (db.max_queue_size if db and db.max_queue_size else DEFAULT_MAX_QUEUE_SIZE),
+            f"model '{spec.name}' version {version}",
         )
         self._pending: dict[int, _Pending] = {}
         self._tickets = itertools.count(1)

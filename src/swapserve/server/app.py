@@ -40,8 +40,8 @@ def _load_backend(spec: Any, path: Any, device: str) -> Any:
     return backend_class(spec.platform).load(spec, path, device)
 
 
-def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int) -> Batcher:
-    return Batcher(max_rows, preferred, delay_us, max_queue)
+def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, name: str) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue, name=name)
 
 
 @dataclass
