@@ -188,3 +188,33 @@ class ModelSummaryView:
     resident_versions: tuple[int, ...]
     state: str  # READY | UNAVAILABLE
     rollout_state: str = ""
+
+
+# -- live quality per version and slice (feedback join -> rollout gates) ------------------------
+
+
+@dataclass(frozen=True)
+class SliceCounts:
+    """Cumulative counts for one (model, version, slice) since some start time.
+
+    ``labelled``/``correct`` count outcomes joined by request id (class labels or
+    correct/incorrect flags); numeric targets add to ``abs_error_sum``/``sq_error_sum``
+    (``numeric`` of them). ``latency_p99_s`` is over the requests counted here (None: none).
+    """
+
+    requests: int = 0
+    errors: int = 0
+    labelled: int = 0
+    correct: int = 0
+    numeric: int = 0
+    abs_error_sum: float = 0.0
+    sq_error_sum: float = 0.0
+    latency_p99_s: float | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None

@@ -122,8 +122,11 @@ class VersionRuntime:
         """Run the config's model_warmup samples, else generated inputs at batch sizes 1 and max.
 
         A version takes traffic only after this returns, so the first real request never pays
-        for lazy initialisation (promise 3: no cold start).
+        for lazy initialisation (promise 3: no cold start). A model whose config sets the
+        parameter ``swapserve.warmup`` to ``false`` skips it (its first requests then pay).
         """
+        if self.spec.parameters.get("swapserve.warmup", "true").strip().lower() == "false":
+            return
         if self.spec.warmup:
             for sample in self.spec.warmup:
                 for _ in range(sample.count):
