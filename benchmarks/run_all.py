@@ -68,9 +68,7 @@ def machine() -> dict[str, Any]:
 
 def bench(peer: peers.Peer, **kw: Any) -> dict[str, Any]:
     cfg = BenchConfig(url=peer.url, model=peers.MODEL, server_pids=[peer.pid], **kw)
-    s = run_bench(cfg).summary
-    s.pop("timeseries", None) if not kw.get("swap_every") else None
-    return s
+    return run_bench(cfg).summary
 
 
 def med(runs: list[dict[str, Any]], path: str) -> float | None:
@@ -136,6 +134,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def render_json(doc: Any) -> str:
     """A generic rendering of another script's JSON: a table for a list of flat dicts, else a code block."""
+    if isinstance(doc, dict) and isinstance(doc.get("median"), dict):
+        n = len(doc["runs"]) if isinstance(doc.get("runs"), list) else "?"
+        return f"Medians of {n} runs:\n\n" + render_json(doc["median"])
+    if isinstance(doc, dict) and doc and all(not isinstance(v, (dict, list)) for v in doc.values()):
+        return "\n".join(["| metric | value |", "|---|---|"]
+                         + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in doc.items()])
     if isinstance(doc, dict):
         for key in ("results", "rows", "benchmarks"):
             if isinstance(doc.get(key), list):

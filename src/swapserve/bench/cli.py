@@ -54,7 +54,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from swapserve.bench.swap import SwapFailed
     from swapserve.bench.workload import WorkloadError, parse_params
 
-    console = Console(stderr=not sys.stdout.isatty() and args.quiet)
+    console, errors = Console(), Console(stderr=True)
     try:
         cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency or 1, rate=args.rate or 0.0,
                           duration=args.duration, warmup=args.warmup, timeout=args.timeout,
@@ -65,7 +65,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           progress=sys.stdout.isatty() and not args.quiet)
         result = run_bench(cfg)
     except (BenchError, WorkloadError, SwapFailed) as exc:
-        console.print(f"[red]swapserve bench: {exc}[/red]")
+        errors.print(f"[red]swapserve bench: {exc}[/red]")
         return 2
     summary = result.summary
     summary["config"]["command"] = ["swapserve", *sys.argv[1:]]

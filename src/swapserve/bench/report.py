@@ -80,16 +80,21 @@ def summarize(rec: Records, *, config: dict[str, Any], window_start: int, durati
     lag = (rec.sent - rec.sched) / 1e6
 
     series = []
-    done_s = ((rec.done - window_start) // 1_000_000_000).astype(np.int64)
-    sched_s = ((rec.sched - window_start) // 1_000_000_000).astype(np.int64)
-    for t in range(max(1, math.ceil(elapsed))):
-        here = done_s == t
-        here_ok = here & ok
-        vals = (rec.done[here_ok] - rec.sched[here_ok]) / 1e6
+    buckets = max(1, math.ceil(elapsed))
+    done_s = np.clip((rec.done - window_start) // 1_000_000_000, 0, buckets - 1)
+    sent_per_s = np.bincount(np.clip((rec.sched - window_start) // 1_000_000_000, 0, buckets - 1),
+                             minlength=buckets)
+    err_per_s = np.bincount(done_s[~ok], minlength=buckets)
+    ok_idx = np.flatnonzero(ok)
+    ok_idx = ok_idx[np.argsort(done_s[ok_idx], kind="stable")]
+    bounds = np.searchsorted(done_s[ok_idx], np.arange(buckets + 1))
+    for t in range(buckets):
+        sel = ok_idx[bounds[t]:bounds[t + 1]]
+        vals = (rec.done[sel] - rec.sched[sel]) / 1e6
         p = _pcts(vals)
-        vs, vn = np.unique(rec.version[here_ok], return_counts=True)
-        series.append({"t": t, "sent": int((sched_s == t).sum()), "completed": int(here_ok.sum()),
-                       "errors": int((here & ~ok).sum()), "p50_ms": p["p50"], "p99_ms": p["p99"],
+        vs, vn = np.unique(rec.version[sel], return_counts=True)
+        series.append({"t": t, "sent": int(sent_per_s[t]), "completed": int(len(sel)), "errors": int(err_per_s[t]),
+                       "p50_ms": p["p50"], "p99_ms": p["p99"],
                        "max_ms": round(float(vals.max()), 4) if len(vals) else None,
                        "versions": {rec.version_table[int(v)]: int(n) for v, n in zip(vs, vn)}})
 

@@ -1,0 +1,260 @@
+"""The prediction log: what each request predicted, kept long enough to join late ground truth.
+
+Every successful response leaves an ``Entry`` (model, version, slice, prediction, time) under
+its request id; the feedback service looks it up when the client reports the true outcome.
+
+Guarantees
+----------
+- ``record`` is O(1) amortised (one dict insert, one deque append, and at most as many
+  evictions as it made room for), does no I/O and allocates only the entry itself.
+- Memory is bounded under any traffic. ``capacity`` counts *rows* (a request of n rows takes
+  n); when the log is full the oldest entries are evicted first, and entries older than the
+  join ``window`` (default 1 h) are dropped as newer ones arrive. Ids longer than
+  ``MAX_ID_CHARS`` are not logged (a client cannot grow an entry without bound), nor are
+  requests with more rows than ``capacity``.
+- Measured on CPython 3.11 (``tracemalloc``, server-style 32-character hex ids, single-row
+  classification entries; ``tests/unit/test_predictions.py`` re-checks it): about 300 bytes
+  per logged request including the id string the log keeps alive. With the default capacity of
+  1,000,000 rows the log stays under ~310 MB plus 4 MiB for the eviction filter; numeric
+  (regression) predictions add 24 bytes per row, multi-row requests ~32 bytes per extra row.
+  Size ``capacity`` as ``requests/s x join window`` for the traffic that will be labelled.
+- ``join`` tells *unknown* ids from *expired* ones: an id that is still logged but older than
+  the window, or that was evicted (by age or because the log was full), is ``expired``. Evicted
+  ids are remembered in a generational Bloom filter covering the last 1-2x ``capacity``
+  evictions (no false negatives there; about 0.4 % of never-seen ids are reported ``expired``
+  instead of ``unknown``). Ids evicted longer ago than that are ``unknown``.
+- Duplicate request ids: the newest prediction wins (the older one can no longer be joined).
+
+Threading: designed for one thread, the server's event loop, where both the request path
+(``record``) and the feedback RPC (``join``) run; it takes no locks.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+import numpy as np
+
+from swapserve.types import ModelSpec
+
+#: Longer request ids are not logged: memory per entry must stay bounded.
+MAX_ID_CHARS = 128
+DEFAULT_CAPACITY = 1_000_000
+DEFAULT_WINDOW_S = 3600.0
+
+#: A row's prediction: a class id (classification), a number (regression) or None (no
+#: prediction could be derived from the output; only ``correct`` flags can be joined).
+Prediction = Union[int, float, None]
+
+# -- parameters in config.pbtxt that steer feedback --------------------------------------------
+PARAM_OUTPUT = "swapserve.prediction_output"
+PARAM_TASK = "swapserve.task"
+PARAM_SLICE = "swapserve.slice_parameter"
+DEFAULT_SLICE_PARAMETER = "slice"
+
+
+class Task(str, enum.Enum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class Entry:
+    """One logged request. ``prediction`` is one value for a single-row request, a tuple of
+    one value per row otherwise. ``labelled`` is a bit mask of the rows already joined."""
+
+    __slots__ = ("id", "model", "version", "slice", "prediction", "time", "labelled")
+
+    def __init__(self, id: str, model: str, version: int, slice: str,
+                 prediction: Prediction | tuple[Prediction, ...], time: float) -> None:
+        self.id = id
+        self.model = model
+        self.version = version
+        self.slice = slice
+        self.prediction = prediction
+        self.time = time
+        self.labelled = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.prediction) if isinstance(self.prediction, tuple) else 1
+
+    def row(self, i: int) -> Prediction:
+        """The prediction of row ``i`` (IndexError when the request had fewer rows)."""
+        if isinstance(self.prediction, tuple):
+            return self.prediction[i]
+        if i != 0:
+            raise IndexError(i)
+        return self.prediction
+
+    def __repr__(self) -> str:
+        return (f"Entry(id={self.id!r}, model={self.model!r}, version={self.version}, slice={self.slice!r}, "
+                f"prediction={self.prediction!r})")
+
+
+class Lookup(NamedTuple):
+    """``status`` is "found" (``entry`` set), "unknown" or "expired" (``entry`` None)."""
+
+    status: str
+    entry: Entry | None = None
+
+
+class _EvictedIds:
+    """Remembers recently evicted ids in two Bloom filter generations of ``per_generation`` ids.
+
+    An id evicted in the current or previous generation is always reported; others are
+    reported with a small false-positive probability (4 hashes, >= 16 bits per id: ~0.2 %
+    per full generation).
+    """
+
+    K = 4
+
+    def __init__(self, per_generation: int) -> None:
+        self.per_generation = max(1, per_generation)
+        bits = 1 << max(10, (16 * self.per_generation - 1).bit_length())
+        self._mask = bits - 1
+        self._current = bytearray(bits >> 3)
+        self._previous = bytearray(bits >> 3)
+        self._added = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def _indices(self, key: str) -> list[int]:
+        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
+        h1, h2 = h & 0xFFFF_FFFF, (h >> 32) | 1
+        return [(h1 + i * h2) & self._mask for i in range(self.K)]
+
+    def add(self, key: str) -> None:
+        if self._added >= self.per_generation:
+            self._previous, self._current = self._current, bytearray(len(self._current))
+            self._added = 0
+        cur = self._current
+        for i in self._indices(key):
+            cur[i >> 3] |= 1 << (i & 7)
+        self._added += 1
+
+    def __contains__(self, key: str) -> bool:
+        idx = self._indices(key)
+        return any(all(bits[i >> 3] & (1 << (i & 7)) for i in idx) for bits in (self._current, self._previous))
+
+
+class PredictionLog:
+    """Bounded map request id -> ``Entry`` (see the module docstring for the guarantees)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, window_s: float = DEFAULT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity <= 0 or window_s <= 0:
+            raise ValueError("PredictionLog needs a positive capacity and join window")
+        self.capacity = capacity
+        self.window_s = window_s
+        self.clock = clock
+        self._entries: dict[str, Entry] = {}
+        self._order: collections.deque[Entry] = collections.deque()  # oldest first
+        self._rows = 0
+        self._evicted = _EvictedIds(capacity)
+
+    def __len__(self) -> int:
+        """Requests currently logged (including some already past the window, dropped lazily)."""
+        return len(self._entries)
+
+    @property
+    def rows(self) -> int:
+        """Rows currently held; never more than ``capacity``."""
+        return self._rows
+
+    def record(self, request_id: str, model: str, version: int, slice: str,
+               prediction: Prediction | tuple[Prediction, ...]) -> bool:
+        """Log a prediction; False when it is not joinable (empty/oversized id, too many rows)."""
+        n = len(prediction) if isinstance(prediction, tuple) else 1
+        if not request_id or len(request_id) > MAX_ID_CHARS or n > self.capacity:
+            return False
+        now = self.clock()
+        cutoff = now - self.window_s
+        order = self._order
+        while order and (self._rows + n > self.capacity or order[0].time < cutoff):
+            old = order.popleft()
+            self._rows -= old.rows
+            if self._entries.get(old.id) is old:
+                del self._entries[old.id]
+            self._evicted.add(old.id)
+        entry = Entry(request_id, model, version, slice, prediction, now)
+        self._entries[request_id] = entry
+        order.append(entry)
+        self._rows += n
+        return True
+
+    def join(self, request_id: str) -> Lookup:
+        """The logged entry of ``request_id`` if it is within the join window."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            if self.clock() - entry.time <= self.window_s:
+                return Lookup("found", entry)
+            return Lookup("expired")
+        if request_id in self._evicted:
+            return Lookup("expired")
+        return Lookup("unknown")
+
+
+# -- predictions from model outputs ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionRule:
+    """How one model's outputs become per-row predictions and where its slice comes from.
+
+    - ``output``: ``swapserve.prediction_output`` in config.pbtxt parameters, else the first output.
+    - ``task``: ``swapserve.task`` (classification | regression), else inferred: an output whose
+      last dimension is 1 (or that is a scalar per row) is a regression, anything else a
+      classification.
+    - classification: argmax over the row's values (the last axis for the usual [batch, classes]
+      output; outputs with more dimensions are flattened per row). A classification output with
+      one value per row is read as the class id itself.
+    - regression: the row's single value; a row with several values has no prediction (None).
+    - ``slice_parameter``: ``swapserve.slice_parameter``, default ``slice``.
+    """
+
+    output: str
+    task: Task
+    slice_parameter: str = DEFAULT_SLICE_PARAMETER
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec) -> PredictionRule:
+        params: Mapping[str, str] = spec.parameters
+        name = params.get(PARAM_OUTPUT) or (spec.outputs[0].name if spec.outputs else "")
+        out = spec.output(name)
+        task_text = params.get(PARAM_TASK, "").strip().lower()
+        if task_text in (Task.CLASSIFICATION.value, Task.REGRESSION.value):
+            task = Task(task_text)
+        else:
+            dims = out.reshape if out is not None and out.reshape is not None else (out.dims if out else ())
+            per_row = int(np.prod([d for d in dims])) if dims and all(d > 0 for d in dims) else None
+            task = Task.REGRESSION if per_row == 1 or dims == () else Task.CLASSIFICATION
+        slice_parameter = params.get(PARAM_SLICE) or DEFAULT_SLICE_PARAMETER
+        return cls(name, task, slice_parameter)
+
+    def predictions(self, outputs: Mapping[str, np.ndarray], batching: bool) -> Prediction | tuple[Prediction, ...]:
+        """One prediction for an unbatched or single-row request, else a tuple of one per row.
+
+        Returns None when the configured output is missing from ``outputs``.
+        """
+        arr = outputs.get(self.output)
+        if arr is None:
+            return None
+        rows = arr.shape[0] if batching and arr.ndim > 0 else 1
+        flat = arr.reshape(rows, -1)
+        width = flat.shape[1]
+        values: list[Prediction]
+        if width == 0:
+            values = [None] * rows
+        elif self.task is Task.CLASSIFICATION:
+            values = flat[:, 0].astype(np.int64).tolist() if width == 1 else flat.argmax(axis=1).tolist()
+        elif width == 1:
+            values = flat[:, 0].astype(np.float64).tolist()
+        else:
+            values = [None] * rows
+        return values[0] if rows == 1 else tuple(values)

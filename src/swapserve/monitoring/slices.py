@@ -1,0 +1,370 @@
+"""Live quality per (model, version, slice): requests, errors, joined outcomes, latency.
+
+The rollout controller reads it through ``snapshot`` and ``subscribe``; Prometheus reads it
+through a custom collector on the injected ``CollectorRegistry``.
+
+Slices
+------
+A request's slice is the value of its slice parameter (``slice`` unless the model's
+config.pbtxt sets ``swapserve.slice_parameter``); absent or empty -> ``unlabelled``. Each model
+has at most ``max_slices`` (default 64) distinct named slices, first come first served; later
+names, names longer than ``MAX_SLICE_CHARS`` and the reserved names ``overall`` and ``other``
+count as ``other``. ``overall`` always holds every request of the version. So a model has at most
+``max_slices + 3`` series per version, and metric cardinality stays bounded.
+
+Counting "since"
+----------------
+Counters are cumulative per series. ``snapshot(model, version, since)`` subtracts a
+checkpoint of those counters (latency is a fixed-bucket histogram, so it subtracts too):
+
+- ``mark(model)`` takes a checkpoint now and returns its time: ``snapshot(..., since=that)``
+  is then exact. The last ``max_marks`` (64) marks per model are kept whatever their age.
+  This is what the rollout controller should use at the start of a stage.
+- Besides, a checkpoint is taken automatically every ``resolution_s`` (1 s, kept for
+  ``fine_horizon_s`` = 60 s) and every ``coarse_s`` (60 s, kept for ``horizon_s`` = 6 h),
+  lazily on the first event after each boundary (no timer). Any other ``since`` uses the latest
+  checkpoint at or before it: counts may include up to 1 s (60 s beyond the last minute) of
+  traffic before ``since``, never miss any after it. A ``since`` older than every kept checkpoint
+  counts from the oldest one (``horizon_s`` ago, or the first request).
+- Times are ``clock()`` values, wall-clock seconds by default (``time.time``), so a restarted
+  controller can pass a stage start it read from the registry (counts start at process start).
+
+Memory: per model, one row of ``COLUMNS`` numbers per series (~800 bytes as a checkpoint) times
+at most ``60 + 360 + 64`` checkpoints: ~4 MB for 2 versions x 3 slices, ~65 MB worst case for
+3 versions x 67 slices. Latency p99 uses ``LATENCY_BOUNDS`` (10 us .. 60 s, 4 buckets per
+octave, interpolated within the bucket: within ~9 %); only successful requests count.
+
+Threading: writes come from the event loop; ``collect`` (the metrics HTTP thread) and any
+reader elsewhere take the same lock, so they see consistent rows.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from swapserve.types import ParamValue, SliceCounts
+
+log = logging.getLogger(__name__)
+
+OVERALL = "overall"
+OTHER = "other"
+UNLABELLED = "unlabelled"
+DEFAULT_MAX_SLICES = 64
+MAX_SLICE_CHARS = 128
+#: Feedback outcome results, the ``result`` label of ``swapserve_feedback_outcomes_total``.
+RESULTS = ("joined", "unknown", "expired", "invalid")
+
+#: Upper bounds of the latency buckets in seconds: 10 us * 2^(i/4), up to ~60 s; plus +Inf.
+LATENCY_BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(91))
+
+# Columns of a series row.
+REQUESTS, ERRORS, LABELLED, CORRECT, NUMERIC, ABS_SUM, SQ_SUM, HIST = range(8)
+COLUMNS = HIST + len(LATENCY_BOUNDS) + 1
+
+#: ``callback(model, version, slice, kind)`` after an outcome is joined; kind: label | correct | value.
+OutcomeCallback = Callable[[str, int, str, str], None]
+
+
+def p99_from_histogram(counts: np.ndarray | list[float], quantile: float = 0.99) -> float | None:
+    """The ``quantile`` of latencies counted in ``LATENCY_BOUNDS`` buckets (linear within a bucket)."""
+    total = float(sum(counts))
+    if total <= 0:
+        return None
+    rank = quantile * total
+    seen = 0.0
+    for i, c in enumerate(counts):
+        if c <= 0:
+            continue
+        if seen + c >= rank:
+            if i >= len(LATENCY_BOUNDS):
+                return LATENCY_BOUNDS[-1]
+            lo = LATENCY_BOUNDS[i - 1] if i else 0.0
+            return lo + (LATENCY_BOUNDS[i] - lo) * (rank - seen) / c
+        seen += c
+    return LATENCY_BOUNDS[-1]
+
+
+def _counts(row: np.ndarray | list[float], latency_p99: bool = True) -> SliceCounts:
+    return SliceCounts(
+        requests=int(row[REQUESTS]), errors=int(row[ERRORS]), labelled=int(row[LABELLED]),
+        correct=int(row[CORRECT]), numeric=int(row[NUMERIC]), abs_error_sum=float(row[ABS_SUM]),
+        sq_error_sum=float(row[SQ_SUM]), latency_p99_s=p99_from_histogram(row[HIST:]) if latency_p99 else None)
+
+
+@dataclass
+class _Checkpoint:
+    time: float
+    keys: int  # rows[:keys] existed then; later rows were zero
+    data: np.ndarray
+
+
+@dataclass
+class _ModelState:
+    """One model: its slice table, its series rows (append-only) and their checkpoints."""
+
+    name: str
+    max_slices: int
+    slices: dict[str, str] = field(default_factory=dict)  # raw parameter text -> canonical name
+    index: dict[tuple[int, str], int] = field(default_factory=dict)  # (version, slice) -> row
+    rows: list[list[float]] = field(default_factory=list)
+    fine: collections.deque[_Checkpoint] = field(default_factory=collections.deque)
+    coarse: collections.deque[_Checkpoint] = field(default_factory=collections.deque)
+    marks: collections.deque[_Checkpoint] = field(default_factory=collections.deque)
+    last_tick: float = -math.inf
+    outcomes: list[int] = field(default_factory=lambda: [0] * len(RESULTS))
+
+    def row(self, version: int, slice_: str) -> list[float]:
+        i = self.index.get((version, slice_))
+        if i is None:
+            i = self.index[(version, slice_)] = len(self.rows)
+            self.rows.append([0] * COLUMNS)
+        return self.rows[i]
+
+    def checkpoint(self, at: float) -> _Checkpoint:
+        data = np.array(self.rows, dtype=np.float64) if self.rows else np.zeros((0, COLUMNS))
+        return _Checkpoint(at, len(self.rows), data)
+
+
+class SliceStats:
+    """Per (model, version, slice) counters; see the module docstring for slices, ``since`` and memory."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_slices: int = DEFAULT_MAX_SLICES,
+                 clock: Callable[[], float] = time.time, resolution_s: float = 1.0, fine_horizon_s: float = 60.0,
+                 coarse_s: float = 60.0, horizon_s: float = 6 * 3600.0, max_marks: int = 64) -> None:
+        self.max_slices = max_slices
+        self.clock = clock
+        self.resolution_s = resolution_s
+        self.fine_horizon_s = fine_horizon_s
+        self.coarse_s = coarse_s
+        self.horizon_s = horizon_s
+        self.max_marks = max_marks
+        self._models: dict[str, _ModelState] = {}
+        self._lock = threading.Lock()
+        self._subscribers: list[OutcomeCallback] = []
+        if registry is not None:
+            registry.register(_SliceCollector(self))
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def _model(self, model: str) -> _ModelState:
+        state = self._models.get(model)
+        if state is None:
+            with self._lock:
+                state = self._models.setdefault(model, _ModelState(model, self.max_slices))
+        return state
+
+    def resolve_slice(self, model: str, value: ParamValue | None) -> str:
+        """The canonical slice name for a request's slice parameter value (bounded per model)."""
+        if value is None or value == "":
+            return UNLABELLED
+        text = value if isinstance(value, str) else str(value)
+        state = self._model(model)
+        name = state.slices.get(text)
+        if name is not None:
+            return name
+        if text in (OVERALL, OTHER) or len(text) > MAX_SLICE_CHARS:
+            return OTHER
+        if text == UNLABELLED:
+            return UNLABELLED
+        if len(state.slices) >= state.max_slices:
+            return OTHER
+        with self._lock:
+            return state.slices.setdefault(text, text)
+
+    def _tick(self, state: _ModelState, now: float) -> None:
+        """Take the automatic checkpoint(s) due before applying an event at ``now``."""
+        boundary = math.floor(now / self.resolution_s) * self.resolution_s
+        if boundary <= state.last_tick:
+            return
+        # No event since last_tick: the counters now are the counters at ``boundary``.
+        with self._lock:
+            cp = state.checkpoint(boundary)
+            fine, coarse = state.fine, state.coarse
+            fine.append(cp)
+            while fine and fine[0].time < now - self.fine_horizon_s:
+                fine.popleft()
+            if not coarse or boundary - coarse[-1].time >= self.coarse_s:
+                coarse.append(cp)
+            while len(coarse) > 1 and coarse[0].time < now - self.horizon_s:
+                coarse.popleft()
+        state.last_tick = boundary
+
+    def record_request(self, model: str, version: int, slice_: str, latency_s: float, error: bool = False) -> None:
+        """Count one request (and its latency when it succeeded) in its slice and in ``overall``."""
+        state = self._model(model)
+        self._tick(state, self.clock())
+        bucket = HIST + bisect.bisect_left(LATENCY_BOUNDS, latency_s)
+        rows = (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
+            else (state.row(version, OVERALL),)
+        for row in rows:
+            row[REQUESTS] += 1
+            if error:
+                row[ERRORS] += 1
+            else:
+                row[bucket] += 1
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def record_outcome(self, model: str, version: int, slice_: str, kind: str, *, correct: bool | None = None,
+                       error: float | None = None) -> None:
+        """Count one joined outcome: ``correct`` for a label or flag, ``error`` (prediction - truth) for a value."""
+        state = self._model(model)
+        self._tick(state, self.clock())
+        for row in (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
+                else (state.row(version, OVERALL),):
+            if correct is not None:
+                row[LABELLED] += 1
+                if correct:
+                    row[CORRECT] += 1
+            if error is not None:
+                row[NUMERIC] += 1
+                row[ABS_SUM] += abs(error)
+                row[SQ_SUM] += error * error
+        for callback in list(self._subscribers):
+            try:
+                callback(model, version, slice_, kind)
+            except Exception:  # noqa: BLE001 - a subscriber must not break the feedback RPC
+                log.exception("slice-stats subscriber %r failed", callback)
+
+    def count_result(self, model: str, result: str, n: int = 1) -> None:
+        """Count feedback results (``RESULTS``) for a model that has served requests here."""
+        state = self._models.get(model)
+        if state is not None:
+            state.outcomes[RESULTS.index(result)] += n
+
+    def subscribe(self, callback: OutcomeCallback) -> Callable[[], None]:
+        """Call ``callback(model, version, slice, kind)`` on the event loop after each joined outcome
+        (once, with the request's own slice; ``overall`` is implied). Returns an unsubscribe function.
+        Keep callbacks cheap (set a flag, wake a task): a report of 1,000 outcomes calls 1,000 times."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def mark(self, model: str) -> float:
+        """Checkpoint ``model``'s counters now; ``snapshot(model, v, since=<returned time>)`` is then exact."""
+        state = self._model(model)
+        now = self.clock()
+        with self._lock:
+            state.marks.append(state.checkpoint(now))
+            while len(state.marks) > self.max_marks:
+                state.marks.popleft()
+        return now
+
+    def _base(self, state: _ModelState, since: float) -> _Checkpoint | None:
+        """The latest checkpoint at or before ``since`` (else the oldest kept; None: count from zero)."""
+        best: _Checkpoint | None = None
+        oldest: _Checkpoint | None = None
+        for ring in (state.marks, state.fine, state.coarse):
+            for cp in ring:
+                if oldest is None or cp.time < oldest.time:
+                    oldest = cp
+                if cp.time <= since and (best is None or cp.time > best.time):
+                    best = cp
+        if best is not None:
+            return best
+        if since < state.last_tick - self.horizon_s + self.resolution_s or not state.rows:
+            return oldest
+        return None if oldest is None or since < oldest.time else oldest
+
+    def snapshot(self, model: str, version: int, since: float | None = None) -> dict[str, SliceCounts]:
+        """Counts per slice of one version (``overall`` always present), since ``since`` (None: all).
+
+        Slices this version has not seen are absent (except ``overall``, then all zero).
+        """
+        state = self._models.get(model)
+        if state is None:
+            return {OVERALL: SliceCounts()}
+        with self._lock:
+            keys = {s: i for (v, s), i in state.index.items() if v == version}
+            current = {s: np.array(state.rows[i], dtype=np.float64) for s, i in keys.items()}
+            base = self._base(state, since) if since is not None else None
+        out: dict[str, SliceCounts] = {}
+        for s, row in current.items():
+            i = keys[s]
+            if base is not None and i < base.keys:
+                row = row - base.data[i]
+            out[s] = _counts(row)
+        out.setdefault(OVERALL, SliceCounts())
+        return out
+
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, model: str) -> list[int]:
+        state = self._models.get(model)
+        return sorted({v for v, _ in state.index}) if state else []
+
+    # -- for the collector --------------------------------------------------------------------
+
+    def _export(self) -> Iterator[tuple[str, int, str, list[float], list[float] | None]]:
+        """(model, version, slice, cumulative row, row a minute ago or None) for every series."""
+        with self._lock:
+            items = []
+            for state in self._models.values():
+                minute_ago = state.fine[0] if state.fine else None
+                for (v, s), i in state.index.items():
+                    old = minute_ago.data[i].tolist() if minute_ago is not None and i < minute_ago.keys else None
+                    items.append((state.name, v, s, list(state.rows[i]), old))
+        yield from items
+
+    def _results(self) -> list[tuple[str, list[int]]]:
+        with self._lock:
+            return [(s.name, list(s.outcomes)) for s in self._models.values()]
+
+
+class _SliceCollector(Collector):
+    """Reads the live counters at scrape time: one series per (model, version, slice), bounded."""
+
+    def __init__(self, stats: SliceStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version", "slice"]
+        requests = CounterMetricFamily("swapserve_slice_requests", "Requests per model, version and slice", labels=labels)
+        errors = CounterMetricFamily("swapserve_slice_errors", "Failed requests per model, version and slice",
+                                     labels=labels)
+        labelled = CounterMetricFamily("swapserve_slice_labelled",
+                                       "Outcomes (labels, correct flags) joined to predictions", labels=labels)
+        accuracy = GaugeMetricFamily("swapserve_slice_accuracy", "Correct / labelled since the server started",
+                                     labels=labels)
+        mae = GaugeMetricFamily("swapserve_slice_mae", "Mean absolute error of joined numeric targets", labels=labels)
+        p99 = GaugeMetricFamily("swapserve_slice_latency_p99_seconds",
+                                "p99 latency of successful requests over the last minute", labels=labels)
+        for model, version, slice_, row, old in self._stats._export():
+            lv = [model, str(version), slice_]
+            requests.add_metric(lv, row[REQUESTS])
+            errors.add_metric(lv, row[ERRORS])
+            labelled.add_metric(lv, row[LABELLED])
+            if row[LABELLED]:
+                accuracy.add_metric(lv, row[CORRECT] / row[LABELLED])
+            if row[NUMERIC]:
+                mae.add_metric(lv, row[ABS_SUM] / row[NUMERIC])
+            hist = row[HIST:] if old is None else [a - b for a, b in zip(row[HIST:], old[HIST:])]
+            value = p99_from_histogram(hist)
+            if value is not None:
+                p99.add_metric(lv, value)
+        yield from (requests, errors, labelled, accuracy, mae, p99)
+        outcomes = CounterMetricFamily("swapserve_feedback_outcomes",
+                                       "Reported outcomes by result (joined, unknown, expired, invalid)",
+                                       labels=["model", "result"])
+        for model, counts in self._stats._results():
+            for result, n in zip(RESULTS, counts):
+                outcomes.add_metric([model, result], n)
+        yield outcomes
