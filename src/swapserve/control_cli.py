@@ -226,7 +226,7 @@ def render_events(events: list[dict[str, Any]], out: Console) -> None:
 
 def _short(value: Any, width: int = 60) -> str:
     text = "-" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def render_audit(entries: list[dict[str, Any]], out: Console) -> None:
@@ -241,6 +241,8 @@ def _console(stderr: bool = False) -> Console:
     # markup off: model names, messages and JSON may contain [brackets]; colour comes from Text styles.
     # Piped or logged output is not squeezed to 80 columns (rich's default without a terminal).
     stream = sys.stderr if stderr else sys.stdout
+    if "utf" not in (getattr(stream, "encoding", None) or "utf-8").lower() and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace")  # LANG=C terminals: a "?" beats a UnicodeEncodeError
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
     return Console(stderr=stderr, markup=False, highlight=False, soft_wrap=False, width=width)
 

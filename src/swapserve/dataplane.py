@@ -5,19 +5,35 @@ between happens here, so other front ends (HTTP, in-process) reuse it unchanged.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Sequence
 
+import numpy as np
+
 from swapserve.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, SwapserveError
 from swapserve.lifecycle.manager import ModelManager
+from swapserve.lifecycle.runtime import VersionRuntime
 from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.observer import RequestObserver
 from swapserve.types import InferRequest, InferResponse, Tensor
 from swapserve.validation import validate
 
 log = logging.getLogger(__name__)
+
+#: Shadow copies in flight per model beyond which new copies are shed (counted, never queued).
+MAX_SHADOW_IN_FLIGHT = 4
+
+
+def _prediction(spec_outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """What two versions are compared on: argmax over the last axis of the first output
+    (classes), or the values themselves when that axis has one element (regression)."""
+    first = next(iter(spec_outputs.values()))
+    if first.ndim >= 1 and first.shape[-1] > 1:
+        return first.argmax(axis=-1)
+    return first
 
 
 def _failure_reason(exc: SwapserveError) -> str:
@@ -35,11 +51,16 @@ class DataPlane:
         self.manager = manager
         self.metrics = metrics
         self.observers = list(observers)
+        self._shadow_in_flight: dict[str, int] = {}
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     def _notify(self, method: str, *args: object) -> None:
         for obs in self.observers:
+            fn = getattr(obs, method, None)
+            if fn is None:
+                continue
             try:
-                getattr(obs, method)(*args)
+                fn(*args)
             except Exception:  # noqa: BLE001 - a broken monitor must never fail a request
                 log.exception("observer %s.%s failed", type(obs).__name__, method)
 
@@ -51,7 +72,7 @@ class DataPlane:
         start = time.perf_counter_ns()
         if not req.id:
             req.id = uuid.uuid4().hex
-        runtime = self.manager.runtime(req.model_name, req.model_version, req.parameters, req.id)
+        runtime, shadows = self.manager.route(req.model_name, req.model_version, req.parameters, req.id)
         spec = runtime.spec
         arrays: list = []  # type: ignore[type-arg]
         try:
@@ -78,4 +99,46 @@ class DataPlane:
         self.metrics.request_success(spec.name, runtime.label, elapsed / 1e9, queue_ns / 1e9)
         if self.observers:
             self._notify("on_response", req, spec, runtime.version, arrays, outputs, elapsed / 1e9)
+        for shadow in shadows:
+            self._start_shadow(req, runtime, shadow, arrays, rows, outputs)
         return InferResponse(spec.name, runtime.label, req.id, tensors)
+
+    # -- shadow traffic ----------------------------------------------------------------------
+
+    def _start_shadow(self, req: InferRequest, primary: VersionRuntime, shadow: VersionRuntime,
+                      arrays: list[np.ndarray], rows: int, outputs: dict[str, np.ndarray]) -> None:
+        """Send a copy to a shadow version after the client's answer is ready; never delays it.
+
+        Shed (counted) when the serving version has a queue (the server is busy) or too many
+        copies are already in flight, so shadowing never competes with live traffic for long.
+        """
+        name = shadow.spec.name
+        busy = primary.batcher.pending() > 0 or self._shadow_in_flight.get(name, 0) >= MAX_SHADOW_IN_FLIGHT
+        if busy:
+            self.metrics.shadow_requests.labels(name, shadow.label, "shed").inc()
+            return
+        self._shadow_in_flight[name] = self._shadow_in_flight.get(name, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._shadow(req, shadow, arrays, rows, outputs))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, req: InferRequest, shadow: VersionRuntime, arrays: list[np.ndarray], rows: int,
+                      served: dict[str, np.ndarray]) -> None:
+        name = shadow.spec.name
+        start = time.perf_counter_ns()
+        try:
+            validate(shadow.spec, shadow.version, req)  # a shadow with another config may not accept it
+            outputs, _ = await shadow.infer(arrays, rows)
+        except SwapserveError as exc:
+            self.metrics.shadow_requests.labels(name, shadow.label, "error").inc()
+            log.debug("shadow %s v%d: %s", name, shadow.version, exc.message)
+            return
+        finally:
+            self._shadow_in_flight[name] -= 1
+        same = bool(np.array_equal(_prediction(outputs), _prediction(served)))
+        self.metrics.shadow_requests.labels(name, shadow.label, "agree" if same else "diverge").inc()
+        if self.observers:
+            # The shadow's answer is logged under the same request id for its own version, so late
+            # labels score it too; it is never returned to the client.
+            self._notify("on_shadow", req, shadow.spec, shadow.version, arrays, outputs,
+                         (time.perf_counter_ns() - start) / 1e9)

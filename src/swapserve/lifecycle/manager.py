@@ -177,6 +177,11 @@ class ModelManager:
 
         Raises ModelNotFound for an unknown model or version, VersionNotReady when it cannot serve.
         """
+        return self.route(name, version, attributes, request_id)[0]
+
+    def route(self, name: str, version: str = "", attributes: Mapping[str, Any] | None = None,
+              request_id: str = "") -> tuple[VersionRuntime, tuple[VersionRuntime, ...]]:
+        """Like ``runtime`` plus the resident shadow versions that get a copy (none when pinned)."""
         m = self.model(name)
         if version:
             try:
@@ -193,7 +198,7 @@ class ModelManager:
                                                           VersionState.DRAINING):
                 raise VersionNotReady(f"model '{name}' version {v} is {slot.state.value}"
                                       + (f": {slot.reason}" if slot.reason else "") + "; retry or pick a resident version")
-            return slot.runtime
+            return slot.runtime, ()
         if m.policy is None:
             if m.entry.error:
                 raise VersionNotReady(f"model '{name}' is unavailable: {m.entry.error}")
@@ -203,7 +208,10 @@ class ModelManager:
         slot = m.slots.get(route.version)
         if slot is None or slot.runtime is None:
             raise VersionNotReady(f"model '{name}' version {route.version} is not resident; retry")
-        return slot.runtime
+        if not route.shadows:
+            return slot.runtime, ()
+        shadows = tuple(s.runtime for v in route.shadows if (s := m.slots.get(v)) is not None and s.runtime is not None)
+        return slot.runtime, shadows
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -397,6 +405,9 @@ class ModelManager:
         m.policy = policy
         serving = policy.serving_versions()
         self.metrics.serving_version.labels(m.name).set(policy.champion)
+        weights = dict(policy.traffic)
+        for v in m.slots:
+            self.metrics.traffic_share.labels(m.name, str(v)).set(weights.get(v, 0) / 10_000)
         for v, slot in sorted(m.slots.items()):
             if slot.resident:
                 want = VersionState.SERVING if v in serving else VersionState.READY

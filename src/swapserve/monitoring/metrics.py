@@ -13,7 +13,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
@@ -76,6 +76,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.version_ready = Gauge(
             "swapserve_version_ready", "1 when the version is resident and warmed", ["model", "version"],
+            registry=self.registry)
+        self.shadow_requests = Counter(
+            "swapserve_shadow_requests", "Shadow copies by result: agree/diverge (vs the served answer), shed, error",
+            ["model", "version", "result"], registry=self.registry)
+        self.traffic_share = Gauge(
+            "swapserve_traffic_share", "Share of unpinned traffic routed to the version (0..1)", ["model", "version"],
             registry=self.registry)
         self.serving_version = Gauge(
             "swapserve_serving_version", "Version that unpinned requests are routed to", ["model"],

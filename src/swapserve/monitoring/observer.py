@@ -27,3 +27,7 @@ class RequestObserver(Protocol):
     def on_error(self, req: InferRequest, spec: ModelSpec, version: int, error: SwapserveError,
                  latency_s: float) -> None:
         """After a request that reached a version failed."""
+
+    def on_shadow(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
+                  outputs: dict[str, np.ndarray], latency_s: float) -> None:
+        """A shadow version answered a copy of ``req`` (same id); the answer was not returned."""

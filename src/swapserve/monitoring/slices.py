@@ -268,7 +268,11 @@ class SliceStats:
         return now
 
     def _base(self, state: _ModelState, since: float) -> _Checkpoint | None:
-        """The latest checkpoint at or before ``since`` (else the oldest kept; None: count from zero)."""
+        """The latest checkpoint at or before ``since``; else the oldest kept (None: no checkpoint yet).
+
+        The first checkpoint of a model is taken before its first event (all zeros), so a ``since``
+        before any traffic counts everything until that checkpoint ages out of ``horizon_s``.
+        """
         best: _Checkpoint | None = None
         oldest: _Checkpoint | None = None
         for ring in (state.marks, state.fine, state.coarse):
@@ -277,11 +281,7 @@ class SliceStats:
                     oldest = cp
                 if cp.time <= since and (best is None or cp.time > best.time):
                     best = cp
-        if best is not None:
-            return best
-        if since < state.last_tick - self.horizon_s + self.resolution_s or not state.rows:
-            return oldest
-        return None if oldest is None or since < oldest.time else oldest
+        return best if best is not None else oldest
 
     def snapshot(self, model: str, version: int, since: float | None = None) -> dict[str, SliceCounts]:
         """Counts per slice of one version (``overall`` always present), since ``since`` (None: all).
@@ -313,16 +313,17 @@ class SliceStats:
 
     # -- for the collector --------------------------------------------------------------------
 
-    def _export(self) -> Iterator[tuple[str, int, str, list[float], list[float] | None]]:
-        """(model, version, slice, cumulative row, row a minute ago or None) for every series."""
+    def _export(self) -> list[tuple[str, int, str, list[float], list[float] | None]]:
+        """(model, version, slice, cumulative row, row about a minute ago or None) for every series."""
+        now = self.clock()
+        items = []
         with self._lock:
-            items = []
             for state in self._models.values():
-                minute_ago = state.fine[0] if state.fine else None
+                base = self._base(state, now - self.fine_horizon_s)
                 for (v, s), i in state.index.items():
-                    old = minute_ago.data[i].tolist() if minute_ago is not None and i < minute_ago.keys else None
+                    old = base.data[i].tolist() if base is not None and i < base.keys else None
                     items.append((state.name, v, s, list(state.rows[i]), old))
-        yield from items
+        return items
 
     def _results(self) -> list[tuple[str, list[int]]]:
         with self._lock:
