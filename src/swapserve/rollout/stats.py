@@ -69,10 +69,10 @@ def mixture_radius(variance: float, alpha: float, tau: float) -> float:
     return math.sqrt(variance * (1.0 + ratio) * (2.0 * math.log(1.0 / alpha) + math.log1p(1.0 / ratio)))
 
 
-def mixture_radius_np(variance: FloatArray, alpha: float, tau: float | FloatArray) -> FloatArray:
-    """Vectorised :func:`mixture_radius` (``variance`` > 0 elementwise)."""
+def mixture_radius_np(variance: FloatArray, alpha: float | FloatArray, tau: float | FloatArray) -> FloatArray:
+    """Vectorised :func:`mixture_radius` (``variance`` > 0 elementwise; arrays broadcast)."""
     ratio = variance / (np.asarray(tau) ** 2)
-    out: FloatArray = np.sqrt(variance * (1.0 + ratio) * (2.0 * math.log(1.0 / alpha) + np.log1p(1.0 / ratio)))
+    out: FloatArray = np.sqrt(variance * (1.0 + ratio) * (-2.0 * np.log(alpha) + np.log1p(1.0 / ratio)))
     return out
 
 

@@ -1,0 +1,147 @@
+"""The prediction log (bounded, expiring, unknown vs expired) and predictions read from outputs."""
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import uuid
+
+import numpy as np
+import pytest
+
+from swapserve.monitoring.predictions import MAX_ID_CHARS, PredictionLog, PredictionRule, Task
+from swapserve.types import ModelSpec, TensorSpec
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_capacity_holds_under_a_flood_of_ids_oldest_evicted_first() -> None:
+    log = PredictionLog(capacity=1000, clock=FakeClock())
+    for i in range(50_000):
+        assert log.record(f"r{i}", "m", 1, "s", i % 10)
+        assert log.rows <= 1000
+    assert len(log) == 1000
+    assert log.join("r49999").entry is not None
+    assert log.join("r49000").entry is not None
+    assert log.join("r48999").status == "expired"  # pushed out by capacity: reported as expired
+    assert log.join("never-sent").status == "unknown"
+
+
+def test_capacity_counts_rows_of_multi_row_requests() -> None:
+    log = PredictionLog(capacity=10, clock=FakeClock())
+    log.record("a", "m", 1, "s", (1, 2, 3, 4))
+    log.record("b", "m", 1, "s", (1, 2, 3, 4))
+    log.record("c", "m", 1, "s", (5, 6, 7))  # 11 rows would not fit: "a" goes
+    assert log.rows == 7
+    assert log.join("a").status == "expired"
+    entry = log.join("c").entry
+    assert entry is not None and entry.rows == 3 and entry.row(2) == 7
+    assert not log.record("huge", "m", 1, "s", tuple(range(11)))  # more rows than the log holds
+
+
+def test_entries_expire_after_the_join_window() -> None:
+    clock = FakeClock()
+    log = PredictionLog(capacity=100, window_s=3600, clock=clock)
+    log.record("old", "m", 1, "s", 3)
+    clock.t += 1800
+    log.record("mid", "m", 2, "s", 4)
+    clock.t += 1800
+    found = log.join("old")
+    assert found.status == "found" and found.entry is not None and found.entry.version == 1  # exactly 1 h: still in
+    clock.t += 1
+    assert log.join("old").status == "expired"  # logged but too old
+    assert log.join("mid").status == "found"
+    log.record("new", "m", 2, "s", 5)  # new traffic drops what is past the window
+    assert len(log) == 2
+    assert log.join("old").status == "expired"  # evicted by age: still "expired", not "unknown"
+    assert log.join("nope").status == "unknown"
+
+
+def test_unknown_ids_are_rarely_mistaken_for_expired() -> None:
+    log = PredictionLog(capacity=2000, clock=FakeClock())
+    for i in range(10_000):
+        log.record(f"req-{i}", "m", 1, "s", 0)
+    evicted = [f"req-{i}" for i in range(6000, 8000)]  # evicted within the last 1-2x capacity
+    assert all(log.join(r).status == "expired" for r in evicted)
+    never = [f"other-{i}" for i in range(5000)]
+    false_expired = sum(log.join(r).status == "expired" for r in never)
+    assert false_expired / len(never) < 0.01
+
+
+def test_duplicate_ids_newest_wins_and_oversized_ids_are_not_logged() -> None:
+    log = PredictionLog(capacity=3, clock=FakeClock())
+    log.record("x", "m", 1, "s", 1)
+    log.record("x", "m", 2, "s", 2)
+    entry = log.join("x").entry
+    assert entry is not None and entry.version == 2
+    log.record("y", "m", 1, "s", 1)
+    log.record("z", "m", 1, "s", 1)  # evicts the first "x": the newer one stays joinable
+    entry = log.join("x").entry
+    assert entry is not None and entry.version == 2
+    assert not log.record("i" * (MAX_ID_CHARS + 1), "m", 1, "s", 1)
+    assert not log.record("", "m", 1, "s", 1)
+
+
+def test_memory_per_entry_is_bounded() -> None:
+    """The bound the module docstring states: about 300 bytes per single-row entry, ids included."""
+    n = 200_000
+    ids = [uuid.uuid4().hex for _ in range(n)]  # like the server's ids; the log keeps them alive
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        log = PredictionLog(capacity=n)
+        filter_bytes = tracemalloc.get_traced_memory()[0] - before
+        for i, rid in enumerate(ids):
+            log.record(rid, "digits", 2, "round", i % 10)
+        ids_bytes = sum(len(r) + 49 for r in ids)  # str objects counted here, allocated before tracing
+        per_entry = (tracemalloc.get_traced_memory()[0] - before - filter_bytes + ids_bytes) / n
+    finally:
+        tracemalloc.stop()
+    assert len(log) == n
+    print(f"prediction log: {per_entry:.0f} bytes per entry (+{filter_bytes / n:.1f} filter)")
+    assert per_entry < 330
+
+
+# -- predictions from outputs -------------------------------------------------------------------
+
+
+def spec(dims: tuple[int, ...], batch: int = 8, **params: str) -> ModelSpec:
+    return ModelSpec("m", "pytorch_libtorch", batch, (TensorSpec("x", "FP32", (4,)),),
+                     (TensorSpec("y", "FP32", dims), TensorSpec("aux", "FP32", (1,))), parameters=params)
+
+
+def test_classification_is_argmax_per_row() -> None:
+    rule = PredictionRule.for_spec(spec((3,)))
+    assert rule == PredictionRule("y", Task.CLASSIFICATION, "slice")
+    out = {"y": np.array([[0.1, 0.7, 0.2], [0.9, 0.05, 0.05]], dtype=np.float32)}
+    assert rule.predictions(out, batching=True) == (1, 0)
+    assert rule.predictions({"y": out["y"][:1]}, batching=True) == 1
+    assert rule.predictions({"y": np.array([0.1, 0.2, 0.7])}, batching=False) == 2
+
+
+def test_regression_is_the_value_and_config_parameters_override() -> None:
+    rule = PredictionRule.for_spec(spec((1,)))
+    assert rule.task is Task.REGRESSION
+    assert rule.predictions({"y": np.array([[2.5], [-1.0]])}, batching=True) == (2.5, -1.0)
+    rule = PredictionRule.for_spec(spec((3,), **{"swapserve.prediction_output": "aux", "swapserve.task": "regression",
+                                                "swapserve.slice_parameter": "segment"}))
+    assert rule == PredictionRule("aux", Task.REGRESSION, "segment")
+    assert rule.predictions({"y": np.zeros((1, 3)), "aux": np.array([[4.0]])}, batching=True) == 4.0
+    # A classification output with one value per row holds the class id itself.
+    rule = PredictionRule.for_spec(spec((1,), **{"swapserve.task": "classification"}))
+    assert rule.predictions({"y": np.array([[7], [3]], dtype=np.int64)}, batching=True) == (7, 3)
+    # Several values per row for a regression: no prediction (only `correct` flags can join).
+    rule = PredictionRule.for_spec(spec((3,), **{"swapserve.task": "regression"}))
+    assert rule.predictions({"y": np.zeros((1, 3))}, batching=True) is None
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_log_rejects_nonsense_bounds(bad: int) -> None:
+    with pytest.raises(ValueError):
+        PredictionLog(capacity=bad)
