@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Each verb family registers its own sub-parsers and sets ``func``.
     from swapserve.bench.cli import add_parser as add_bench
     from swapserve.control_cli import add_parsers as add_control
+    from swapserve.feedback_cli import add_parsers as add_feedback
+    from swapserve.rollout_cli import add_parsers as add_rollout
 
     add_control(sub)
+    add_rollout(sub)
+    add_feedback(sub)
     add_bench(sub)
     return parser
 

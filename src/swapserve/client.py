@@ -150,7 +150,12 @@ def status_to_dict(m: pb.ModelStatus) -> dict[str, Any]:
         "memory_used_bytes": m.memory_used_bytes,
         "warnings": list(m.warnings),
         "rollout": _loads(m.rollout_json),
+        "live": _loads(m.live_json) or {},
     }
+
+
+def rollout_to_dict(r: pb.RolloutStatus) -> dict[str, Any]:
+    return {"rollout": _loads(r.rollout_json), "model": status_to_dict(r.model)}
 
 
 def summary_to_dict(s: pb.ModelSummary) -> dict[str, Any]:
@@ -284,6 +289,35 @@ class ControlClient:
                                             for a, val, ver in cohorts],
             key_attribute=key_attribute or "", reason=reason, force=force)
         return status_to_dict(self._call(self._stub.SetTraffic, request))
+
+    def record_metrics(self, model: str, version: int, metrics: Mapping[str, Mapping[str, float]], *,
+                       source: str = "offline", reason: str = "") -> dict[str, Any]:
+        request = pb.RecordMetricsRequest(model=model, version=version, source=source, reason=reason)
+        for slice_, values in metrics.items():
+            request.metrics[slice_].values.update({k: float(v) for k, v in values.items()})
+        return status_to_dict(self._call(self._stub.RecordMetrics, request))
+
+    # -- rollouts and drift
+
+    def start_rollout(self, model: str, version: int, *, plan: str = "", strategy: str = "",
+                      cohorts: Sequence[tuple[str, str]] = (), reason: str = "", force: bool = False) -> dict[str, Any]:
+        """``plan``: YAML/JSON plan text (wins over ``strategy``, a built-in name)."""
+        request = pb.StartRolloutRequest(
+            model=model, version=version, plan=plan, strategy=strategy, reason=reason, force=force,
+            cohorts=[pb.CohortRule(attribute=a, value=v) for a, v in cohorts])
+        return rollout_to_dict(self._call(self._stub.StartRollout, request))
+
+    def rollout(self, model: str) -> dict[str, Any]:
+        """The active rollout (or the latest one) and the model's status: ``{"rollout": {...}|null, "model": {...}}``."""
+        return rollout_to_dict(self._call(self._stub.GetRollout, pb.ModelRequest(model=model)))
+
+    def rollout_action(self, model: str, action: str, *, reason: str = "") -> dict[str, Any]:
+        """``action``: pause | resume | approve | abort."""
+        request = pb.RolloutActionRequest(model=model, action=action, reason=reason)
+        return rollout_to_dict(self._call(self._stub.RolloutAction, request))
+
+    def drift(self, model: str) -> dict[str, Any]:
+        return dict(_loads(self._call(self._stub.GetDrift, pb.ModelRequest(model=model)).report_json) or {})
 
     def _version_call(self, method: Any, model: str, version: int, reason: str, force: bool) -> dict[str, Any]:
         request = pb.VersionRequest(model=model, version=version, reason=reason, force=force)

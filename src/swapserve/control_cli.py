@@ -185,7 +185,9 @@ def render_status(status: dict[str, Any], out: Console) -> None:
         out.print(f"memory: {format_bytes(status['memory_used_bytes'])} used of "
                   f"{format_bytes(status['memory_budget_bytes'])} budget")
     if status["rollout"]:
-        out.print("rollout: " + json.dumps(status["rollout"], sort_keys=True))
+        r = status["rollout"]
+        out.print(f"rollout {r.get('id')}: v{r.get('challenger')} vs v{r.get('champion')}, {r.get('state')}, "
+                  f"stage {r.get('stage_index')} (`swapserve rollout status {status['name']}`)")
     table = Table("VERSION", "STATE", "TRAFFIC", "RESIDENT", "MEMORY", "SHA256", "STAGE", "REGISTERED", "NOTE")
     for v in status["versions"]:
         notes = []
@@ -199,6 +201,16 @@ def render_status(status: dict[str, Any], out: Console) -> None:
                       "yes" if v["resident"] else "no", format_bytes(v["memory_bytes"]),
                       v["sha256"][:12] or "-", _opt(v["stage"]), _opt(v["registered_at"]), "; ".join(notes))
     out.print(table)
+    live = status.get("live") or {}
+    if live:
+        slices = Table("VERSION", "SLICE", "REQUESTS", "ERRORS", "LABELLED", "ACCURACY", "MAE", "P99 MS")
+        for version, by_slice in live.items():
+            for name, c in by_slice.items():
+                slices.add_row(version, name, str(c["requests"]), str(c["errors"]), str(c["labelled"]),
+                               f"{c['accuracy']:.2%}" if c.get("accuracy") is not None else "-",
+                               f"{c['mae']:.4g}" if c.get("mae") is not None else "-",
+                               f"{c['latency_p99_ms']:.1f}" if c.get("latency_p99_ms") is not None else "-")
+        out.print(slices)
 
 
 def render_models(models: list[dict[str, Any]], out: Console) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, SwapserveError
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
+from swapserve.monitoring.slices import SliceStats
 from swapserve.registry import Registry
 from swapserve.registry.records import AuditEntry, Event
 from swapserve.routing.policy import BASIS_POINTS, RoutingPolicy
@@ -41,9 +42,10 @@ def _iso(ts: float | datetime | None) -> str:
 
 
 class ControlPlane:
-    def __init__(self, manager: ModelManager, registry: Registry) -> None:
+    def __init__(self, manager: ModelManager, registry: Registry, slices: SliceStats | None = None) -> None:
         self.manager = manager
         self.registry = registry
+        self.slices = slices
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -144,7 +146,23 @@ class ControlPlane:
             key_attribute=policy.key_attribute if policy else "routing_key",
             generation=policy.generation if policy else 0, versions=tuple(versions),
             memory_budget_bytes=self.manager.memory_budget, memory_used_bytes=self.manager.memory_used(),
-            warnings=tuple(warnings), rollout=rollout.to_dict() if rollout else None)
+            warnings=tuple(warnings), rollout=rollout.to_dict() if rollout else None, live=self._live(model, m))
+
+    def _live(self, model: str, m: ManagedModel) -> dict[str, dict[str, dict[str, Any]]]:
+        """Live counts per resident version and slice (since the server started)."""
+        if self.slices is None:
+            return {}
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for v in sorted(m.slots):
+            snap = self.slices.snapshot(model, v)
+            if len(snap) == 1 and not snap["overall"].requests:
+                continue
+            out[str(v)] = {s: {"requests": c.requests, "errors": c.errors, "labelled": c.labelled,
+                               "accuracy": c.accuracy, "error_rate": c.error_rate,
+                               "mae": (c.abs_error_sum / c.numeric) if c.numeric else None,
+                               "latency_p99_ms": c.latency_p99_s * 1e3 if c.latency_p99_s is not None else None}
+                           for s, c in sorted(snap.items())}
+        return out
 
     async def events(self, model: str | None = None, after_id: int = 0, limit: int = 100) -> list[Event]:
         return list(await self._db(lambda: self.registry.events(model, after_id=after_id, limit=limit)))
@@ -159,6 +177,20 @@ class ControlPlane:
                 yield e
             if not batch:
                 await asyncio.sleep(EVENT_POLL_S)
+
+    async def rollouts(self, model: str, limit: int = 20) -> list[Any]:
+        return list(await self._db(self.registry.rollouts, model, limit))
+
+    async def record_metrics(self, model: str, version: int, metrics: dict[str, dict[str, float]], *,
+                             source: str = "offline", actor: str, reason: str = "") -> ModelView:
+        """Store metrics by slice for a registered version (``swapserve evaluate`` sends offline ones)."""
+        self._model(model)
+        await self._db(self.registry.require_version, model, version)
+        await self._db(lambda: self.registry.record_metrics(model, version, metrics, source=source))
+        await self._db(lambda: self.registry.audit(actor=actor, action="metrics", model=model, version=version,
+                                                   before=None, after={"source": source, "metrics": metrics},
+                                                   reason=reason))
+        return await self.status(model)
 
     async def audit_log(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return list(await self._db(lambda: self.registry.audit_log(model, limit=limit)))

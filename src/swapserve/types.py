@@ -178,6 +178,8 @@ class ModelView:
     memory_used_bytes: int = 0
     warnings: tuple[str, ...] = ()
     rollout: dict[str, object] | None = None
+    #: Live per-version, per-slice counts: {"2": {"overall": {"requests": ..., "accuracy": ...}}}.
+    live: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ def test_capacity_holds_under_a_flood_of_ids_oldest_evicted_first() -> None:
     assert log.join("r49999").entry is not None
     assert log.join("r49000").entry is not None
     assert log.join("r48999").status == "expired"  # pushed out by capacity: reported as expired
-    assert log.join("never-sent").status == "unknown"
+    # Never-sent ids are "unknown", up to the eviction filter's small false-positive rate.
+    assert sum(log.join(f"never-{i}").status == "unknown" for i in range(1000)) > 980
 
 
 def test_capacity_counts_rows_of_multi_row_requests() -> None:
@@ -59,7 +60,7 @@ def test_entries_expire_after_the_join_window() -> None:
     log.record("new", "m", 2, "s", 5)  # new traffic drops what is past the window
     assert len(log) == 2
     assert log.join("old").status == "expired"  # evicted by age: still "expired", not "unknown"
-    assert log.join("nope").status == "unknown"
+    assert log.join("nope").status == "unknown"  # one id in the filter: a false positive is ~1e-10
 
 
 def test_unknown_ids_are_rarely_mistaken_for_expired() -> None:
@@ -88,8 +89,8 @@ def test_duplicate_ids_newest_wins_and_oversized_ids_are_not_logged() -> None:
 
 
 def test_memory_per_entry_is_bounded() -> None:
-    """The bound the module docstring states: about 300 bytes per single-row entry, ids included."""
-    n = 200_000
+    """The bound the module docstring states: under 300 bytes per single-row entry, ids included."""
+    n = 100_000
     ids = [uuid.uuid4().hex for _ in range(n)]  # like the server's ids; the log keeps them alive
     gc.collect()
     tracemalloc.start()
@@ -105,7 +106,7 @@ def test_memory_per_entry_is_bounded() -> None:
         tracemalloc.stop()
     assert len(log) == n
     print(f"prediction log: {per_entry:.0f} bytes per entry (+{filter_bytes / n:.1f} filter)")
-    assert per_entry < 330
+    assert per_entry < 300
 
 
 # -- predictions from outputs -------------------------------------------------------------------

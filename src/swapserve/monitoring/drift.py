@@ -3,8 +3,8 @@
 **Sketch.** Each scored window (e.g. 5 min) is a ring of ``slots`` time slots (default 10,
 so a 5-minute window slides in 30 s steps). A slot holds, per feature, the count of live
 values in each reference bin (plus a missing column) and the feature's min and max. A
-request's cost is: bin its values (one vectorised compare against the reference edges),
-one ``bincount``, and one add into the current slot of each window. Memory is fixed when
+request's cost is: bin its values (one vectorised compare against the reference edges)
+and one add into an accumulator for the current base slot (see ``Sketch``). Memory is fixed when
 the version's profile is built: ``windows x slots x features x (edges + 2)`` int64 counts
 plus ``windows x slots x features x 2`` float64 min/max - for digits (64 + 1 features, <= 12
 bins, 2 windows, 10 slots) about 150 KB. A window's live distribution is the sum of the
@@ -58,10 +58,15 @@ class WindowRing:
         self.minimum = np.full((slots, width), np.inf)
         self.maximum = np.full((slots, width), -np.inf)
         self.ids = np.full(slots, -1, dtype=np.int64)
+        self.newest = -1
         self.width, self.columns = width, columns
 
-    def _slot(self, now: float) -> int:
-        sid = int(now // self.slot_s)
+    def add(self, t: float, flat_counts: np.ndarray, rows: int, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Add a block of counts observed at time ``t`` (older than the window: dropped)."""
+        sid = int(t // self.slot_s)
+        if sid <= self.newest - self.slots:
+            return
+        self.newest = max(self.newest, sid)
         pos = sid % self.slots
         if self.ids[pos] != sid:  # the slot is a whole window old: recycle it
             self.ids[pos] = sid
@@ -69,25 +74,12 @@ class WindowRing:
             self.rows[pos] = 0
             self.minimum[pos] = np.inf
             self.maximum[pos] = -np.inf
-        return pos
-
-    def add(self, now: float, flat_counts: np.ndarray, rows: int, lo: np.ndarray, hi: np.ndarray) -> None:
-        pos = self._slot(now)
         row = self.counts[pos]
         np.add(row, flat_counts, out=row)
         self.rows[pos] += rows
         mn, mx = self.minimum[pos], self.maximum[pos]
         np.fmin(mn, lo, out=mn)
         np.fmax(mx, hi, out=mx)
-
-    def add_single(self, now: float, flat_index: np.ndarray, x: np.ndarray) -> None:
-        """One row: ``flat_index`` holds distinct positions (one per feature), so += is exact."""
-        pos = self._slot(now)
-        self.counts[pos, flat_index] += 1
-        self.rows[pos] += 1
-        mn, mx = self.minimum[pos], self.maximum[pos]
-        np.fmin(mn, x, out=mn)
-        np.fmax(mx, x, out=mx)
 
     def aggregate(self, now: float) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """(counts [F, C], rows, min [F], max [F]) over the slots inside the window ending now."""
@@ -103,32 +95,79 @@ class WindowRing:
 
 
 class Sketch:
-    """Live sketches of one feature set (inputs or outputs) over every configured window."""
+    """Live sketches of one feature set (inputs or outputs) over every configured window.
+
+    The hot path only touches one accumulator (counts, rows, min, max of the current *base
+    slot*, the shortest slot of any window); it is added into every window's ring when a
+    request arrives in a later base slot, or when the sketch is read. So the per-request cost
+    does not grow with the number of windows.
+    """
 
     def __init__(self, profile: FeatureProfile, windows_s: tuple[float, ...], slots: int) -> None:
         self.profile = profile
         self.columns = profile.columns
-        self.offsets = np.arange(profile.width, dtype=np.int64) * self.columns
-        self.rings = [WindowRing(w, slots, profile.width, self.columns) for w in windows_s]
+        width = profile.width
+        self.offsets = np.arange(width, dtype=np.int64) * self.columns
+        self.rings = [WindowRing(w, slots, width, self.columns) for w in windows_s]
+        self.base_s = min(windows_s) / slots
+        self.acc = np.zeros(width * self.columns, dtype=np.int64)
+        self.acc_rows = 0
+        self.acc_min = np.full(width, np.inf)
+        self.acc_max = np.full(width, -np.inf)
+        self.acc_id = -1
+        # A classifier head alone: the bin is the predicted class (no comparisons needed).
+        self._class_only = width == 1 and bool(profile.categorical[0])
 
     def add(self, now: float, x: np.ndarray) -> None:
         """Append a [rows, F] block of live values (hot path)."""
         if x.shape[1] == 0:
             return
-        flat = self.profile.bin_indices(x) + self.offsets
+        bid = int(now // self.base_s)
+        if bid != self.acc_id:
+            self.flush()
+            self.acc_id = bid
         rows = x.shape[0]
-        if rows == 1:
-            xr = x[0]
-            for ring in self.rings:
-                ring.add_single(now, flat[0], xr)
+        if self._class_only:
+            cls = x[:, 0]
+            if rows == 1:
+                self.acc[int(cls[0])] += 1
+            else:
+                self.acc += np.bincount(cls.astype(np.int64), minlength=self.acc.size)[: self.acc.size]
+            v = float(cls.min()), float(cls.max())
+            self.acc_min[0] = min(self.acc_min[0], v[0])
+            self.acc_max[0] = max(self.acc_max[0], v[1])
+            self.acc_rows += rows
             return
-        counts = np.bincount(flat.ravel(), minlength=self.profile.width * self.columns)
-        lo, hi = np.nanmin(x, axis=0) if x.dtype.kind == "f" else x.min(axis=0), x.max(axis=0)
-        for ring in self.rings:
-            ring.add(now, counts, rows, lo, hi)
+        flat = self.profile.bin_indices(x)
+        flat += self.offsets
+        if rows == 1:  # one index per feature, all distinct: fancy += is exact
+            self.acc[flat[0]] += 1
+            np.fmin(self.acc_min, x[0], out=self.acc_min)
+            np.fmax(self.acc_max, x[0], out=self.acc_max)
+        else:
+            self.acc += np.bincount(flat.ravel(), minlength=self.acc.size)
+            np.fmin(self.acc_min, np.fmin.reduce(x, axis=0), out=self.acc_min)
+            np.fmax(self.acc_max, np.fmax.reduce(x, axis=0), out=self.acc_max)
+        self.acc_rows += rows
+
+    def flush(self) -> None:
+        """Move the accumulator into every window's ring (exact at any time: adds are additive)."""
+        if self.acc_rows:
+            t = self.acc_id * self.base_s
+            for ring in self.rings:
+                ring.add(t, self.acc, self.acc_rows, self.acc_min, self.acc_max)
+            self.acc[:] = 0
+            self.acc_rows = 0
+            self.acc_min[:] = np.inf
+            self.acc_max[:] = -np.inf
+
+    def aggregate(self, now: float) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
+        """Per window: (counts [F, C], rows, min [F], max [F]) of the window ending at ``now``."""
+        self.flush()
+        return [r.aggregate(now) for r in self.rings]
 
     def nbytes(self) -> int:
-        return sum(r.nbytes() for r in self.rings)
+        return sum(r.nbytes() for r in self.rings) + self.acc.nbytes + self.acc_min.nbytes + self.acc_max.nbytes
 
 
 # --------------------------------------------------------------------------- scoring

@@ -163,5 +163,5 @@ class FeedbackObserver:
                 return invalid(f"model '{model}' does not predict a single number per row; report `label` or "
                                "`correct` instead of `value`")
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
-        e.labelled |= bit
+        self.log.mark_labelled(e, o.row)
         return OutcomeResult(o.id, "joined")

@@ -83,6 +83,11 @@ class Metrics:
         self.traffic_share = Gauge(
             "swapserve_traffic_share", "Share of unpinned traffic routed to the version (0..1)", ["model", "version"],
             registry=self.registry)
+        self.rollout_stage = Gauge(
+            "swapserve_rollout_stage", "Index of the active rollout's stage (-1: no rollout)", ["model"],
+            registry=self.registry)
+        self.rollbacks = Counter(
+            "swapserve_rollbacks", "Automatic rollbacks by the rollout controller", ["model"], registry=self.registry)
         self.serving_version = Gauge(
             "swapserve_serving_version", "Version that unpinned requests are routed to", ["model"],
             registry=self.registry)

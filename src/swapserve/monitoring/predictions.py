@@ -13,15 +13,17 @@ Guarantees
   ``MAX_ID_CHARS`` are not logged (a client cannot grow an entry without bound), nor are
   requests with more rows than ``capacity``.
 - Measured on CPython 3.11 (``tracemalloc``, server-style 32-character hex ids, single-row
-  classification entries; ``tests/unit/test_predictions.py`` re-checks it): about 300 bytes
-  per logged request including the id string the log keeps alive. With the default capacity of
-  1,000,000 rows the log stays under ~310 MB plus 4 MiB for the eviction filter; numeric
-  (regression) predictions add 24 bytes per row, multi-row requests ~32 bytes per extra row.
-  Size ``capacity`` as ``requests/s x join window`` for the traffic that will be labelled.
+  classification entries; ``tests/unit/test_predictions.py`` re-checks it): about 240 bytes
+  per logged request (entry, time, dict slot, deque slot and the id string the log keeps
+  alive; 240-280 depending on how full the dict is), plus the eviction filter's 4 bytes per
+  unit of capacity. With the default capacity of 1,000,000 rows the log stays under ~285 MB
+  (~250 MB typical). Numeric (regression) predictions add 24 bytes per row, multi-row
+  requests ~8 bytes per extra row (32 for numbers). Size ``capacity`` as
+  ``labelled requests/s x join window``.
 - ``join`` tells *unknown* ids from *expired* ones: an id that is still logged but older than
   the window, or that was evicted (by age or because the log was full), is ``expired``. Evicted
   ids are remembered in a generational Bloom filter covering the last 1-2x ``capacity``
-  evictions (no false negatives there; about 0.4 % of never-seen ids are reported ``expired``
+  evictions (no false negatives there; about 0.5 % of never-seen ids are reported ``expired``
   instead of ``unknown``). Ids evicted longer ago than that are ``unknown``.
 - Duplicate request ids: the newest prediction wins (the older one can no longer be joined).
 
@@ -62,21 +64,22 @@ class Task(str, enum.Enum):
     REGRESSION = "regression"
 
 
-class Entry:
+class Entry(NamedTuple):
     """One logged request. ``prediction`` is one value for a single-row request, a tuple of
-    one value per row otherwise. ``labelled`` is a bit mask of the rows already joined."""
+    one value per row otherwise. ``labelled`` is a bit mask of the rows already joined.
 
-    __slots__ = ("id", "model", "version", "slice", "prediction", "time", "labelled")
+    A tuple of atomic values on purpose: the garbage collector stops tracking it after its
+    first pass, so a million logged entries never lengthen the full collections (an object
+    with ``__slots__`` would stay tracked and make every full GC walk the whole log).
+    """
 
-    def __init__(self, id: str, model: str, version: int, slice: str,
-                 prediction: Prediction | tuple[Prediction, ...], time: float) -> None:
-        self.id = id
-        self.model = model
-        self.version = version
-        self.slice = slice
-        self.prediction = prediction
-        self.time = time
-        self.labelled = 0
+    id: str
+    model: str
+    version: int
+    slice: str
+    prediction: Prediction | tuple[Prediction, ...]
+    time: float
+    labelled: int = 0
 
     @property
     def rows(self) -> int:
@@ -90,9 +93,8 @@ class Entry:
             raise IndexError(i)
         return self.prediction
 
-    def __repr__(self) -> str:
-        return (f"Entry(id={self.id!r}, model={self.model!r}, version={self.version}, slice={self.slice!r}, "
-                f"prediction={self.prediction!r})")
+
+_new_entry = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 
 
 class Lookup(NamedTuple):
@@ -107,7 +109,7 @@ class _EvictedIds:
 
     An id evicted in the current or previous generation is always reported; others are
     reported with a small false-positive probability (4 hashes, >= 16 bits per id: ~0.2 %
-    per full generation).
+    per full generation, ~0.5 % measured over both).
     """
 
     K = 4
@@ -124,18 +126,21 @@ class _EvictedIds:
     def nbytes(self) -> int:
         return len(self._current) + len(self._previous)
 
-    def _indices(self, key: str) -> list[int]:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-        h1, h2 = h & 0xFFFF_FFFF, (h >> 32) | 1
-        return [(h1 + i * h2) & self._mask for i in range(self.K)]
+    def _indices(self, key: str) -> tuple[int, int, int, int]:
+        h = hash(key)
+        h1, h2, mask = h & 0xFFFF_FFFF, ((h >> 32) & 0xFFFF_FFFF) | 1, self._mask
+        return h1 & mask, (h1 + h2) & mask, (h1 + 2 * h2) & mask, (h1 + 3 * h2) & mask
 
     def add(self, key: str) -> None:
         if self._added >= self.per_generation:
             self._previous, self._current = self._current, bytearray(len(self._current))
             self._added = 0
         cur = self._current
-        for i in self._indices(key):
-            cur[i >> 3] |= 1 << (i & 7)
+        a, b, c, d = self._indices(key)
+        cur[a >> 3] |= 1 << (a & 7)
+        cur[b >> 3] |= 1 << (b & 7)
+        cur[c >> 3] |= 1 << (c & 7)
+        cur[d >> 3] |= 1 << (d & 7)
         self._added += 1
 
     def __contains__(self, key: str) -> bool:
@@ -154,7 +159,10 @@ class PredictionLog:
         self.window_s = window_s
         self.clock = clock
         self._entries: dict[str, Entry] = {}
-        self._order: collections.deque[Entry] = collections.deque()  # oldest first
+        # Ids in arrival order, oldest first. An id recorded again appears twice; ``_stale``
+        # counts such older occurrences, which eviction skips (rare: clients reusing ids).
+        self._order: collections.deque[str] = collections.deque()
+        self._stale: dict[str, int] = {}
         self._rows = 0
         self._evicted = _EvictedIds(capacity)
 
@@ -175,18 +183,39 @@ class PredictionLog:
             return False
         now = self.clock()
         cutoff = now - self.window_s
-        order = self._order
-        while order and (self._rows + n > self.capacity or order[0].time < cutoff):
-            old = order.popleft()
-            self._rows -= old.rows
-            if self._entries.get(old.id) is old:
-                del self._entries[old.id]
-            self._evicted.add(old.id)
-        entry = Entry(request_id, model, version, slice, prediction, now)
-        self._entries[request_id] = entry
-        order.append(entry)
+        order, entries, stale = self._order, self._entries, self._stale
+        # Evict until the new rows fit (the deque is bounded by capacity too, whatever the ids).
+        # An id in ``stale`` at the head is an outdated occurrence: drop it first.
+        while order and (self._rows + n > self.capacity or len(order) >= self.capacity
+                         or order[0] in stale or entries[order[0]].time < cutoff):
+            self._evict(order.popleft())
+        previous = entries.get(request_id)
+        if previous is not None:  # the newest prediction wins
+            self._rows -= previous.rows
+            stale[request_id] = stale.get(request_id, 0) + 1
+        entries[request_id] = _new_entry(Entry, (request_id, model, version, slice, prediction, now, 0))
+        order.append(request_id)
         self._rows += n
         return True
+
+    def _evict(self, request_id: str) -> None:
+        stale = self._stale.get(request_id)
+        if stale is not None:
+            if stale > 1:
+                self._stale[request_id] = stale - 1
+            else:
+                del self._stale[request_id]
+            return
+        entry = self._entries.pop(request_id)
+        self._rows -= entry.rows
+        self._evicted.add(request_id)
+
+    def mark_labelled(self, entry: Entry, row: int) -> Entry:
+        """Record that ``row`` of ``entry`` has been joined (so it joins once); returns the updated entry."""
+        updated = entry._replace(labelled=entry.labelled | (1 << row))
+        if self._entries.get(entry.id) is entry:
+            self._entries[entry.id] = updated
+        return updated
 
     def join(self, request_id: str) -> Lookup:
         """The logged entry of ``request_id`` if it is within the join window."""
@@ -246,6 +275,8 @@ class PredictionRule:
         if arr is None:
             return None
         rows = arr.shape[0] if batching and arr.ndim > 0 else 1
+        if rows == 1 and arr.size > 1 and self.task is Task.CLASSIFICATION:  # the common case, fast
+            return int(arr.argmax())
         flat = arr.reshape(rows, -1)
         width = flat.shape[1]
         values: list[Prediction]

@@ -158,7 +158,17 @@ class FeatureLayout:
         return np.concatenate([p.astype(np.float64, copy=False) for p in parts], axis=1)
 
     def extract_outputs(self, outputs: dict[str, np.ndarray], rows: int) -> np.ndarray:
-        return self.extract_by_name({s.name: outputs[s.name] for s in self.tensors if s.name in outputs}, rows)
+        """Like ``extract`` for a name -> array mapping (the dataplane's outputs)."""
+        parts = []
+        for s in self.tensors:
+            a = _as_float(outputs[s.name], s.datatype).reshape(rows, -1)
+            if s.classifier:
+                parts.append(a.argmax(axis=1)[:, None])
+            else:
+                parts.append(a if s.index is None else a[:, s.index])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p.astype(np.float64, copy=False) for p in parts], axis=1)
 
     def extract_by_name(self, by_name: dict[str, np.ndarray], rows: int) -> np.ndarray:
         arrays: list[np.ndarray] = []
@@ -207,8 +217,10 @@ class FeatureProfile:
 
     def bin_indices(self, x: np.ndarray) -> np.ndarray:
         """int [rows, F] bin of each value; NaN -> the missing column."""
-        bins = np.count_nonzero(x[:, :, None] > self.edges[None, :, :], axis=2)
-        if x.dtype.kind == "f":
+        bins = (x[:, :, None] > self.edges).sum(axis=2)
+        # NaN compares false (bin 0): move it to the missing column. One reduction tells whether
+        # there is any NaN (a NaN or +-Inf makes the sum non-finite); only then look closer.
+        if x.dtype.kind == "f" and not math.isfinite(x.sum()):
             nan = np.isnan(x)
             if nan.any():
                 bins[nan] = self.columns - 1

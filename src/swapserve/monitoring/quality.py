@@ -83,7 +83,12 @@ class QualityChecker:
         self._apply_overrides()
         self.counts = {s.name: InputCounts() for s in layout.tensors}
         self.feature_counts = np.zeros((len(KINDS), width), dtype=np.int64)
+        self._update_bounds()
+
+    def _update_bounds(self) -> None:
         self._any_range = bool(np.isfinite(self.lo).any() or np.isfinite(self.hi).any())
+        self._finite_bounds = [bool(np.isfinite(self.lo[o: o + s.width]).all() and np.isfinite(self.hi[o: o + s.width]).all())
+                               for s, o in zip(self.layout.tensors, self._offsets)]
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -112,7 +117,7 @@ class QualityChecker:
             self.lo = np.where(np.isnan(ref.minimum), -np.inf, ref.minimum - margin)
             self.hi = np.where(np.isnan(ref.maximum), np.inf, ref.maximum + margin)
             self._apply_overrides()
-            self._any_range = True
+            self._update_bounds()
         for s in self.layout.tensors:
             rate = profile.constant_row_rate.get(s.name)
             self._check_constant[s.name] = s.width >= 2 and rate is not None and rate < CONSTANT_ROW_REFERENCE_MAX
@@ -120,26 +125,43 @@ class QualityChecker:
     # -- hot path -----------------------------------------------------------------------------
 
     def check(self, arrays: list[np.ndarray], rows: int) -> None:
-        """Count issues of one request; raise InvalidInput when the policy rejects one."""
-        layout = self.layout
-        for s, off in zip(layout.tensors, self._offsets):
+        """Count issues of one request; raise InvalidInput when the policy rejects one.
+
+        Fast path: one ``lo <= x <= hi`` test per input, which is also false for NaN (and for
+        +-Inf when both bounds are finite); only a failing test looks for what is wrong.
+        """
+        for i, s in enumerate(self.layout.tensors):
+            off = self._offsets[i]
             a = arrays[s.position]
             c = self.counts[s.name]
             c.rows += rows
             c.values += a.size
-            if a.dtype.kind == "f" or s.datatype == "BF16":
+            is_float = a.dtype.kind == "f" or s.datatype == "BF16"
+            single = len(self.layout.tensors) == 1
+            x = self.layout.extract(arrays, rows) if single else \
+                FeatureLayout((s,), (), self.layout.categorical, ()).extract(arrays, rows)
+            finite_checked = False
+            if self._any_range:
+                lo, hi = self.lo[off: off + s.width], self.hi[off: off + s.width]
+                if not ((x >= lo) & (x <= hi)).all():
+                    if is_float:
+                        af = _as_float(a, s.datatype)
+                        finite_checked = True
+                        if not np.isfinite(af).all():
+                            self._non_finite(s.name, af.reshape(rows, -1), s.index, off, c)
+                    bad = (x < lo) | (x > hi)
+                    if is_float:
+                        bad &= np.isfinite(x)  # +-Inf counts as inf, not also as out of range
+                    if bad.any():
+                        self._out_of_range(s.name, x, bad, s.index, off, lo, hi, c)
+                elif s.index is None and self._finite_bounds[i]:
+                    finite_checked = True  # every element was inside finite bounds: all finite
+            if is_float and not finite_checked:
                 af = _as_float(a, s.datatype)
                 if not np.isfinite(af).all():
                     self._non_finite(s.name, af.reshape(rows, -1), s.index, off, c)
-            if self._any_range or self._check_constant[s.name]:
-                x = layout.extract(arrays, rows) if len(layout.tensors) == 1 else \
-                    FeatureLayout((s,), (), layout.categorical, ()).extract(arrays, rows)
-                if self._any_range:
-                    lo, hi = self.lo[off: off + s.width], self.hi[off: off + s.width]
-                    bad = (x < lo) | (x > hi)
-                    if bad.any():
-                        self._out_of_range(s.name, x, bad, s.index, off, lo, hi, c)
-                if self._check_constant[s.name] and (x.max(axis=1) == x.min(axis=1)).any():
+            if self._check_constant[s.name]:
+                if (x.max() == x.min()) if rows == 1 else (x.max(axis=1) == x.min(axis=1)).any():
                     self._constant(s.name, x, c)
 
     # -- slow paths: something is wrong -------------------------------------------------------

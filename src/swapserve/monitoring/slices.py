@@ -32,7 +32,10 @@ checkpoint of those counters (latency is a fixed-bucket histogram, so it subtrac
 Memory: per model, one row of ``COLUMNS`` numbers per series (~800 bytes as a checkpoint) times
 at most ``60 + 360 + 64`` checkpoints: ~4 MB for 2 versions x 3 slices, ~65 MB worst case for
 3 versions x 67 slices. Latency p99 uses ``LATENCY_BOUNDS`` (10 us .. 60 s, 4 buckets per
-octave, interpolated within the bucket: within ~9 %); only successful requests count.
+octave, interpolated within the bucket: within ~9 %); only successful requests count. The
+``swapserve_slice_latency_p99_seconds`` gauge covers about the last minute (the checkpoint at or
+before now - ``fine_horizon_s``; up to two minutes when traffic is sparse); the other gauges
+(accuracy, MAE) are cumulative since the server started, like the counters.
 
 Threading: writes come from the event loop; ``collect`` (the metrics HTTP thread) and any
 reader elsewhere take the same lock, so they see consistent rows.
@@ -104,7 +107,8 @@ def _counts(row: np.ndarray | list[float], latency_p99: bool = True) -> SliceCou
 
 @dataclass
 class _Checkpoint:
-    time: float
+    time: float  # the counters held these values from ``time`` (the event before it) ...
+    at: float  # ... until at least ``at`` (when it was taken: a resolution boundary or a mark)
     keys: int  # rows[:keys] existed then; later rows were zero
     data: np.ndarray
 
@@ -122,6 +126,7 @@ class _ModelState:
     coarse: collections.deque[_Checkpoint] = field(default_factory=collections.deque)
     marks: collections.deque[_Checkpoint] = field(default_factory=collections.deque)
     last_tick: float = -math.inf
+    last_event: float = -math.inf
     outcomes: list[int] = field(default_factory=lambda: [0] * len(RESULTS))
 
     def row(self, version: int, slice_: str) -> list[float]:
@@ -131,9 +136,9 @@ class _ModelState:
             self.rows.append([0] * COLUMNS)
         return self.rows[i]
 
-    def checkpoint(self, at: float) -> _Checkpoint:
+    def checkpoint(self, valid_from: float, at: float) -> _Checkpoint:
         data = np.array(self.rows, dtype=np.float64) if self.rows else np.zeros((0, COLUMNS))
-        return _Checkpoint(at, len(self.rows), data)
+        return _Checkpoint(valid_from, at, len(self.rows), data)
 
 
 class SliceStats:
@@ -185,20 +190,21 @@ class SliceStats:
     def _tick(self, state: _ModelState, now: float) -> None:
         """Take the automatic checkpoint(s) due before applying an event at ``now``."""
         boundary = math.floor(now / self.resolution_s) * self.resolution_s
-        if boundary <= state.last_tick:
-            return
-        # No event since last_tick: the counters now are the counters at ``boundary``.
-        with self._lock:
-            cp = state.checkpoint(boundary)
-            fine, coarse = state.fine, state.coarse
-            fine.append(cp)
-            while fine and fine[0].time < now - self.fine_horizon_s:
-                fine.popleft()
-            if not coarse or boundary - coarse[-1].time >= self.coarse_s:
-                coarse.append(cp)
-            while len(coarse) > 1 and coarse[0].time < now - self.horizon_s:
-                coarse.popleft()
-        state.last_tick = boundary
+        if boundary > state.last_tick:
+            # Nothing happened between the last event and now: the counters now are the counters
+            # at every instant since that event, boundary included.
+            with self._lock:
+                cp = state.checkpoint(state.last_event, boundary)
+                fine, coarse = state.fine, state.coarse
+                fine.append(cp)
+                while fine and fine[0].at < now - self.fine_horizon_s:
+                    fine.popleft()
+                if not coarse or boundary - coarse[-1].at >= self.coarse_s:
+                    coarse.append(cp)
+                while len(coarse) > 1 and coarse[0].at < now - self.horizon_s:
+                    coarse.popleft()
+            state.last_tick = boundary
+        state.last_event = now
 
     def record_request(self, model: str, version: int, slice_: str, latency_s: float, error: bool = False) -> None:
         """Count one request (and its latency when it succeeded) in its slice and in ``overall``."""
@@ -262,7 +268,7 @@ class SliceStats:
         state = self._model(model)
         now = self.clock()
         with self._lock:
-            state.marks.append(state.checkpoint(now))
+            state.marks.append(state.checkpoint(now, now))
             while len(state.marks) > self.max_marks:
                 state.marks.popleft()
         return now
@@ -277,9 +283,9 @@ class SliceStats:
         oldest: _Checkpoint | None = None
         for ring in (state.marks, state.fine, state.coarse):
             for cp in ring:
-                if oldest is None or cp.time < oldest.time:
+                if oldest is None or cp.at < oldest.at:
                     oldest = cp
-                if cp.time <= since and (best is None or cp.time > best.time):
+                if cp.time <= since and (best is None or (cp.time, cp.at) > (best.time, best.at)):
                     best = cp
         return best if best is not None else oldest
 
@@ -347,7 +353,7 @@ class _SliceCollector(Collector):
                                      labels=labels)
         mae = GaugeMetricFamily("swapserve_slice_mae", "Mean absolute error of joined numeric targets", labels=labels)
         p99 = GaugeMetricFamily("swapserve_slice_latency_p99_seconds",
-                                "p99 latency of successful requests over the last minute", labels=labels)
+                                "p99 latency of successful requests over about the last minute", labels=labels)
         for model, version, slice_, row, old in self._stats._export():
             lv = [model, str(version), slice_]
             requests.add_metric(lv, row[REQUESTS])

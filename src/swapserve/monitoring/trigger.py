@@ -171,7 +171,9 @@ class RetrainingTrigger:
             if self.config.command:
                 subs = {"context": str(ctx_path), "model": self.model, "version": str(version),
                         "next_version": str(nxt), "repository": str(self.repository_root)}
-                argv = [a.format(**subs) if "{" in a else a for a in self.config.command]
+                argv = list(self.config.command)
+                for key, value in subs.items():  # plain replacement: other braces stay as they are
+                    argv = [a.replace("{" + key + "}", value) for a in argv]
                 env = {**os.environ, "SWAPSERVE_RETRAIN_CONTEXT": str(ctx_path), "SWAPSERVE_MODEL": self.model,
                        "SWAPSERVE_MODEL_REPOSITORY": str(self.repository_root)}
                 with open(ctx_path.with_suffix(".log"), "wb") as logf:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from swapserve.rollout.plan import Gates, Stage
-from swapserve.rollout.stats import mean_with_variance, mixture_radius, proportion_variance
+from swapserve.rollout.stats import mean_with_variance, one_sided_alpha
 from swapserve.types import SliceCounts
 
 #: The slice that aggregates every request of a version; always evaluated.
@@ -109,14 +109,25 @@ def _pts(x: float) -> str:
     return f"{100 * x:.2f} points"
 
 
-def _accuracy(name: str, a: SliceCounts, b: SliceCounts, threshold: float, alpha: float, conf: float) -> GateResult:
+def _radius(var: float, two_log: float, tau: float) -> float:
+    """:func:`~swapserve.rollout.stats.mixture_radius` with ``two_log = 2 ln(1/alpha)`` precomputed
+    (evaluate() runs it per slice every second; the tests check the two agree)."""
+    ratio = var / (tau * tau)
+    return math.sqrt(var * (1.0 + ratio) * (two_log + math.log1p(1.0 / ratio)))
+
+
+def _pvar(k: int, n: int) -> float:
+    p = (k + 1.0) / (n + 2.0)  # Laplace-smoothed, as stats.proportion_variance
+    return p * (1.0 - p) / n
+
+
+def _accuracy(name: str, a: SliceCounts, b: SliceCounts, threshold: float, two_log: float, conf: float) -> GateResult:
     n0, n1 = a.labelled, b.labelled
     if not n0 or not n1:
         return GateResult("accuracy", name, True, a.accuracy, b.accuracy, None, threshold, conf, (n0, n1),
                           "no labelled outcomes on both arms yet")
     p0, p1 = a.correct / n0, b.correct / n1
-    var = proportion_variance(a.correct, n0) + proportion_variance(b.correct, n1)
-    bound = (p0 - p1) - mixture_radius(var, alpha, ACCURACY_TAU)
+    bound = (p0 - p1) - _radius(_pvar(a.correct, n0) + _pvar(b.correct, n1), two_log, ACCURACY_TAU)
     if bound > threshold:
         msg = (f"slice '{name}': challenger accuracy {_pct(p1)} (n={n1}) vs champion {_pct(p0)} (n={n0}); "
                f"the drop is at least {_pts(bound)} with {conf:.2%} confidence (anytime-valid), "
@@ -125,14 +136,13 @@ def _accuracy(name: str, a: SliceCounts, b: SliceCounts, threshold: float, alpha
     return GateResult("accuracy", name, True, p0, p1, bound, threshold, conf, (n0, n1), "ok")
 
 
-def _error_rate(a: SliceCounts, b: SliceCounts, threshold: float, alpha: float, conf: float) -> GateResult:
+def _error_rate(a: SliceCounts, b: SliceCounts, threshold: float, two_log: float, conf: float) -> GateResult:
     n0, n1 = a.requests, b.requests
     if not n0 or not n1:
         return GateResult("error_rate", OVERALL, True, a.error_rate, b.error_rate, None, threshold, conf, (n0, n1),
                           "no requests on both arms yet")
     e0, e1 = a.errors / n0, b.errors / n1
-    var = proportion_variance(a.errors, n0) + proportion_variance(b.errors, n1)
-    bound = (e1 - e0) - mixture_radius(var, alpha, ERROR_RATE_TAU)
+    bound = (e1 - e0) - _radius(_pvar(a.errors, n0) + _pvar(b.errors, n1), two_log, ERROR_RATE_TAU)
     if bound > threshold:
         msg = (f"slice '{OVERALL}': challenger error rate {_pct(e1)} (n={n1}) vs champion {_pct(e0)} (n={n0}); "
                f"the increase is at least {_pts(bound)} with {conf:.2%} confidence (anytime-valid), "
@@ -141,7 +151,7 @@ def _error_rate(a: SliceCounts, b: SliceCounts, threshold: float, alpha: float, 
     return GateResult("error_rate", OVERALL, True, e0, e1, bound, threshold, conf, (n0, n1), "ok")
 
 
-def _mae(name: str, a: SliceCounts, b: SliceCounts, rel: float, alpha: float, conf: float) -> GateResult:
+def _mae(name: str, a: SliceCounts, b: SliceCounts, rel: float, two_log: float, conf: float) -> GateResult:
     n0, n1 = a.numeric, b.numeric
     prior = (a.sq_error_sum + b.sq_error_sum) / (n0 + n1)  # pooled E[e^2] >= Var|e|: conservative
     m0, v0 = mean_with_variance(n0, a.abs_error_sum, a.sq_error_sum, prior)
@@ -151,7 +161,7 @@ def _mae(name: str, a: SliceCounts, b: SliceCounts, rel: float, alpha: float, co
     tau = MAE_TAU_REL * pooled
     if tau <= 0.0 or v0 + v1 <= 0.0:  # every error exactly 0 on both arms: nothing can be worse
         return GateResult("mae", name, True, m0, m1, None, threshold, conf, (n0, n1), "all errors are zero")
-    bound = (m1 - m0) - mixture_radius(v0 + v1, alpha, tau)
+    bound = (m1 - m0) - _radius(v0 + v1, two_log, tau)
     if bound > threshold:
         msg = (f"slice '{name}': challenger mean absolute error {m1:.6g} (n={n1}) vs champion {m0:.6g} (n={n0}); "
                f"the increase is at least {bound:.6g} with {conf:.2%} confidence (anytime-valid), above the "
@@ -220,16 +230,18 @@ def evaluate(
     if slice_budget is not None:
         n_acc = max(n_acc, slice_budget) if n_acc else 0
         n_mae = max(n_mae, slice_budget) if n_mae else 0
-    alpha = gates.alpha / (n_acc + n_mae + 1)
+    alpha = gates.alpha / (n_acc + n_mae + 1)  # per test (Bonferroni)
     conf = gates.confidence
+    # the level mixture_radius() needs for a one-sided bound at alpha, as 2 ln(1/level)
+    two_log = -2.0 * math.log(one_sided_alpha(alpha))
 
     results: list[GateResult] = []
     for name, a, b in acc_slices:
-        results.append(_accuracy(name, a, b, gates.max_slice_accuracy_drop, alpha, conf))
+        results.append(_accuracy(name, a, b, gates.max_slice_accuracy_drop, two_log, conf))
     a_all, b_all = champion.get(OVERALL, _EMPTY), challenger.get(OVERALL, _EMPTY)
-    results.append(_error_rate(a_all, b_all, gates.max_error_rate_increase, alpha, conf))
+    results.append(_error_rate(a_all, b_all, gates.max_error_rate_increase, two_log, conf))
     for name, a, b in mae_slices:
-        results.append(_mae(name, a, b, gates.max_relative_mae_increase, alpha, conf))
+        results.append(_mae(name, a, b, gates.max_relative_mae_increase, two_log, conf))
     if gates.p99_ms is not None:
         results.append(_latency(a_all, b_all, gates))
 

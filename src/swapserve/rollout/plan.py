@@ -449,7 +449,12 @@ def _plan_from_mapping(data: object) -> RolloutPlan:
 
 
 def parse_plan(text: str) -> RolloutPlan:
-    """Parse and validate a plan from YAML or JSON text (JSON is YAML). InvalidInput on any error."""
+    """Parse and validate a plan from YAML or JSON text. InvalidInput on any error."""
+    if text.lstrip().startswith("{"):
+        try:  # JSON first: YAML 1.1 mis-reads JSON's surrogate-pair escapes for non-BMP characters
+            return _plan_from_mapping(json.loads(text))
+        except json.JSONDecodeError:
+            pass  # YAML flow style, e.g. {strategy: ab, split: 50}
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -18,8 +18,13 @@ martingale; Ville's inequality turns it into the half-width
     r(V) = sqrt( V * (1 + V / tau^2) * ( 2 * ln(1/alpha) + ln(1 + tau^2 / V) ) )
 
 The gates use it one-sided: they compare the lower bound ``Delta_hat - r`` with a threshold.
-Using the two-sided mixture one-sidedly is conservative (its one-sided error is <= alpha, in
-practice about alpha / 2), and keeps the bound closed-form.
+For a one-sided bound at level alpha the formula is evaluated at ``alpha_1 = c * alpha`` with
+``c = 2 * Phi(sqrt(2 ln(1 / (2 alpha))))`` (just under 2; :func:`one_sided_alpha`). Why this is
+valid: the half-normal mixture (lambda >= 0 only) ``M+ = 2 Phi(x) * M`` is itself a nonnegative
+martingale, where ``M`` is the two-sided mixture and ``x = S / sqrt(V + rho)``; whenever ``M`` reaches
+``1 / (c alpha)`` with S >= 0, ``x >= sqrt(2 ln(1/(2 alpha)))``, so ``M+ >= c M >= 1/alpha``, and Ville's
+inequality bounds that by alpha. This keeps the bound closed-form and gains ``ln 2`` over using
+the two-sided boundary one-sidedly.
 
 Tuning parameter ``tau`` (the mixture's standard deviation, in the units of Delta): the bound is
 tightest, relative to a fixed-sample interval, when ``V`` ~ ``tau^2 / (2 ln(1/alpha))``, i.e.
@@ -67,6 +72,13 @@ def mixture_radius(variance: float, alpha: float, tau: float) -> float:
         return math.inf
     ratio = variance / (tau * tau)
     return math.sqrt(variance * (1.0 + ratio) * (2.0 * math.log(1.0 / alpha) + math.log1p(1.0 / ratio)))
+
+
+def one_sided_alpha(alpha: float) -> float:
+    """The level at which :func:`mixture_radius` gives a one-sided bound of level ``alpha``:
+    ``2 * Phi(sqrt(2 ln(1/(2 alpha)))) * alpha`` (see the module docstring). Needs 0 < alpha < 0.5."""
+    x = math.sqrt(2.0 * math.log(1.0 / (2.0 * alpha)))
+    return (1.0 + math.erf(x / math.sqrt(2.0))) * alpha
 
 
 def mixture_radius_np(variance: FloatArray, alpha: float | FloatArray, tau: float | FloatArray) -> FloatArray:
@@ -117,8 +129,9 @@ def mean_with_variance(n: float, total: float, total_sq: float, prior_second_mom
 
 
 def lower_bound(estimate: float, variance: float, alpha: float, tau: float) -> float:
-    """Anytime-valid lower confidence bound ``estimate - r(variance)`` at level ``alpha``."""
-    return estimate - mixture_radius(variance, alpha, tau)
+    """One-sided anytime-valid lower confidence bound at level ``alpha``:
+    ``P(exists t: true < lower_bound_t) <= alpha`` (Gaussian approximation)."""
+    return estimate - mixture_radius(variance, one_sided_alpha(alpha), tau)
 
 
 def fixed_sample_variance_needed(effect: float, alpha: float, power: float) -> float:
@@ -133,5 +146,5 @@ def fixed_sample_variance_needed(effect: float, alpha: float, power: float) -> f
 
 __all__ = [
     "diff_proportions", "fixed_sample_variance_needed", "lower_bound", "mean_with_variance",
-    "mixture_radius", "mixture_radius_np", "proportion_variance", "proportion_variance_np",
+    "mixture_radius", "mixture_radius_np", "one_sided_alpha", "proportion_variance", "proportion_variance_np",
 ]

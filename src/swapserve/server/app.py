@@ -18,14 +18,21 @@ from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
 from swapserve.errors import ConfigError
 from swapserve.lifecycle.manager import ModelManager
+from swapserve.monitoring.feedback import FeedbackObserver
 from swapserve.monitoring.metrics import Metrics
+from swapserve.monitoring.predictions import PredictionLog
+from swapserve.monitoring.slices import SliceStats
 from swapserve.native import Batcher, Router
 from swapserve.registry import Registry
 from swapserve.repository import ModelRepository
+from swapserve.rollout.controller import RolloutController
 from swapserve.server.control import ControlServicer
+from swapserve.server.feedback import FeedbackServicer
 from swapserve.server.inference import InferenceServicer
 from swapserve._proto import control_pb2
 from swapserve._proto import control_pb2_grpc
+from swapserve._proto import feedback_pb2
+from swapserve._proto import feedback_pb2_grpc
 from swapserve._proto import grpc_service_pb2 as pb
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -52,6 +60,7 @@ class Server:
     grpc_server: grpc.aio.Server
     control_server: grpc.aio.Server
     control: ControlPlane
+    rollouts: RolloutController
     registry: Registry
     manager: ModelManager
     servicer: InferenceServicer
@@ -90,6 +99,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         for t in self._tasks:
             t.cancel()
+        await self.rollouts.stop()
         await self.control_server.stop(1.0)
         await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
         await self.manager.close()
@@ -123,8 +133,11 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     registry = await asyncio.to_thread(Registry, settings.registry_url())
     manager = ModelManager(repository, device=device, metrics=metrics, router=Router(), registry=registry,
                            backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
-    control = ControlPlane(manager, registry)
-    dataplane = DataPlane(manager, metrics)
+    slices = SliceStats(metrics.registry)
+    feedback = FeedbackObserver(slices, PredictionLog())
+    control = ControlPlane(manager, registry, slices)
+    rollouts = RolloutController(control, slices, metrics)
+    dataplane = DataPlane(manager, metrics, observers=[feedback])
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
     grpc_server = grpc.aio.server(options=[
@@ -133,17 +146,20 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
-        [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [INFERENCE_SERVICE, FEEDBACK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
         grpc_server)
     port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
 
     control_server = grpc.aio.server()
-    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(control, settings.control_token), control_server)
+    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(control, settings.control_token, rollouts),
+                                                   control_server)
     reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], control_server)
     control_port = control_server.add_insecure_port(settings.control_address)
     if control_port == 0:
@@ -155,7 +171,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
         metrics_port = http.server_port
 
-    server = Server(settings, grpc_server, control_server, control, registry, manager, servicer, health_servicer,
+    server = Server(settings, grpc_server, control_server, control, rollouts, registry, manager, servicer, health_servicer,
                     metrics, port, metrics_port, control_port, _http=http)
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have
@@ -174,6 +190,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     else:
         await manager.load_all(names)
     manager.on_change = lambda name: server._refresh_health()
+    await rollouts.start_loop()
     await server._set_health()
     if settings.model_control_mode is ControlMode.POLL:
         server._tasks.append(asyncio.create_task(server._poll()))

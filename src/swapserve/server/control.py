@@ -11,13 +11,14 @@ import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from swapserve.errors import ConfigError, InvalidInput, Unauthenticated
+from swapserve.errors import ConfigError, InvalidInput, Unauthenticated, Unimplemented
+from swapserve.rollout.plan import builtin_plan, parse_plan
 from swapserve.server.errors import map_errors
 from swapserve.types import ModelSummaryView, ModelView, VersionView
 from swapserve._proto import control_pb2 as pb
@@ -25,6 +26,7 @@ from swapserve._proto import control_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # the control plane imports the whole server; the servicer needs only its API
     from swapserve.controlplane import ControlPlane
+    from swapserve.rollout.controller import RolloutController
     from swapserve.registry.records import AuditEntry, Event
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def model_view_to_pb(m: ModelView) -> pb.ModelStatus:
         key_attribute=m.key_attribute, generation=m.generation,
         versions=[version_view_to_pb(v) for v in m.versions],
         memory_budget_bytes=m.memory_budget_bytes, memory_used_bytes=m.memory_used_bytes,
-        warnings=list(m.warnings), rollout_json=_json(m.rollout),
+        warnings=list(m.warnings), rollout_json=_json(m.rollout), live_json=_json(m.live or None),
     )
 
 
@@ -123,9 +125,13 @@ def metadata_from_json(text: str) -> dict[str, Any] | None:
 class ControlServicer(pb_grpc.ControlServicer):
     """Thin edge over ``ControlPlane``; ``token`` (when set) is required as ``authorization: Bearer <token>``."""
 
-    def __init__(self, control: ControlPlane, token: str | None) -> None:
+    def __init__(self, control: ControlPlane, token: str | None, rollouts: RolloutController | None = None,
+                 drift: Callable[[str], dict[str, Any]] | None = None) -> None:
         self._control = control
         self._token = token or None
+        self._rollouts = rollouts
+        #: model -> drift report dict (the monitoring observer's); None: drift monitoring is off.
+        self.drift = drift
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """Authenticate the call and return the caller's identity for the audit log.
@@ -228,6 +234,63 @@ class ControlServicer(pb_grpc.ControlServicer):
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    @map_errors
+    async def RecordMetrics(self, request: pb.RecordMetricsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        actor = self._caller(context)
+        metrics = metrics_from_pb(request.metrics)
+        if not metrics:
+            raise InvalidInput(f"model '{request.model}': no metrics given; send {{slice: {{metric: value}}}}")
+        return model_view_to_pb(await self._control.record_metrics(
+            request.model, request.version, metrics, source=request.source or "offline", actor=actor,
+            reason=request.reason))
+
+    def _rollout_controller(self) -> RolloutController:
+        if self._rollouts is None:
+            raise Unimplemented("rollouts are not enabled on this server")
+        return self._rollouts
+
+    async def _rollout_status(self, model: str) -> pb.RolloutStatus:
+        r = self._rollout_controller().current(model)
+        if r is None:
+            past = await self._control.rollouts(model, 1)
+            r = past[0] if past else None
+        return pb.RolloutStatus(rollout_json=_json(r.to_dict()) if r is not None else "",
+                                model=model_view_to_pb(await self._control.status(model)))
+
+    @map_errors
+    async def StartRollout(self, request: pb.StartRolloutRequest,
+                           context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
+        actor = self._caller(context)
+        cohorts = [(c.attribute, c.value) for c in request.cohorts]
+        if request.plan.strip():
+            plan = parse_plan(request.plan)
+        else:
+            plan = builtin_plan(request.strategy or "canary", cohorts=cohorts)
+        await self._rollout_controller().start(request.model, request.version, plan, actor=actor,
+                                               reason=request.reason, force=request.force)
+        return await self._rollout_status(request.model)
+
+    @map_errors
+    async def GetRollout(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
+        self._caller(context)
+        return await self._rollout_status(request.model)
+
+    @map_errors
+    async def RolloutAction(self, request: pb.RolloutActionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
+        actor = self._caller(context)
+        await self._rollout_controller().action(request.model, request.action, actor=actor, reason=request.reason)
+        return await self._rollout_status(request.model)
+
+    @map_errors
+    async def GetDrift(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.DriftReport:
+        self._caller(context)
+        if self.drift is None:
+            raise Unimplemented("drift monitoring is not enabled on this server")
+        self._control._model(request.model)  # NOT_FOUND for an unknown model
+        return pb.DriftReport(report_json=json.dumps(self.drift(request.model), default=str))
 
     @map_errors
     async def AuditLog(self, request: pb.AuditLogRequest, context: grpc.aio.ServicerContext) -> pb.AuditLogResponse:
