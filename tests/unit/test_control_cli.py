@@ -216,6 +216,7 @@ EXPECTED: dict[str, Any] = {
     "memory_budget_bytes": 10_000, "memory_used_bytes": 3000,
     "warnings": ["version 1 was evicted; preloaded it again"],
     "rollout": {"stage": 1, "plan": ["shadow", "canary 5%"]},
+    "live": {},
 }
 
 

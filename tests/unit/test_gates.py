@@ -1,8 +1,10 @@
 """Rollout gates: sequential bounds and the fail / hold / advance decision (pure, no sockets)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,12 +29,12 @@ def counts(labelled: int, correct: int, requests: int = 0, errors: int = 0, p99_
                        latency_p99_s=p99_s)
 
 
-def with_overall(slices: dict[str, SliceCounts], **overall: object) -> dict[str, SliceCounts]:
+def with_overall(slices: dict[str, SliceCounts], **overall: Any) -> dict[str, SliceCounts]:
     total = SliceCounts(
         requests=sum(s.requests for s in slices.values()), errors=sum(s.errors for s in slices.values()),
         labelled=sum(s.labelled for s in slices.values()), correct=sum(s.correct for s in slices.values()))
     if overall:
-        total = SliceCounts(**{**total.__dict__, **overall})  # type: ignore[arg-type]
+        total = dataclasses.replace(total, **overall)
     return {**slices, OVERALL: total}
 
 

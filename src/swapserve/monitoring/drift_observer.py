@@ -112,6 +112,7 @@ class _Version:
         self.batching = spec.batching
         self.in_layout = FeatureLayout.for_inputs(spec, config.profile.max_features)
         self.out_layout = FeatureLayout.for_outputs(spec)
+        self.out_names = frozenset(s.name for s in self.out_layout.tensors)
         self.quality = QualityChecker(spec.name, version, self.in_layout, config.quality)
         self.profile = Profile()
         self.in_sketch: Sketch | None = None
@@ -321,7 +322,7 @@ class MonitoringObserver:
         rows = inputs[0].shape[0] if st.batching else 1
         now = self.clock()
         x = st.in_layout.extract(inputs, rows)
-        y = st.out_layout.extract_outputs(outputs, rows) if st.out_layout.width else None
+        y = st.out_layout.extract_outputs(outputs, rows) if st.out_names and st.out_names <= outputs.keys() else None
         with st.lock:
             if st.in_sketch is not None:
                 st.in_sketch.add(now, x)

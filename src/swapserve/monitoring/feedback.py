@@ -31,6 +31,8 @@ from swapserve.types import InferRequest, ModelSpec
 
 #: Outcomes per ``report`` call: bounds the time one call holds the event loop (~5 ms per 1,000).
 MAX_OUTCOMES_PER_REPORT = 10_000
+#: Rows the shadow log keeps (shadow copies are shed under load, so they are fewer than requests).
+SHADOW_CAPACITY = 200_000
 
 LABEL, CORRECT, VALUE = "label", "correct", "value"
 
@@ -69,9 +71,15 @@ class FeedbackObserver:
     Everything runs on the server's event loop.
     """
 
-    def __init__(self, slices: SliceStats, log: PredictionLog | None = None) -> None:
+    def __init__(self, slices: SliceStats, log: PredictionLog | None = None,
+                 shadow_log: PredictionLog | None = None) -> None:
         self.slices = slices
         self.log = log if log is not None else PredictionLog()
+        #: Shadow versions' answers, by the same request id (one shadow per id: the last one wins).
+        #: A label for the id scores the served version and the shadow alike, which is how a shadow
+        #: stage gathers labelled evidence without serving anyone. A ``correct`` flag refers to the
+        #: served answer, so it does not score the shadow.
+        self.shadow_log = shadow_log if shadow_log is not None else PredictionLog(capacity=SHADOW_CAPACITY)
         self._rules: dict[str, tuple[ModelSpec, PredictionRule]] = {}
 
     def _rule(self, spec: ModelSpec) -> PredictionRule:
@@ -101,6 +109,31 @@ class FeedbackObserver:
                  latency_s: float) -> None:
         rule = self._rule(spec)
         self.slices.record_request(spec.name, version, self._slice(req, spec, rule), latency_s, error=True)
+
+    def on_shadow(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
+                  outputs: dict[str, np.ndarray], latency_s: float) -> None:
+        rule = self._rule(spec)
+        slice_ = self._slice(req, spec, rule)
+        self.slices.record_request(spec.name, version, slice_, latency_s)
+        self.shadow_log.record(req.id, spec.name, version, slice_, rule.predictions(outputs, spec.batching))
+
+    def _score_shadow(self, model: str, o: Outcome, task: Task | None) -> None:
+        """The same label scores a shadow's answer to that request, if one was logged."""
+        if o.kind == CORRECT:
+            return
+        e = self.shadow_log.join(o.id).entry
+        if e is None or e.model != model or o.row < 0 or o.row >= e.rows or e.labelled & (1 << o.row):
+            return
+        pred = e.row(o.row)
+        if pred is None:
+            return
+        if o.kind == LABEL and task is Task.CLASSIFICATION:
+            self.slices.record_outcome(e.model, e.version, e.slice, LABEL, correct=int(pred) == int(o.value or 0))
+        elif o.kind == VALUE and task is Task.REGRESSION:
+            self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
+        else:
+            return
+        self.shadow_log.mark_labelled(e, o.row)
 
     # -- the feedback service -----------------------------------------------------------------
 
@@ -164,4 +197,5 @@ class FeedbackObserver:
                                "`correct` instead of `value`")
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
         self.log.mark_labelled(e, o.row)
+        self._score_shadow(model, o, task)
         return OutcomeResult(o.id, "joined")

@@ -1,0 +1,118 @@
+"""Rollouts against a real server, driven by the traffic-and-label simulator (issue #6's evidence).
+
+The server runs as a subprocess (the simulator's 500 requests/s need the CPU to themselves);
+this process uses swapserve's own protos and control client, never tritonclient.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from swapserve.bench.simulator import Simulator, build_oracle_model
+from swapserve.client import ControlClient, ControlError
+from tests.e2e.serverproc import ServerProcess
+
+FAST_PLAN = """
+stages:
+  - {name: canary, traffic: 10, min_duration: 3s, min_samples: 100}
+  - {name: half, traffic: 50, min_duration: 3s, min_samples: 100}
+  - {name: full, traffic: 100, min_duration: 2s}
+watch: 3s
+"""
+
+SLOW_CANARY = """
+stages:
+  - {name: canary, traffic: 10, min_duration: 1h, min_samples: 1000000}
+  - {name: full, traffic: 100}
+"""
+
+
+def wait_state(c: ControlClient, model: str, states: set[str], timeout: float) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = c.rollout(model)["rollout"]
+        if r and r["state"] in states and r["evidence"].get("phase") != "watch":
+            return r  # type: ignore[no-any-return]
+        time.sleep(0.25)
+    raise AssertionError(f"rollout did not reach {states} in {timeout}s: {c.rollout(model)['rollout']}")
+
+
+@pytest.fixture()
+def oracle(tmp_path: Path):  # type: ignore[no-untyped-def]
+    repo = tmp_path / "repo"
+    build_oracle_model(repo, "oracle", {
+        1: [0.1] * 5,                       # champion: 90% on every slice
+        2: [0.1, 0.1, 0.2, 0.1, 0.1],      # 10 points worse on slice "c" only
+        3: [0.1] * 5,                       # identical to the champion (A/A)
+        4: [0.05] * 5,                      # better everywhere
+    })
+    with ServerProcess(repo) as srv, ControlClient(srv.control_url) as c:
+        c.promote("oracle", 1, reason="baseline")
+        yield srv, c
+
+
+def test_worse_challenger_on_one_slice_is_rolled_back(oracle) -> None:  # type: ignore[no-untyped-def]
+    srv, c = oracle
+    sim = Simulator(srv.url, "oracle", rate=500, seed=1).start()
+    try:
+        time.sleep(2)
+        t0 = time.monotonic()
+        c.start_rollout("oracle", 2, plan=SLOW_CANARY, reason="worse on slice c")
+        r = wait_state(c, "oracle", {"rolled_back", "promoted"}, timeout=90)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)
+    finally:
+        stats = sim.stop()
+    assert r["state"] == "rolled_back"
+    rb = r["evidence"]["rollback"]
+    assert rb["slice"] == "c" and rb["gate"] == "accuracy"
+    assert elapsed <= 60, elapsed
+    assert rb["label_to_publish_ms"] is not None and rb["label_to_publish_ms"] < 1000
+    status = c.status("oracle")
+    assert status["traffic"] == {"1": 100.0} and status["champion"] == 1
+    assert stats.errors == {} and stats.ok == stats.sent
+    assert stats.by_version["2"] > 0  # the canary really served
+    events = [e for e in c.events("oracle", limit=1000) if e["kind"] == "rollout"]
+    assert any("rolled back" in e["message"] for e in events)
+    audit = c.audit_log("oracle")
+    assert any(a["action"] == "rollout" and "automatic rollback" in a["reason"] for a in audit)
+
+
+def test_identical_challenger_is_promoted(oracle) -> None:  # type: ignore[no-untyped-def]
+    srv, c = oracle
+    sim = Simulator(srv.url, "oracle", rate=300, seed=2).start()
+    try:
+        c.start_rollout("oracle", 3, plan=FAST_PLAN, reason="A/A")
+        r = wait_state(c, "oracle", {"rolled_back", "promoted"}, timeout=90)
+    finally:
+        stats = sim.stop()
+    assert r["state"] == "promoted", r["evidence"].get("rollback")
+    assert c.status("oracle")["champion"] == 3
+    assert stats.errors == {}
+
+
+def test_better_challenger_goes_through_every_stage(oracle) -> None:  # type: ignore[no-untyped-def]
+    srv, c = oracle
+    sim = Simulator(srv.url, "oracle", rate=300, seed=3).start()
+    try:
+        started = c.start_rollout("oracle", 4, plan=FAST_PLAN, reason="better")
+        assert started["model"]["traffic"] == {"1": 90.0, "4": 10.0}
+        r = wait_state(c, "oracle", {"rolled_back", "promoted"}, timeout=90)
+    finally:
+        stats = sim.stop()
+    assert r["state"] == "promoted"
+    stages = [h["stage"] for h in r["evidence"]["history"] if h["event"] == "stage"]
+    assert stages == ["canary", "half", "full"]
+    assert any(h["event"] == "watch" for h in r["evidence"]["history"])
+    status = c.status("oracle")
+    assert status["champion"] == 4 and status["previous_champions"][-1] == 1
+    assert stats.errors == {}
+    # A second rollout can start now; a conflicting manual change during one is refused.
+    c.start_rollout("oracle", 1, plan=SLOW_CANARY, reason="try the old one again")
+    with pytest.raises(ControlError) as err:
+        c.promote("oracle", 1)
+    assert err.value.code == "FAILED_PRECONDITION" and "rollout" in err.value.message
+    done = c.rollout_action("oracle", "abort", reason="enough")
+    assert done["rollout"]["state"] == "aborted" and done["model"]["traffic"] == {"4": 100.0}
