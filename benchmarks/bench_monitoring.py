@@ -120,13 +120,17 @@ def bench_batch(root: Path, x_live: np.ndarray, probs_fn: Any, batch: int) -> fl
 
 
 def memory_bound(width: int = 65, bins: int = 10, windows: int = 2, slots: int = 10) -> int:
-    """The stated bound: sketches (windows x slots x F x (E + 2) x 8 + 2 x min/max) + accumulator + profile."""
-    cols = bins + 2 + 2  # <= bins + 2 edges (min sliver, max) -> bins + 3 bins + missing
+    """The stated bound for F monitored features (inputs + outputs), B bins, W windows, S slots.
+
+    rings W x S x F x (B + 4) x 8 (counts: <= B + 2 edges -> B + 3 bins + missing) + W x S x F x 16
+    (min/max) + pending buffer 256 x F x 8 + profile F x (2B + 8) x 8 + quality counters F x 48.
+    """
+    cols = bins + 4
     per_ring = slots * width * cols * 8 + 2 * slots * width * 8 + 2 * slots * 8
-    acc = width * cols * 8 + 2 * width * 8
+    pending = 256 * (width * 8 + 9)
     profile = width * (bins + 2) * 8 + width * cols * 8 + 4 * width * 8
     quality = 4 * width * 8 + 2 * width * 8
-    return windows * per_ring + acc + profile + quality
+    return windows * per_ring + pending + profile + quality
 
 
 def false_alarms(root: Path, holdout: np.ndarray, seeds: int) -> dict[str, Any]:

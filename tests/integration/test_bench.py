@@ -158,7 +158,8 @@ def test_cli_json_plot_records_and_version_attribution(server: ServerProcess, tm
     s = json.loads(out_json.read_text())
     assert set(s) == SUMMARY_KEYS and s["schema"] == report.SCHEMA
     assert set(s["versions"]) == {"1", "2"} and s["errors"] == 0
-    assert abs(s["versions"]["1"] - s["versions"]["2"]) <= 4  # round-robin over alternating pins
+    # Payloads go round-robin over alternating pins: each version serves about half.
+    assert min(s["versions"].values()) >= s["completed"] // 4
     assert s["config"]["params"] == {"slice": "night"}
     with np.load(out_rec) as r:
         assert len(r["status"]) == s["sent"]
@@ -179,15 +180,16 @@ def test_open_loop_reports_queueing(server: ServerProcess) -> None:
     closed = _run(server, model="slow", concurrency=1, duration=1.5)
     capacity = closed.summary["throughput_rps"]
     assert capacity > 0
-    opened = _run(server, model="slow", rate=max(4.0, 2.5 * capacity), duration=1.5)
+    opened = _run(server, model="slow", rate=max(4.0, 2.5 * capacity), duration=1.5, warmup=0.0)
     s = opened.summary
     _check_accounting(s, opened.records)
     assert s["config"]["mode"] == "open" and s["errors"] == 0
     assert s["latency_ms"]["p99"] > 3 * closed.summary["latency_ms"]["p99"]
-    # Latency grows through the run as the queue builds: late arrivals wait longer than early ones.
+    # Latency grows through the run as the queue builds: late arrivals wait longer than early ones
+    # (at 2.5x capacity from an empty queue, about 5x longer in theory; records are in schedule order).
     lat = opened.records.latency_ms
     third = len(lat) // 3
-    assert np.median(lat[-third:]) > 2 * np.median(lat[:third])
+    assert np.median(lat[-third:]) > 1.5 * np.median(lat[:third])
 
 
 def test_tritonclient_mode_in_its_own_process(server: ServerProcess) -> None:

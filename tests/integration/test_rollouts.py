@@ -116,3 +116,68 @@ def test_better_challenger_goes_through_every_stage(oracle) -> None:  # type: ig
     assert err.value.code == "FAILED_PRECONDITION" and "rollout" in err.value.message
     done = c.rollout_action("oracle", "abort", reason="enough")
     assert done["rollout"]["state"] == "aborted" and done["model"]["traffic"] == {"4": 100.0}
+
+
+def test_shadow_stage_gathers_labels_then_canary(oracle) -> None:  # type: ignore[no-untyped-def]
+    srv, c = oracle
+    plan = """
+stages:
+  - {name: shadow, traffic: 0, shadow: true, min_duration: 2s, min_samples: 100}
+  - {name: full, traffic: 100, min_duration: 1s}
+watch: 1s
+"""
+    sim = Simulator(srv.url, "oracle", rate=200, seed=4).start()
+    try:
+        started = c.start_rollout("oracle", 4, plan=plan, reason="shadow first")
+        assert started["model"]["shadows"] == [4] and started["model"]["traffic"] == {"1": 100.0}
+        time.sleep(1.5)
+        assert sim.stats.by_version["4"] == 0  # never answered by the shadow while it shadows
+        r = wait_state(c, "oracle", {"rolled_back", "promoted"}, timeout=60)
+    finally:
+        sim.stop()
+    assert r["state"] == "promoted"
+    live = c.status("oracle")["live"]
+    assert live["4"]["overall"]["labelled"] >= 100  # labels scored the shadow's answers
+
+
+def test_cohort_blue_green_and_ab(oracle) -> None:  # type: ignore[no-untyped-def]
+    srv, c = oracle
+    cohort = """
+stages:
+  - {name: cohort, traffic: 0, cohorts: [{attribute: slice, value: a}], min_duration: 1h}
+  - {name: full, traffic: 100}
+"""
+    sim = Simulator(srv.url, "oracle", rate=200, seed=5).start()
+    try:
+        doc = c.start_rollout("oracle", 4, plan=cohort, reason="slice a first")
+        assert doc["model"]["cohorts"] == [{"attribute": "slice", "value": "a", "version": 4}]
+        time.sleep(2)
+        before = dict(sim.stats.by_version)
+        time.sleep(2)
+        served_by_4 = sim.stats.by_version["4"] - before.get("4", 0)
+        total = sum(sim.stats.by_version.values()) - sum(before.values())
+        assert 0.1 < served_by_4 / total < 0.3  # one slice of five, sticky to the challenger
+        c.rollout_action("oracle", "abort", reason="next")
+
+        bg = """
+stages:
+  - {name: green, traffic: 100, min_duration: 2s}
+watch: 2s
+"""
+        doc = c.start_rollout("oracle", 3, plan=bg, reason="blue-green")
+        assert doc["model"]["traffic"] == {"3": 100.0} and doc["model"]["previous_champions"][-1] == 1
+        blue = next(v for v in doc["model"]["versions"] if v["version"] == 1)
+        assert blue["resident"]  # blue stays warm for the instant switch-back
+        r = wait_state(c, "oracle", {"promoted", "rolled_back"}, timeout=60)
+        assert r["state"] == "promoted"
+
+        ab = c.start_rollout("oracle", 4, plan="strategy: ab\nsplit: 50\nduration: 3s\n", reason="A/B")
+        assert ab["model"]["traffic"] == {"3": 50.0, "4": 50.0}
+        r = wait_state(c, "oracle", {"completed", "rolled_back"}, timeout=60)
+    finally:
+        sim.stop()
+    assert r["state"] == "completed"
+    report = r["evidence"]["report"]
+    assert report["champion"]["version"] == 3 and report["challenger"]["version"] == 4
+    assert report["challenger"]["slices"]["overall"]["labelled"] > 0
+    assert c.status("oracle")["traffic"] == {"3": 100.0}  # the experiment ended on the champion

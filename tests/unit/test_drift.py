@@ -203,7 +203,7 @@ def test_memory_per_version_is_bounded(tmp_path: Path) -> None:
     stream(obs, clock, data(np.random.default_rng(9), 100), rate_hz=50)
     before = obs.memory_bytes("digits", 1)
     stream(obs, clock, data(np.random.default_rng(10), 2000), rate_hz=5)
-    assert obs.memory_bytes("digits", 1) == before < 200_000
+    assert obs.memory_bytes("digits", 1) == before < 300_000  # bound: see benchmarks/bench_monitoring.py
 
 
 def test_large_inputs_are_subsampled(tmp_path: Path) -> None:

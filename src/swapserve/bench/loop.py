@@ -20,6 +20,7 @@ in flight at the end are awaited (bounded by the per-request timeout).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import pickle
 import sys
@@ -96,14 +97,14 @@ async def _closed(spec: WorkerSpec, call: Call, rec: Recorder, start: int) -> No
     n = len(spec.payloads)
     now_ns = time.monotonic_ns
 
-    async def user(u: int) -> None:
-        i = spec.first_payload + u
-        while (t := now_ns()) < end:
-            outcome = await call(i % n)
-            rec.add(t, t, now_ns(), outcome)
-            i += spec.concurrency
+    sends = itertools.count(spec.first_payload)  # one sequence for all users: payloads go round-robin
 
-    await asyncio.gather(*(user(u) for u in range(spec.concurrency)))
+    async def user() -> None:
+        while (t := now_ns()) < end:
+            outcome = await call(next(sends) % n)
+            rec.add(t, t, now_ns(), outcome)
+
+    await asyncio.gather(*(user() for _ in range(spec.concurrency)))
 
 
 async def _open(spec: WorkerSpec, call: Call, rec: Recorder, start: int) -> None:

@@ -3,11 +3,12 @@
 **Sketch.** Each scored window (e.g. 5 min) is a ring of ``slots`` time slots (default 10,
 so a 5-minute window slides in 30 s steps). A slot holds, per feature, the count of live
 values in each reference bin (plus a missing column) and the feature's min and max. A
-request's cost is: bin its values (one vectorised compare against the reference edges)
-and one add into an accumulator for the current base slot (see ``Sketch``). Memory is fixed when
+request's cost is one copy of its monitored values into the observer's pending buffer;
+binning runs vectorised per block of buffered rows (see ``Sketch``). Memory is fixed when
 the version's profile is built: ``windows x slots x features x (edges + 2)`` int64 counts
-plus ``windows x slots x features x 2`` float64 min/max - for digits (64 + 1 features, <= 12
-bins, 2 windows, 10 slots) about 150 KB. A window's live distribution is the sum of the
+plus ``windows x slots x features x 2`` float64 min/max plus the pending buffer
+(``PENDING_ROWS x features``) - for digits (64 + 1 features, <= 13 bins, 2 windows, 10
+slots) about 200 KB. A window's live distribution is the sum of the
 slots younger than the window, i.e. it covers between ``(slots - 1) / slots`` of the window
 and the whole window.
 
@@ -97,10 +98,10 @@ class WindowRing:
 class Sketch:
     """Live sketches of one feature set (inputs or outputs) over every configured window.
 
-    The hot path only touches one accumulator (counts, rows, min, max of the current *base
-    slot*, the shortest slot of any window); it is added into every window's ring when a
-    request arrives in a later base slot, or when the sketch is read. So the per-request cost
-    does not grow with the number of windows.
+    ``add`` bins a block of rows vectorised (compare against the reference edges,
+    ``bincount``, per-slot min/max) and adds it to every window's ring. The observer calls it
+    with blocks of up to 256 buffered rows, never per request (see drift_observer). Rows are
+    placed in slots by their own time stamps, so binning late changes nothing.
     """
 
     def __init__(self, profile: FeatureProfile, windows_s: tuple[float, ...], slots: int) -> None:
@@ -110,64 +111,31 @@ class Sketch:
         self.offsets = np.arange(width, dtype=np.int64) * self.columns
         self.rings = [WindowRing(w, slots, width, self.columns) for w in windows_s]
         self.base_s = min(windows_s) / slots
-        self.acc = np.zeros(width * self.columns, dtype=np.int64)
-        self.acc_rows = 0
-        self.acc_min = np.full(width, np.inf)
-        self.acc_max = np.full(width, -np.inf)
-        self.acc_id = -1
-        # A classifier head alone: the bin is the predicted class (no comparisons needed).
-        self._class_only = width == 1 and bool(profile.categorical[0])
 
-    def add(self, now: float, x: np.ndarray) -> None:
-        """Append a [rows, F] block of live values (hot path)."""
+    def add(self, t: np.ndarray | float, x: np.ndarray) -> None:
+        """Add a [rows, F] block observed at times ``t`` (one per row, or one for all)."""
+        self._ingest(np.broadcast_to(np.asarray(t, dtype=np.float64), (x.shape[0],)), x)
+
+    def _ingest(self, t: np.ndarray, x: np.ndarray) -> None:
         if x.shape[1] == 0:
             return
-        bid = int(now // self.base_s)
-        if bid != self.acc_id:
-            self.flush()
-            self.acc_id = bid
-        rows = x.shape[0]
-        if self._class_only:
-            cls = x[:, 0]
-            if rows == 1:
-                self.acc[int(cls[0])] += 1
-            else:
-                self.acc += np.bincount(cls.astype(np.int64), minlength=self.acc.size)[: self.acc.size]
-            v = float(cls.min()), float(cls.max())
-            self.acc_min[0] = min(self.acc_min[0], v[0])
-            self.acc_max[0] = max(self.acc_max[0], v[1])
-            self.acc_rows += rows
-            return
-        flat = self.profile.bin_indices(x)
-        flat += self.offsets
-        if rows == 1:  # one index per feature, all distinct: fancy += is exact
-            self.acc[flat[0]] += 1
-            np.fmin(self.acc_min, x[0], out=self.acc_min)
-            np.fmax(self.acc_max, x[0], out=self.acc_max)
-        else:
-            self.acc += np.bincount(flat.ravel(), minlength=self.acc.size)
-            np.fmin(self.acc_min, np.fmin.reduce(x, axis=0), out=self.acc_min)
-            np.fmax(self.acc_max, np.fmax.reduce(x, axis=0), out=self.acc_max)
-        self.acc_rows += rows
-
-    def flush(self) -> None:
-        """Move the accumulator into every window's ring (exact at any time: adds are additive)."""
-        if self.acc_rows:
-            t = self.acc_id * self.base_s
+        bins = self.profile.bin_indices(x) + self.offsets
+        bid = np.floor_divide(t, self.base_s)
+        for b in np.unique(bid):  # one or two base slots per flush in practice
+            sel = bid == b
+            xs, bs = (x, bins) if sel.all() else (x[sel], bins[sel])
+            counts = np.bincount(bs.ravel(), minlength=self.offsets.size * self.columns)
+            with np.errstate(invalid="ignore"):
+                lo, hi = np.fmin.reduce(xs, axis=0), np.fmax.reduce(xs, axis=0)
             for ring in self.rings:
-                ring.add(t, self.acc, self.acc_rows, self.acc_min, self.acc_max)
-            self.acc[:] = 0
-            self.acc_rows = 0
-            self.acc_min[:] = np.inf
-            self.acc_max[:] = -np.inf
+                ring.add(float(b) * self.base_s, counts, len(xs), lo, hi)
 
     def aggregate(self, now: float) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
         """Per window: (counts [F, C], rows, min [F], max [F]) of the window ending at ``now``."""
-        self.flush()
         return [r.aggregate(now) for r in self.rings]
 
     def nbytes(self) -> int:
-        return sum(r.nbytes() for r in self.rings) + self.acc.nbytes + self.acc_min.nbytes + self.acc_max.nbytes
+        return sum(r.nbytes() for r in self.rings)
 
 
 # --------------------------------------------------------------------------- scoring

@@ -13,9 +13,11 @@ happens when something is. Kinds:
   blank image, an all-zero vector), counted only when such rows are rare (< 1%) in the
   reference; never checked before the profile exists.
 
-Policy ``reject`` raises InvalidInput for the kinds in ``reject_kinds`` (default nan, inf,
-out_of_range), naming the model, version, input, flat element index, row and value; the
-rejected request is counted too. Policy ``count`` only counts.
+Policy ``reject`` checks each request in ``on_request`` (``check``) and raises InvalidInput
+for the kinds in ``reject_kinds`` (default nan, inf, out_of_range), naming the model,
+version, input, flat element index, row and value; the rejected request is counted too.
+Policy ``count`` only counts, and does so off the request path: the observer buffers the
+monitored values of successful requests and ``check_block`` counts a whole block at once.
 """
 from __future__ import annotations
 
@@ -163,6 +165,44 @@ class QualityChecker:
             if self._check_constant[s.name]:
                 if (x.max() == x.min()) if rows == 1 else (x.max(axis=1) == x.min(axis=1)).any():
                     self._constant(s.name, x, c)
+
+    def check_block(self, x: np.ndarray) -> None:
+        """Count the issues of a block of buffered rows ([rows, F] monitored values); never raises.
+
+        The ``count`` policy uses this off the request path (the observer buffers rows and
+        calls it per block), so counting costs the request nothing but a copy. It sees the
+        monitored elements only (all of them unless an input exceeds ``max_features``).
+        """
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        for i, s in enumerate(self.layout.tensors):
+            off = self._offsets[i]
+            xs = x[:, off: off + s.width]
+            c = self.counts[s.name]
+            c.rows += rows
+            c.values += xs.size
+            lo, hi = self.lo[off: off + s.width], self.hi[off: off + s.width]
+            if xs.dtype.kind == "f":
+                finite = np.isfinite(xs)
+                if not finite.all():
+                    nan = np.isnan(xs)
+                    inf = ~finite & ~nan
+                    c.nan += int(nan.sum())
+                    c.inf += int(inf.sum())
+                    self.feature_counts[0, off: off + s.width] += nan.sum(axis=0)
+                    self.feature_counts[1, off: off + s.width] += inf.sum(axis=0)
+                    with np.errstate(invalid="ignore"):
+                        bad = ((xs < lo) | (xs > hi)) & finite
+                else:
+                    bad = (xs < lo) | (xs > hi)
+            else:
+                bad = (xs < lo) | (xs > hi)
+            if self._any_range and bad.any():
+                c.out_of_range += int(bad.sum())
+                self.feature_counts[2, off: off + s.width] += bad.sum(axis=0)
+            if self._check_constant[s.name]:
+                c.constant += int((xs.max(axis=1) == xs.min(axis=1)).sum())
 
     # -- slow paths: something is wrong -------------------------------------------------------
 

@@ -330,6 +330,9 @@ class RolloutController:
             await self._finish(r, decision)
             return
         last = len(plan.stages) - 1
+        if not plan.auto_promote and r.stage_index == last:  # A/B: the period is over -> report
+            await self._finish(r, decision)
+            return
         needs = decision.needs_approval or (
             r.stage_index + 1 == last and await self._recently_rolled_back(r, plan))
         if needs and r.evidence.get("approved_stage") != r.stage_index:
@@ -340,9 +343,6 @@ class RolloutController:
             return
         if r.stage_index < last:
             await self._enter_stage(r, r.stage_index + 1, decision.reason)
-            return
-        if not plan.auto_promote:  # A/B: report, then traffic back to the champion
-            await self._finish(r, decision)
             return
         mark = self.slices.mark(model)
         history = list(r.evidence.get("history", [])) + [{"at": now, "event": "watch", "reason": decision.reason}]
