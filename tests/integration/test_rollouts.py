@@ -181,3 +181,93 @@ watch: 2s
     assert report["champion"]["version"] == 3 and report["challenger"]["version"] == 4
     assert report["challenger"]["slices"]["overall"]["labelled"] > 0
     assert c.status("oracle")["traffic"] == {"3": 100.0}  # the experiment ended on the champion
+
+
+def test_restart_resumes_rollout_and_webhook_fires_on_rollback(tmp_path: Path) -> None:
+    import http.server
+    import json
+    import signal
+    import threading
+
+    hits: list[dict] = []  # type: ignore[type-arg]
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            hits.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    repo = tmp_path / "repo"
+    build_oracle_model(repo, "oracle", {1: [0.1] * 5, 2: [0.1, 0.1, 0.3, 0.1, 0.1]})
+    env = {"SWAPSERVE_HOME": str(tmp_path / "home")}
+    plan = SLOW_CANARY + f"webhook: http://127.0.0.1:{hook.server_port}/rollback\n"
+    try:
+        srv = ServerProcess(repo, env=env).start()
+        try:
+            with ControlClient(srv.control_url) as c:
+                c.promote("oracle", 1)
+                c.start_rollout("oracle", 2, plan=plan, reason="will crash mid-rollout")
+                before = c.rollout("oracle")
+            srv.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            srv.wait(30)
+        finally:
+            srv.stop()
+        with ServerProcess(repo, env=env) as again, ControlClient(again.control_url) as c:
+            after = c.rollout("oracle")
+            assert after["rollout"]["id"] == before["rollout"]["id"]
+            assert after["rollout"]["state"] == "running" and after["rollout"]["stage_index"] == 0
+            assert after["model"]["traffic"] == {"1": 90.0, "2": 10.0}  # the stage's split is back in force
+            sim = Simulator(again.url, "oracle", rate=400, seed=6).start()
+            try:
+                r = wait_state(c, "oracle", {"rolled_back"}, timeout=90)
+            finally:
+                sim.stop()
+            assert r["evidence"]["rollback"]["slice"] == "c"
+            deadline = time.monotonic() + 10
+            while not hits and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert hits and hits[0]["event"] == "rollback" and hits[0]["challenger"] == 2
+    finally:
+        hook.shutdown()
+
+
+def test_offline_gate_refuses_a_worse_challenger_unless_forced(tmp_path: Path) -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.e2e.serverproc import ROOT
+
+    src = ROOT / "model_repository"
+    repo = tmp_path / "repo"
+    shutil.copytree(src / "digits", repo / "digits")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(SLOW_CANARY + "require_offline_eval: true\n")
+    with ServerProcess(repo) as srv, ControlClient(srv.control_url) as c:
+        c.promote("digits", 2)
+        with pytest.raises(ControlError) as err:
+            c.start_rollout("digits", 1, plan=plan.read_text())
+        assert err.value.code == "FAILED_PRECONDITION" and "no offline evaluation" in err.value.message
+        out = subprocess.run(
+            [sys.executable, "-m", "swapserve.cli", "evaluate", "digits", "1", "--data",
+             str(repo / "digits" / "holdout.npz"), "--url", srv.control_url, "--infer-url", srv.url,
+             "--load-seconds", "1", "--rate", "50", "--json"],
+            capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        v1, v2 = doc["metrics"]["challenger"], doc["metrics"]["champion"]
+        assert v1["overall"]["accuracy"] < v2["overall"]["accuracy"] - 0.05
+        assert set(v1) >= {"round", "straight", "curved", "overall"} and v1["overall"]["p99_ms"] > 0
+        with pytest.raises(ControlError) as err:
+            c.start_rollout("digits", 1, plan=plan.read_text())
+        assert err.value.code == "FAILED_PRECONDITION" and "offline gate" in err.value.message
+        forced = c.start_rollout("digits", 1, plan=plan.read_text(), force=True, reason="know better")
+        assert forced["rollout"]["state"] == "running"
+        assert "forced past the offline gate" in forced["rollout"]["evidence"]["start_reason"]
+        assert any(a["action"] == "rollout.start" and "forced" in a["reason"] for a in c.audit_log("digits"))

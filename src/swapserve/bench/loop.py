@@ -88,7 +88,7 @@ class Recorder:
         table = sorted(self.versions, key=self.versions.__getitem__)
         np.savez(path, sched=np.frombuffer(self.sched, np.int64), sent=np.frombuffer(self.sent, np.int64),
                  done=np.frombuffer(self.done, np.int64), status=np.frombuffer(self.status, np.int8),
-                 version=np.frombuffer(self.version, np.int16), version_table=np.array(table, dtype=object),
+                 version=np.frombuffer(self.version, np.int16), version_table=np.array(table, dtype=str),
                  cpu_s=np.float64(cpu_s))
 
 

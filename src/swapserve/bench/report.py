@@ -43,7 +43,7 @@ class Records:
         index: dict[str, int] = {}
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("sched", "sent", "done", "status", "version")}
         for p in parts:
-            remap = np.array([index.setdefault(v, len(index)) for v in p["version_table"]] + [-1], dtype=np.int16)
+            remap = np.array([index.setdefault(str(v), len(index)) for v in p["version_table"]] + [-1], dtype=np.int16)
             for k in ("sched", "sent", "done", "status"):
                 cols[k].append(p[k])
             cols["version"].append(remap[p["version"]] if len(p["version"]) else p["version"])  # -1 -> last = -1

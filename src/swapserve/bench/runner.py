@@ -237,7 +237,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     w.kill()
         parts = []
         for w in workers:
-            with np.load(w.out, allow_pickle=True) as z:
+            with np.load(w.out, allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
     rec = report.Records.merge(parts, window_start)
     client_cpu = float(sum(float(p["cpu_s"]) for p in parts))
