@@ -24,6 +24,8 @@ import json
 import os
 import platform
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -188,16 +190,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="run-all-", dir=OUT))
     running: dict[str, peers.Peer] = {}
     unavailable: dict[str, str] = {}
-    for kind in args.servers.split(","):
-        try:
-            log(f"starting {kind}")
-            running[kind] = peers.start(kind, work)
-        except peers.PeerUnavailable as exc:
-            unavailable[kind] = str(exc)
-            log(f"{kind} unavailable: {exc}")
     raw: dict[str, Any] = {"machine": info, "command": command, "digits_compute_ms": compute_ms,
                            "unavailable": unavailable, "closed": {}, "fixed_rate": {}, "swap": {}, "steady": {}}
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Background jobs ignore SIGINT; either signal must still stop the peers' process groups.
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
+        for kind in args.servers.split(","):
+            try:
+                log(f"starting {kind}")
+                running[kind] = peers.start(kind, work)
+            except peers.PeerUnavailable as exc:
+                unavailable[kind] = str(exc)
+                log(f"{kind} unavailable: {exc}")
         names = list(running)
         # 1. closed loop matrix, alternating order per repeat
         closed: dict[str, dict[int, list[dict[str, Any]]]] = {n: {c: [] for c in CONCURRENCY} for n in names}
@@ -253,6 +262,7 @@ def main() -> int:
     finally:
         for p in running.values():
             p.stop()
+        shutil.rmtree(work, ignore_errors=True)
     others = {name: run_script(name, quick_args if args.quick else full_args, timeout)
               for name, (_title, full_args, quick_args, timeout) in OTHER_SCRIPTS.items()}
     raw["others"] = others

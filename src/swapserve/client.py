@@ -151,6 +151,7 @@ def status_to_dict(m: pb.ModelStatus) -> dict[str, Any]:
         "warnings": list(m.warnings),
         "rollout": _loads(m.rollout_json),
         "live": _loads(m.live_json) or {},
+        "drift": _loads(m.drift_json) or {},
     }
 
 

@@ -201,6 +201,9 @@ def render_status(status: dict[str, Any], out: Console) -> None:
                       "yes" if v["resident"] else "no", format_bytes(v["memory_bytes"]),
                       v["sha256"][:12] or "-", _opt(v["stage"]), _opt(v["registered_at"]), "; ".join(notes))
     out.print(table)
+    for version, d in (status.get("drift") or {}).items():
+        out.print(f"drift v{version}: {d.get('state')} (score {d.get('score')}); most drifted: "
+                  f"{', '.join(d.get('most_drifted', [])) or '-'}")
     live = status.get("live") or {}
     if live:
         slices = Table("VERSION", "SLICE", "REQUESTS", "ERRORS", "LABELLED", "ACCURACY", "MAE", "P99 MS")

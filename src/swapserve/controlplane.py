@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,10 +42,13 @@ def _iso(ts: float | datetime | None) -> str:
 
 
 class ControlPlane:
-    def __init__(self, manager: ModelManager, registry: Registry, slices: SliceStats | None = None) -> None:
+    def __init__(self, manager: ModelManager, registry: Registry, slices: SliceStats | None = None,
+                 drift_summary: Callable[[str], dict[str, dict[str, Any]]] | None = None) -> None:
         self.manager = manager
         self.registry = registry
         self.slices = slices
+        #: model -> {version: drift summary}; None when drift monitoring is off.
+        self.drift_summary = drift_summary
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class ControlPlane:
             key_attribute=policy.key_attribute if policy else "routing_key",
             generation=policy.generation if policy else 0, versions=tuple(versions),
             memory_budget_bytes=self.manager.memory_budget, memory_used_bytes=self.manager.memory_used(),
-            warnings=tuple(warnings), rollout=rollout.to_dict() if rollout else None, live=self._live(model, m))
+            warnings=tuple(warnings), rollout=rollout.to_dict() if rollout else None, live=self._live(model, m),
+            drift=self.drift_summary(model) if self.drift_summary is not None else {})
 
     def _live(self, model: str, m: ManagedModel) -> dict[str, dict[str, dict[str, Any]]]:
         """Live counts per resident version and slice (since the server started)."""

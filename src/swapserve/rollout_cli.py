@@ -298,17 +298,22 @@ def _cmd_drift(args: argparse.Namespace) -> int:
             _print_json(report)
             return EXIT_OK
         out = _console()
-        versions = report.get("versions", [report]) if isinstance(report, dict) else []
-        for rep in versions:
-            head = Text()
-            head.append(f"{args.model} v{rep.get('version', '?')}", style="bold")
-            head.append(f"  state {rep.get('state', '-')}  overall {rep.get('overall_score', '-')}")
-            out.print(head)
-            table = Table("WINDOW", "FEATURE", "PSI", "P-VALUE", "STATE")
-            for f in rep.get("top_features", [])[: args.top]:
-                table.add_row(str(f.get("window", "")), str(f.get("feature", "")), f"{f.get('psi', 0):.3f}",
-                              f"{f.get('p_value', 1):.2g}", str(f.get("state", "")))
-            out.print(table)
+        head = Text()
+        head.append(f"{report.get('model', args.model)} v{report.get('version', '?')}", style="bold")
+        head.append(f"  drift state {report.get('state', '-')}  profile {report.get('profile', '-')}")
+        out.print(head)
+        if report.get("error"):
+            out.print(Text(f"error: {report['error']}", style="red"))
+        windows = Table("WINDOW", "SAMPLES", "STATE", "SCORE", "INPUT", "PREDICTION")
+        for w in report.get("windows", []):
+            windows.add_row(str(w["window"]), str(w["samples"]), str(w["state"]), f"{w['score']:.3f}",
+                            f"{w['input_score']:.3f}", f"{w['prediction_score']:.3f}")
+        out.print(windows)
+        top = Table("WINDOW", "FEATURE", "PSI", "TEST", "P-VALUE", "SIGNIFICANT")
+        for f in report.get("most_drifted", [])[: args.top]:
+            top.add_row(str(f["window"]), str(f["feature"]), f"{f['psi']:.3f}", str(f.get("test", "")),
+                        f"{f['p_value']:.2g}", "yes" if f.get("significant") else "")
+        out.print(top)
         return EXIT_OK
 
     return _run(args, action)

@@ -180,6 +180,8 @@ class ModelView:
     rollout: dict[str, object] | None = None
     #: Live per-version, per-slice counts: {"2": {"overall": {"requests": ..., "accuracy": ...}}}.
     live: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
+    #: Drift summary per monitored version: {"2": {"state": "ok|warn|alert", "score": ..., "top": [...]}}.
+    drift: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

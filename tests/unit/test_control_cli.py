@@ -217,6 +217,7 @@ EXPECTED: dict[str, Any] = {
     "warnings": ["version 1 was evicted; preloaded it again"],
     "rollout": {"stage": 1, "plan": ["shadow", "canary 5%"]},
     "live": {},
+    "drift": {},
 }
 
 

@@ -24,10 +24,11 @@ rows (e.g. the 8-row smoke samples of older builds) are ignored and the profile 
 from live traffic instead. A file with the right names but wrong shapes is a ConfigError.
 
 **Profile contents** per feature: quantile bin edges (``profile.bins`` quantile bins,
-duplicates merged; a feature with at most ``bins`` distinct values - every categorical
-output - gets one bin per value), the reference count per bin, min/max, and the missing
-(NaN) rate; per input, the share of constant rows. Everything is float64/int64 arrays of
-``features x (bins + 1)``: a few KB per version.
+duplicates merged; a feature with at most ``bins`` distinct values gets one bin per value; a
+classifier output one bin per class), plus an edge at the reference max and one just below
+the min, so values outside the reference range fall in bins of their own; the reference
+count per bin, min/max, and the missing (NaN) rate; per input, the share of constant rows.
+Everything is float64/int64 arrays of ``features x (bins + 4)``: a few KB per version.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
 from swapserve.errors import ConfigError
 from swapserve.lifecycle.manager import ModelManager
+from swapserve.monitoring.drift_observer import MonitoringObserver
 from swapserve.monitoring.feedback import FeedbackObserver
 from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.predictions import PredictionLog
@@ -42,6 +43,8 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+#: How often drift windows are scored and alerts/triggers evaluated (seconds).
+MONITOR_TICK_S = 1.0
 
 
 def _load_backend(spec: Any, path: Any, device: str) -> Any:
@@ -69,6 +72,8 @@ class Server:
     grpc_port: int
     metrics_port: int | None
     control_port: int
+    monitor: MonitoringObserver | None = None
+    slices: SliceStats | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: Any = None
 
@@ -77,6 +82,29 @@ class Server:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
+
+    async def _monitor(self) -> None:
+        """Score drift windows about once a second (off the event loop), log alerts and triggers."""
+        assert self.monitor is not None and self.slices is not None
+        while True:
+            await asyncio.sleep(MONITOR_TICK_S)
+            try:
+                for m in list(self.manager.models.values()):
+                    for v in m.resident_versions():
+                        overall = self.slices.snapshot(m.name, v)["overall"]
+                        if overall.labelled and overall.accuracy is not None:
+                            self.monitor.record_accuracy(m.name, v, overall.accuracy, overall.labelled)
+                events = await asyncio.to_thread(self.monitor.tick)
+                for e in events:
+                    await asyncio.to_thread(lambda e=e: self.registry.add_event(
+                        "drift" if e.kind.startswith("drift") or e.kind == "profile_ready" else "retrain",
+                        e.message, model=e.model, version=e.version or None, data=e.detail))
+                    if e.kind == "retrain_triggered":
+                        await asyncio.to_thread(lambda e=e: self.registry.audit(
+                            actor="monitor", action="retrain.trigger", model=e.model, version=e.version or None,
+                            before=None, after=e.detail, reason=e.message))
+            except Exception:  # noqa: BLE001 - monitoring must never take the server down
+                log.exception("monitoring tick failed")
 
     def _refresh_health(self) -> None:
         """Schedule a health-status update (routing changed); keeps a reference so the task is not lost."""
@@ -135,9 +163,14 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                            backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
     slices = SliceStats(metrics.registry)
     feedback = FeedbackObserver(slices, PredictionLog())
-    control = ControlPlane(manager, registry, slices)
+    monitor = MonitoringObserver(settings.model_repository, metrics.registry,
+                                 context_dir=settings.home.expanduser() / "retrain")
+    control = ControlPlane(manager, registry, slices, drift_summary=lambda model: {
+        str(r.version): {"state": r.state, "score": round(max((w.score for w in r.windows), default=0.0), 6),
+                         "most_drifted": [f"{f} ({w})" for w, f, _ in r.most_drifted(3)]}
+        for r in monitor.reports(model)})
     rollouts = RolloutController(control, slices, metrics)
-    dataplane = DataPlane(manager, metrics, observers=[feedback])
+    dataplane = DataPlane(manager, metrics, observers=[feedback, monitor])
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
     grpc_server = grpc.aio.server(options=[
@@ -158,8 +191,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
 
     control_server = grpc.aio.server()
-    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(control, settings.control_token, rollouts),
-                                                   control_server)
+    control_pb2_grpc.add_ControlServicer_to_server(
+        ControlServicer(control, settings.control_token, rollouts, drift=lambda model: monitor.report(model).to_dict()),
+        control_server)
     reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], control_server)
     control_port = control_server.add_insecure_port(settings.control_address)
     if control_port == 0:
@@ -191,6 +225,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         await manager.load_all(names)
     manager.on_change = lambda name: server._refresh_health()
     await rollouts.start_loop()
+    server.monitor, server.slices = monitor, slices
+    server._tasks.append(asyncio.create_task(server._monitor()))
     await server._set_health()
     if settings.model_control_mode is ControlMode.POLL:
         server._tasks.append(asyncio.create_task(server._poll()))

@@ -76,6 +76,7 @@ def model_view_to_pb(m: ModelView) -> pb.ModelStatus:
         versions=[version_view_to_pb(v) for v in m.versions],
         memory_budget_bytes=m.memory_budget_bytes, memory_used_bytes=m.memory_used_bytes,
         warnings=list(m.warnings), rollout_json=_json(m.rollout), live_json=_json(m.live or None),
+        drift_json=_json(m.drift or None),
     )
 
 
