@@ -5,8 +5,10 @@
     python scripts/make_examples.py --out /tmp/repo --models simple,digits
 
 Writes, under ``DIR/<model>/``: the version directories with the model file and a
-``reference.npz`` (a few inputs and the outputs this build produced, keyed by the
-config's tensor names, with the batch dimension), plus ``DIR/digits/holdout.npz``
+``reference.npz`` (inputs and the outputs this build produced, keyed by the config's
+tensor names, with the batch dimension: for ``digits`` and ``digits_onnx`` a seeded sample
+of 1000 training rows, which drift monitoring uses as the version's reference profile;
+a few rows for the others), plus ``DIR/digits/holdout.npz``
 (``x`` float32 [n, 64], ``y`` int64 [n], ``slice`` str [n]: the digit group "round"
 {0,6,8,9}, "straight" {1,4,7} or "curved" {2,3,5}). When ``DIR`` is not the repository's
 own ``model_repository/``, each model's committed ``config.pbtxt`` is copied there too.
@@ -219,6 +221,16 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model, x) == y).mean())
 
 
+#: Rows of training inputs kept as a version's drift reference (``reference.npz``).
+REFERENCE_ROWS = 1000
+
+
+def training_sample(data: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """A seeded sample of the training inputs: the reference profile drift monitoring compares with."""
+    rng = np.random.default_rng(seed)
+    return np.ascontiguousarray(data["x_train"][rng.choice(len(data["x_train"]), REFERENCE_ROWS, replace=False)])
+
+
 def build_digits(out: Path, data: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     data = data if data is not None else digits_data()
     (out / "digits").mkdir(parents=True, exist_ok=True)
@@ -230,7 +242,7 @@ def build_digits(out: Path, data: dict[str, np.ndarray] | None = None) -> dict[s
             traced = _trace(net, (torch.from_numpy(data["x"][:2]),))
         vdir = _version_dir(out, "digits", version)
         _save(traced, vdir / "model.pt")
-        x_ref = data["x"][:8]
+        x_ref = training_sample(data, recipe.seed)
         with torch.inference_mode():
             probs = traced(torch.from_numpy(x_ref)).numpy()
         _reference(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
@@ -327,7 +339,7 @@ def build_digits_onnx(out: Path, data: dict[str, np.ndarray] | None = None) -> d
     net = train_digits(DIGITS_VERSIONS[2], data)
     vdir = _version_dir(out, "digits_onnx", 1)
     onnx.save(digits_onnx_model(net), str(vdir / "model.onnx"))
-    x_ref = data["x"][:8]
+    x_ref = training_sample(data, DIGITS_VERSIONS[2].seed)
     with torch.inference_mode():
         probs = net(torch.from_numpy(x_ref)).numpy()
     _reference(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
