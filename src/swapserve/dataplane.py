@@ -87,6 +87,11 @@ class DataPlane:
             if self.observers:
                 self._notify("on_error", req, spec, runtime.version, exc, elapsed / 1e9)
             raise
+        except asyncio.CancelledError:  # the client went away (deadline, cancel): counted, not run if queued
+            elapsed = time.perf_counter_ns() - start
+            runtime.stats.request_done(False, elapsed)
+            self.metrics.request_failure(spec.name, runtime.label, "CANCELED", elapsed / 1e9)
+            raise
         wanted = req.outputs if req.outputs is not None else [o.name for o in spec.outputs]
         tensors = []
         for name in wanted:
