@@ -178,3 +178,26 @@ def test_load_refuses_changed_artifact(example_repo: Path, tmp_path: Path) -> No
         ok = json.loads(cli(srv, "load", "digits", "2").stdout)  # registers v2 first, then loads it
         assert next(v for v in ok["versions"] if v["version"] == 2)["resident"] is True
         assert json.loads(cli(srv, "load", "digits", "2").stdout)  # idempotent
+
+
+def test_champion_history_each_rollback_steps_back(example_repo: Path, tmp_path: Path) -> None:
+    repo = copy_models(example_repo, tmp_path / "repo", ["digits"])
+    import shutil
+
+    shutil.copytree(repo / "digits" / "2", repo / "digits" / "3")
+    with ServerProcess(repo) as srv:
+        assert status(srv, "digits")["champion"] == 3  # Triton's default: the highest version
+        cli(srv, "promote", "digits", "1")
+        s = json.loads(cli(srv, "promote", "digits", "2").stdout)
+        assert s["previous_champions"] == [3, 1]
+        s = json.loads(cli(srv, "unload", "digits", "3", "--reason", "make room").stdout)
+        assert next(v for v in s["versions"] if v["version"] == 3)["resident"] is False
+        s = json.loads(cli(srv, "rollback", "digits").stdout)
+        assert s["champion"] == 1 and s["previous_champions"] == [3] and s["warnings"] == []
+        proc = cli(srv, "rollback", "digits")
+        s = json.loads(proc.stdout)
+        assert s["champion"] == 3 and s["previous_champions"] == []
+        assert any("3" in w and "preloaded" in w for w in s["warnings"])  # evicted: warmed again first
+        assert next(v for v in s["versions"] if v["version"] == 3)["state"] == "serving"
+        proc = cli(srv, "rollback", "digits", check=False)
+        assert proc.returncode == 1 and "no previous champion" in proc.stderr
