@@ -127,14 +127,15 @@ def run_script(name: str, args: list[str], timeout: float) -> dict[str, Any] | N
         return None
     out = OUT / (script.stem + ".json")
     cmd = [sys.executable, str(script), *args, "--json", str(out)]
-    log(f"running {shlex.join(cmd)}")
+    shown = shlex.join(["python", str(script.relative_to(ROOT)), *args, "--json", str(out.relative_to(ROOT))])
+    log(f"running {shown}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"command": shlex.join(cmd), "error": f"did not finish in {timeout:.0f}s"}
+        return {"command": shown, "error": f"did not finish in {timeout:.0f}s"}
     if proc.returncode != 0 or not out.exists():
-        return {"command": shlex.join(cmd), "error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
-    return {"command": shlex.join(cmd), "result": json.loads(out.read_text()), "stdout": proc.stdout}
+        return {"command": shown, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
+    return {"command": shown, "result": json.loads(out.read_text()), "stdout": proc.stdout}
 
 
 def fmt(v: float | None, digits: int = 1) -> str:
@@ -145,6 +146,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _cell(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def render_json(doc: Any) -> str:
     """A generic rendering of another script's JSON: a table for a list of flat dicts, else a code block."""
     if isinstance(doc, dict) and isinstance(doc.get("median"), dict):
@@ -152,7 +157,7 @@ def render_json(doc: Any) -> str:
         return f"Medians of {n} runs:\n\n" + render_json(doc["median"])
     if isinstance(doc, dict) and doc and all(not isinstance(v, (dict, list)) for v in doc.values()):
         return "\n".join(["| metric | value |", "|---|---|"]
-                         + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in doc.items()])
+                         + [f"| {k} | {_cell(v)} |" for k, v in doc.items()])
     if isinstance(doc, dict):
         for key in ("results", "rows", "benchmarks"):
             if isinstance(doc.get(key), list):
@@ -160,7 +165,7 @@ def render_json(doc: Any) -> str:
     if isinstance(doc, list) and doc and all(isinstance(r, dict) for r in doc):
         keys = list(dict.fromkeys(k for r in doc for k in r if not isinstance(r[k], (dict, list))))
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in doc]
+        lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in doc]
         return "\n".join(lines)
     return "```json\n" + json.dumps(doc, indent=2)[:6000] + "\n```"
 
@@ -177,7 +182,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.duration, args.swap_duration = 1, 3.0, 10.0
-    command = "python benchmarks/run_all.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/run_all.py", *sys.argv[1:]])
     OUT.mkdir(exist_ok=True)
     t_start = time.monotonic()
     info = machine()

@@ -37,6 +37,7 @@ CLIENT_ERROR = 2  # UNKNOWN
 
 #: (status code, model_version or "") for one finished request.
 Outcome = tuple[int, str]
+#: Sends payload i and returns its outcome; never raises for a failed request.
 Call = Callable[[int], Awaitable[Outcome]]
 
 
@@ -55,6 +56,10 @@ class WorkerSpec:
     slots: int = 1                 # open loop: P
     first_payload: int = 0         # so processes do not all send the same payload first
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: Builds a worker's call and the coroutine function that closes its channel.
+MakeCall = Callable[[WorkerSpec], Awaitable[tuple[Call, Callable[[], Awaitable[None]]]]]
 
 
 class Recorder:
@@ -142,7 +147,7 @@ async def _progress(rec: Recorder) -> None:
         print(f"progress {len(rec.status) - rec.errors} {rec.errors}", flush=True)
 
 
-async def _main(spec: WorkerSpec, out: str, make_call: Callable[[WorkerSpec], Awaitable[tuple[Call, Callable[[], Awaitable[None]]]]]) -> int:
+async def _main(spec: WorkerSpec, out: str, make_call: MakeCall) -> int:
     call, close = await make_call(spec)
     try:
         await call(spec.first_payload % len(spec.payloads))  # connect + first-call costs stay out of the run
@@ -170,7 +175,7 @@ async def _main(spec: WorkerSpec, out: str, make_call: Callable[[WorkerSpec], Aw
         await close()
 
 
-def worker_main(make_call: Callable[[WorkerSpec], Awaitable[tuple[Call, Callable[[], Awaitable[None]]]]]) -> int:
+def worker_main(make_call: MakeCall) -> int:
     """Entry point of a worker module: ``worker_main(make_call)`` with argv SPEC.pkl OUT.npz."""
     spec_path, out = sys.argv[1], sys.argv[2]
     with open(spec_path, "rb") as f:

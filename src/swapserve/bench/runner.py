@@ -134,7 +134,8 @@ class _Worker:
                                      text=True, env=env)
         self.err: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+        stderr = self.proc.stderr
+        threading.Thread(target=lambda: self.err.extend(stderr or ()), daemon=True).start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

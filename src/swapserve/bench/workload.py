@@ -149,7 +149,8 @@ def _from_json(path: Path, meta_inputs: dict[str, dict[str, Any]]) -> list[dict[
             if shape is None and meta and len(meta["shape"]) == array.ndim + 1:
                 shape = [1, *array.shape]  # one sample without the batch dimension
             tensors[name] = (array.reshape(shape) if shape is not None else array, datatype)
-        out.append({"tensors": tensors, "parameters": e.get("parameters", {}), "version": str(e.get("model_version", ""))})
+        out.append({"tensors": tensors, "parameters": e.get("parameters", {}),
+                    "version": str(e.get("model_version", ""))})
     return out
 
 
