@@ -224,20 +224,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--json", action="store_true", help="print the totals and non-joined outcomes as JSON")
     p.add_argument("--batch", type=_positive, default=1000, metavar="N", help="outcomes per request (default 1000)")
     p.set_defaults(func=_cmd_feedback, prog=p.prog)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m swapserve.feedback_cli feedback ...``; ``swapserve`` itself adds the verb too."""
-    parser = argparse.ArgumentParser(prog="swapserve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
-    return parser
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

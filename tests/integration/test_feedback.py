@@ -38,7 +38,7 @@ def predicted(resp: pb.ModelInferResponse) -> np.ndarray:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "swapserve.feedback_cli", "feedback", *args],
+    return subprocess.run([sys.executable, "-m", "swapserve.cli", "feedback", *args],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
