@@ -28,6 +28,6 @@ class RequestObserver(Protocol):
                  latency_s: float) -> None:
         """After a request that reached a version failed."""
 
-    def on_shadow(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
-                  outputs: dict[str, np.ndarray], latency_s: float) -> None:
-        """A shadow version answered a copy of ``req`` (same id); the answer was not returned."""
+    # Optional: ``on_shadow(req, spec, version, inputs, outputs, latency_s)`` is called, when an
+    # observer defines it, after a shadow version answered a copy of ``req`` (same id); that
+    # answer was never returned to the client.
