@@ -6,9 +6,10 @@ between happens here, so other front ends (HTTP, in-process) reuse it unchanged.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,11 @@ from swapserve.types import InferRequest, InferResponse, Tensor
 from swapserve.validation import validate
 
 log = logging.getLogger(__name__)
+
+#: Server-assigned request ids: a random per-process prefix plus a counter (unique, and far cheaper
+#: than uuid4 on the request path).
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
 
 #: Shadow copies in flight per model beyond which new copies are shed (counted, never queued).
 MAX_SHADOW_IN_FLIGHT = 4
@@ -71,7 +77,7 @@ class DataPlane:
         """
         start = time.perf_counter_ns()
         if not req.id:
-            req.id = uuid.uuid4().hex
+            req.id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         runtime, shadows = self.manager.route(req.model_name, req.model_version, req.parameters, req.id)
         spec = runtime.spec
         arrays: list = []  # type: ignore[type-arg]

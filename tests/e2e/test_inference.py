@@ -64,7 +64,9 @@ def test_infer_assigns_id_and_selects_outputs(client: grpcclient.InferenceServer
     result = client.infer("simple", simple_inputs(a, a), outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])
     assert result.as_numpy("OUTPUT0") is None
     np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((2, 16), np.int32))
-    assert len(result.get_response().id) >= 16  # the server assigned one
+    first = result.get_response().id
+    second = client.infer("simple", simple_inputs(a, a)).get_response().id
+    assert first and second and first != second  # the server assigned unique ids
 
 
 def test_infer_typed_contents(client: grpcclient.InferenceServerClient) -> None:
