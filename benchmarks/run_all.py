@@ -11,7 +11,7 @@
    peers: their own reload API), beside a steady run of the same length; errors counted.
 4. The harness' own cost (benchmarks/bench_harness.py), and the sections of the other benchmark
    scripts when present (``OTHER_SCRIPTS``: bench_native, bench_batching, bench_swap,
-   bench_monitoring, bench_gates), each run with ``--json`` and rendered generically.
+   bench_monitoring, bench_gates, bench_rollout), each run with ``--json`` and rendered generically.
 
 The machine is small and shared: RESULTS.md gives medians and ratios measured in this run,
 never a lone absolute time as a claim. Raw per-run JSON goes to benchmarks/out/run_all.json.
@@ -54,6 +54,8 @@ OTHER_SCRIPTS: dict[str, tuple[str, list[str], list[str], float]] = {
     "bench_monitoring.py": ("Monitoring hot-path cost", [], ["--repeat", "2", "--seeds", "50"], 600),
     "bench_gates.py": ("Rollout gates: false rollbacks and detection delay", [],
                        ["--streams", "200", "--delay-streams", "50"], 600),
+    "bench_rollout.py": ("Rollouts through the real server: simulator scenarios and shadow cost (issue #6)",
+                         ["--repeat", "3"], ["--repeat", "1"], 1500),
 }
 CONCURRENCY = (1, 8, 32)
 
