@@ -288,13 +288,18 @@ class ModelManager:
         return await asyncio.to_thread(lambda: self.registry.register_version(
             m.name, version, source_path=str(path), sha256=digest, actor=actor, reason=reason, **extra))
 
-    def _residents(self) -> list[Resident]:
+    def _residents(self, loading: ManagedModel) -> list[Resident]:
+        """Every resident version with why it must stay. Versions of other models that are in the
+        middle of a control action (their lock is held) are not evicted: waiting for that lock while
+        holding ``loading``'s could deadlock two loads that each want the other's memory."""
         out = []
         for m in self.models.values():
             protected = m.protected()
+            busy = m is not loading and m.lock.locked()
             for v, s in m.slots.items():
                 if s.runtime is not None:
-                    out.append(Resident(m.name, v, s.memory_bytes, s.last_used, protected.get(v, "")))
+                    why = protected.get(v, "") or ("busy with another control action" if busy else "")
+                    out.append(Resident(m.name, v, s.memory_bytes, s.last_used, why))
         return out
 
     async def ensure_resident_locked(self, m: ManagedModel, version: int, *, spec: ModelSpec | None = None,
@@ -325,7 +330,7 @@ class ModelManager:
                 f"model '{m.name}' version {version}: {path} changed since it was registered (sha256 {record.sha256[:12]}… "
                 f"then, {digest[:12]}… now); versions are immutable: put the new files in a new version directory")
         need = path.stat().st_size
-        for victim in plan_eviction(self.device, self.memory_budget, need, self._residents(), m.name, version):
+        for victim in plan_eviction(self.device, self.memory_budget, need, self._residents(m), m.name, version):
             vm = self.models[victim.model]
             warnings.append(f"evicted {victim.model} version {victim.version} (least recently used) to make room")
             log.warning("memory budget: %s", warnings[-1])
