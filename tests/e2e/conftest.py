@@ -1,27 +1,17 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.serverproc import ROOT, ServerProcess, copy_models
-
-MODELS = ("simple", "digits", "convnet", "digits_onnx")
+from tests.e2e.serverproc import ServerProcess, build_example_repo, copy_models
 
 
 @pytest.fixture(scope="session")
 def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example repository with its weights: the set-up's build, or a fresh deterministic build."""
-    repo = ROOT / "model_repository"
-    if all(any((repo / m).glob("[0-9]*/model.*")) for m in MODELS):
-        return repo
-    out = tmp_path_factory.mktemp("examples")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_examples.py"), "--out", str(out)], check=True)
-    return out
+    return build_example_repo(tmp_path_factory.mktemp("examples"))
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,18 @@ class ServerProcess:
         self.stop()
 
 
+EXAMPLE_MODELS = ("simple", "digits", "convnet", "digits_onnx")
+
+
+def build_example_repo(scratch: Path) -> Path:
+    """The example repository with its weights: the set-up's build, or a fresh deterministic one in ``scratch``."""
+    repo = ROOT / "model_repository"
+    if all(any((repo / m).glob("[0-9]*/model.*")) for m in EXAMPLE_MODELS):
+        return repo
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_examples.py"), "--out", str(scratch)], check=True)
+    return scratch
+
+
 def copy_models(src: Path, dst: Path, names: list[str]) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for n in names:

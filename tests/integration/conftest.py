@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -17,9 +14,7 @@ import pytest
 from swapserve.config import Settings
 from swapserve.server.app import Server, create_server
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parents[2]
-MODELS = ("simple", "digits", "convnet", "digits_onnx")
+from tests.e2e.serverproc import build_example_repo
 
 
 class InProcessServer:
@@ -52,24 +47,12 @@ class InProcessServer:
 
 @pytest.fixture(scope="session")
 def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = ROOT / "model_repository"
-    if all(any((repo / m).glob("[0-9]*/model.*")) for m in MODELS):
-        return repo
-    out = tmp_path_factory.mktemp("examples")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_examples.py"), "--out", str(out)], check=True)
-    return out
+    return build_example_repo(tmp_path_factory.mktemp("examples"))
 
 
 def settings_for(repo: Path, home: Path, **kw: Any) -> Settings:
     return Settings(model_repository=repo, host="127.0.0.1", grpc_port=0, metrics_port=-1,
                     control_address="127.0.0.1:0", home=home, **kw)
-
-
-def copy_models(src: Path, dst: Path, names: list[str]) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        shutil.copytree(src / n, dst / n)
-    return dst
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import torch
 from swapserve.native import RoutingSpec
 from swapserve.routing.reference import ReferenceRouter
 from swapserve._proto import grpc_service_pb2 as pb
-from tests.integration.conftest import copy_models
+from tests.e2e.serverproc import copy_models
 
 SLOW_CONFIG = """
 name: "slow"

@@ -21,7 +21,8 @@ import pytest
 from swapserve._proto import feedback_pb2 as fpb
 from swapserve._proto import feedback_pb2_grpc as fpb_grpc
 from swapserve._proto import grpc_service_pb2 as pb
-from tests.integration.conftest import ROOT, InProcessServer, copy_models
+from tests.e2e.serverproc import ROOT, copy_models
+from tests.integration.conftest import InProcessServer
 
 
 def infer(srv: InProcessServer, x: np.ndarray, slice_: str, rid: str = "") -> pb.ModelInferResponse:
