@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, SwapserveError
+from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry import Registry
@@ -331,4 +331,4 @@ class ControlPlane:
         return await self.status(model)
 
 
-__all__ = ["ControlPlane", "SwapserveError"]
+__all__ = ["ControlPlane"]

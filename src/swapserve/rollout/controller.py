@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from swapserve.controlplane import ControlPlane
-from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, SwapserveError
+from swapserve.errors import FailedPrecondition, InvalidInput
 from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry.records import RolloutRecord
@@ -436,4 +436,4 @@ class RolloutController:
             log.warning("rollout %d webhook %s failed: %s", r.id, url, exc)
 
 
-__all__ = ["RolloutController", "SwapserveError", "ModelNotFound"]
+__all__ = ["RolloutController"]
