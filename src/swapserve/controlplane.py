@@ -95,7 +95,7 @@ class ControlPlane:
         deployment = await self._db(
             lambda: self.registry.publish_deployment(
                 m.name, champion=policy.champion, traffic=list(policy.traffic), shadows=list(policy.shadows),
-                cohorts=[list(c) for c in policy.cohorts], key_attribute=policy.key_attribute,
+                cohorts=list(policy.cohorts), key_attribute=policy.key_attribute,
                 previous_champions=list(policy.previous_champions), action=action, actor=actor, reason=reason,
                 expected_generation=expected))
         recorded = RoutingPolicy.from_deployment(deployment)
