@@ -19,6 +19,7 @@ from swapserve.lifecycle.manager import ModelManager
 from swapserve.lifecycle.runtime import VersionRuntime
 from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.observer import RequestObserver
+from swapserve.monitoring.predictions import PredictionRule
 from swapserve.types import InferRequest, InferResponse, Tensor
 from swapserve.validation import validate
 
@@ -31,15 +32,6 @@ _ID_COUNTER = itertools.count(1)
 
 #: Shadow copies in flight per model beyond which new copies are shed (counted, never queued).
 MAX_SHADOW_IN_FLIGHT = 4
-
-
-def _prediction(spec_outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """What two versions are compared on: argmax over the last axis of the first output
-    (classes), or the values themselves when that axis has one element (regression)."""
-    first = next(iter(spec_outputs.values()))
-    if first.ndim >= 1 and first.shape[-1] > 1:
-        return first.argmax(axis=-1)
-    return first
 
 
 def _failure_reason(exc: SwapserveError) -> str:
@@ -146,7 +138,10 @@ class DataPlane:
             return
         finally:
             self._shadow_in_flight[name] -= 1
-        same = bool(np.array_equal(_prediction(outputs), _prediction(served)))
+        # Compared on what the feedback join scores: the model's PredictionRule (argmax of the
+        # prediction output for classes, the value for regression).
+        rule = PredictionRule.for_spec(shadow.spec)
+        same = rule.predictions(outputs, shadow.spec.batching) == rule.predictions(served, shadow.spec.batching)
         self.metrics.shadow_requests.labels(name, shadow.label, "agree" if same else "diverge").inc()
         if self.observers:
             # The shadow's answer is logged under the same request id for its own version, so late

@@ -30,6 +30,7 @@ from swapserve.config import DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
 from swapserve.errors import DeadlineExceeded, ModelExecutionError, SwapserveError, VersionNotReady
 from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.statistics import VersionStats
+from swapserve.native import split_rows
 from swapserve.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -231,21 +232,26 @@ class VersionRuntime:
             self._isolate_failure(pend, arrays, exc, list(batch.queue_ns))
             return
         t2 = time.perf_counter_ns()
-        results = self._scatter(pend, outputs)
+        try:
+            results = self._scatter(pend, outputs)
+        except SwapserveError as exc:  # the model returned a different number of rows than it was given
+            self._record(sum(p.rows for p in pend), len(pend), t1 - t0, t2 - t1, 0)
+            for p in pend:
+                p.loop.call_soon_threadsafe(_resolve, p.future, None, exc)
+            return
         t3 = time.perf_counter_ns()
         self._record(sum(p.rows for p in pend), len(pend), t1 - t0, t2 - t1, t3 - t2)
         for p, out, q in zip(pend, results, batch.queue_ns):
             p.loop.call_soon_threadsafe(_resolve, p.future, (out, q), None)
 
-    def _scatter(self, pend: list[_Pending], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    @staticmethod
+    def _scatter(pend: list[_Pending], tensors: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per request, views of its rows of each batched tensor (no copy)."""
         if len(pend) == 1:
-            return [outputs]
-        results: list[dict[str, np.ndarray]] = []
-        offset = 0
-        for p in pend:
-            results.append({name: arr[offset:offset + p.rows] for name, arr in outputs.items()})
-            offset += p.rows
-        return results
+            return [tensors]
+        rows = [p.rows for p in pend]
+        parts = {name: split_rows(arr, rows) for name, arr in tensors.items()}
+        return [{name: chunks[i] for name, chunks in parts.items()} for i in range(len(pend))]
 
     def _record(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.stats.execution(rows, requests, input_ns, infer_ns, output_ns)
@@ -262,10 +268,7 @@ class VersionRuntime:
         if len(pend) == 1:
             pend[0].loop.call_soon_threadsafe(_resolve, pend[0].future, None, self._error_for(exc))
             return
-        offset = 0
-        for p, q in zip(pend, queue_ns):
-            single = {name: arr[offset:offset + p.rows] for name, arr in arrays.items()}
-            offset += p.rows
+        for p, q, single in zip(pend, queue_ns, self._scatter(pend, arrays)):
             try:
                 out = self.backend.infer(single)
             except Exception as one:  # noqa: BLE001
