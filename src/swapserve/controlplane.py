@@ -89,9 +89,9 @@ class ControlPlane:
         """Record ``policy`` in the registry (with its audit row), then publish it. Caller holds m.lock."""
         policy.validate(m.name, m.resident_versions())
         expected = m.policy.generation if m.policy is not None and m.policy.pinned else None
-        current = await self._db(self.registry.current_deployment, m.name)
-        if expected is None and current is not None:
-            expected = current.generation
+        if expected is None:  # not yet pinned here: another replica may have recorded one meanwhile
+            current = await self._db(self.registry.current_deployment, m.name)
+            expected = current.generation if current is not None else None
         deployment = await self._db(
             lambda: self.registry.publish_deployment(
                 m.name, champion=policy.champion, traffic=list(policy.traffic), shadows=list(policy.shadows),
