@@ -80,15 +80,13 @@ class DataPlane:
             outputs, queue_ns = await runtime.infer(arrays, rows, deadline_ns)
         except SwapserveError as exc:
             elapsed = time.perf_counter_ns() - start
-            runtime.stats.request_done(False, elapsed)
-            self.metrics.request_failure(spec.name, runtime.label, _failure_reason(exc), elapsed / 1e9)
+            runtime.stats.request_done(False, elapsed, reason=_failure_reason(exc))
             if self.observers:
                 self._notify("on_error", req, spec, runtime.version, exc, elapsed / 1e9)
             raise
         except asyncio.CancelledError:  # the client went away (deadline, cancel): counted, not run if queued
             elapsed = time.perf_counter_ns() - start
-            runtime.stats.request_done(False, elapsed)
-            self.metrics.request_failure(spec.name, runtime.label, "CANCELED", elapsed / 1e9)
+            runtime.stats.request_done(False, elapsed, reason="CANCELED")
             raise
         wanted = req.outputs if req.outputs is not None else [o.name for o in spec.outputs]
         tensors = []
@@ -99,7 +97,6 @@ class DataPlane:
             tensors.append(Tensor(name, ospec.datatype, tuple(arr.shape), arr))
         elapsed = time.perf_counter_ns() - start
         runtime.stats.request_done(True, elapsed, queue_ns)
-        self.metrics.request_success(spec.name, runtime.label, elapsed / 1e9, queue_ns / 1e9)
         if self.observers:
             self._notify("on_response", req, spec, runtime.version, arrays, outputs, elapsed / 1e9)
         for shadow in shadows:

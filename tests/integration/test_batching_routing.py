@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import pytest
 import numpy as np
 import torch
 
@@ -187,3 +188,60 @@ def test_backpressure_and_deadlines(example_repo: Path, tmp_path: Path, make_ser
     srv.stub.ModelInfer(req(), timeout=30)
     after = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
     assert after.inference_count == end.inference_count + 1
+
+
+FAULTY_CONFIG = """
+name: "faulty"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+{parameters}
+"""
+
+
+class Faulty(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise RuntimeError("negative input is not allowed")
+        return x * 2
+
+
+@pytest.mark.parametrize("mode", ["auto", "inline", "thread"])
+def test_inline_and_threaded_execution_answer_alike(mode: str, example_repo: Path, tmp_path: Path,
+                                                    make_server) -> None:  # type: ignore[no-untyped-def]
+    """Tiny models run on the event loop by default; both executors batch, isolate failures, answer each once."""
+    repo = copy_models(example_repo, tmp_path / "repo", ["digits"])
+    params = "" if mode == "auto" else f'parameters {{ key: "swapserve.execution" value: {{ string_value: "{mode}" }} }}'
+    (repo / "faulty" / "1").mkdir(parents=True)
+    (repo / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG.format(parameters=params))
+    torch.jit.script(Faulty()).save(str(repo / "faulty" / "1" / "model.pt"))
+    srv = make_server(repo)
+    runtime = srv.server.manager.runtime("faulty")
+    assert runtime.execution == ("inline" if mode == "auto" else mode)
+    # digits (an MLP of microseconds) is inline under auto; a queue delay would need a waiting worker.
+    assert srv.server.manager.runtime("digits").execution == "inline"
+
+    def call(i: int) -> tuple[int, object]:
+        x = np.full((1 + i % 3, 4), -1.0 if i % 10 == 3 else float(i), np.float32)
+        r = pb.ModelInferRequest(model_name="faulty", id=str(i))
+        r.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        r.raw_input_contents.append(x.tobytes())
+        try:
+            out = srv.stub.ModelInfer(r, timeout=30)
+        except grpc.RpcError as exc:
+            return i, (exc.code(), exc.details())
+        assert out.id == str(i)
+        return i, np.frombuffer(out.raw_output_contents[0], np.float32).reshape(x.shape)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = dict(pool.map(call, range(120)))
+    for i, got in results.items():
+        if i % 10 == 3:  # only the guilty requests fail, whoever shared their batch
+            assert isinstance(got, tuple) and got[0] == grpc.StatusCode.INTERNAL
+            assert "negative input is not allowed" in got[1]
+        else:
+            np.testing.assert_array_equal(got, np.full((1 + i % 3, 4), 2.0 * i, np.float32))
+    stats = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="faulty", version="1")).model_stats[0]
+    assert stats.inference_stats.success.count == 108 and stats.inference_stats.fail.count == 12

@@ -347,7 +347,8 @@ class ModelManager:
         try:
             backend = await asyncio.to_thread(self._load_backend, spec, path, self.device)
             try:
-                runtime = VersionRuntime(spec, version, path, backend, self._batcher_factory, self.metrics)
+                runtime = VersionRuntime(spec, version, path, backend, self._batcher_factory, self.metrics,
+                                         device=self.device)
                 await self._set_state(m, new, VersionState.WARMING)
                 await asyncio.to_thread(runtime.start)
             except BaseException:

@@ -1,10 +1,21 @@
-"""A resident model version: backend + native batcher + runtime worker threads.
+"""A resident model version: backend + native batcher + its executor (worker threads or the event loop).
 
 Request path inside a version::
 
     infer() (event loop) -> Batcher.submit (copies inputs, never blocks)
       -> worker thread: Batcher.next_batch (GIL released while waiting and gathering)
       -> backend.infer(batch) -> scatter rows back -> resolve each request's future
+
+Small models run on the event loop instead (``execution == "inline"``): handing a request
+to a worker thread and its answer back costs two thread wake-ups, which on a small CPU
+machine cost several times more than an MLP's forward pass. Inline, ``infer()`` submits to
+the same batcher and schedules one flush per event-loop turn; the flush takes due batches
+with ``next_batch(0)`` and runs them on the loop, so requests that arrive in the same turn
+still share a batch, and queue bounds, deadlines and batch limits are the batcher's as
+before. Chosen at start: ``swapserve.execution`` ``inline``/``thread`` in the config's
+parameters, or by default (``auto``) inline when the device is the CPU, the model asks for
+no queue delay, and its warmed forward pass at the largest batch takes at most
+``INLINE_MAX_US`` (the loop is blocked that long per batch).
 
 Guarantees: every submitted request is answered exactly once (result, model error,
 deadline exceeded, or "version closed"); a model exception fails only the requests
@@ -29,11 +40,14 @@ from swapserve import dtypes
 from swapserve.config import DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
 from swapserve.errors import DeadlineExceeded, ModelExecutionError, SwapserveError, VersionNotReady
 from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.statistics import VersionStats
 from swapserve.native import split_rows
 from swapserve.types import ModelSpec
 
 log = logging.getLogger(__name__)
+
+#: ``auto`` runs a version on the event loop when its largest warm batch takes at most this long.
+INLINE_MAX_US = 200
+EXECUTION_MODES = ("auto", "inline", "thread")
 
 
 class BatchLike(Protocol):
@@ -68,6 +82,10 @@ class _Pending:
     rows: int
 
 
+#: Hands one request its result or error: across threads, or directly on the loop's own thread.
+Deliver = Callable[[_Pending, Any, "BaseException | None"], None]
+
+
 def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if fut.done():  # the caller gave up (cancelled); nothing to deliver
         return
@@ -81,14 +99,16 @@ class VersionRuntime:
     """One loaded version. Create with ``start()`` (blocking: load + warm), stop with ``close()``."""
 
     def __init__(self, spec: ModelSpec, version: int, model_file: Path, backend: BackendLike,
-                 batcher_factory: BatcherFactory, metrics: Metrics) -> None:
+                 batcher_factory: BatcherFactory, metrics: Metrics, device: str = "cpu") -> None:
         self.spec = spec
         self.version = version
         self.label = str(version)
         self.model_file = model_file
         self.backend = backend
-        self.metrics = metrics
-        self.stats = VersionStats(spec.name, self.label)
+        self.device = device
+        self.stats = metrics.stats(spec.name, self.label)
+        self.execution = "thread"  # decided in start()
+        self._flush_scheduled = False
         self._dtypes = [dtypes.numpy_dtype(t.datatype) for t in spec.inputs]
         db = spec.dynamic_batching
         variable = any(-1 in t.dims for t in spec.inputs)
@@ -112,8 +132,13 @@ class VersionRuntime:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Warm the backend, then start the runtime workers. Blocking; run off the event loop."""
+        """Warm the backend, choose where it runs, start its workers. Blocking; run off the event loop."""
         self.warmup()
+        self.execution = self._choose_execution()
+        log.info("model '%s' version %d runs %s", self.spec.name, self.version,
+                 "on the event loop" if self.execution == "inline" else "on worker threads")
+        if self.execution == "inline":
+            return
         for i in range(max(1, self.spec.instance_count)):
             t = threading.Thread(target=self._work, name=f"{self.spec.name}:{self.version}:w{i}", daemon=True)
             t.start()
@@ -141,6 +166,37 @@ class VersionRuntime:
                 dims = tuple(1 if d == -1 else d for d in t.dims)
                 arrays[t.name] = np.zeros(((n,) if n else ()) + dims, dtype=dt)
             self.backend.infer(arrays)
+
+    def _choose_execution(self) -> str:
+        wanted = self.spec.parameters.get("swapserve.execution", "auto").strip().lower()
+        if wanted not in EXECUTION_MODES:
+            log.warning("model '%s': swapserve.execution %r is not one of %s; using auto", self.spec.name, wanted,
+                        "/".join(EXECUTION_MODES))
+            wanted = "auto"
+        if wanted != "auto":
+            return wanted
+        db = self.spec.dynamic_batching
+        if self.device != "cpu" or (db is not None and db.max_queue_delay_us > 0) or \
+                self.spec.parameters.get("swapserve.warmup", "true").strip().lower() == "false":
+            return "thread"  # a queue delay needs a waiting consumer; an unwarmed model's cost is unknown
+        return "inline" if self._largest_batch_us() <= INLINE_MAX_US else "thread"
+
+    def _largest_batch_us(self) -> float:
+        """Median of three warm forward passes at the largest batch, in microseconds."""
+        rows = max(1, self.spec.max_batch_size) if self.spec.batching else 0
+        arrays = {}
+        for t, dt in zip(self.spec.inputs, self._dtypes):
+            dims = tuple(1 if d == -1 else d for d in t.dims)
+            arrays[t.name] = np.zeros(((rows,) if rows else ()) + dims, dtype=dt)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter_ns()
+            try:
+                self.backend.infer(arrays)
+            except Exception:  # noqa: BLE001 - a model that refuses zeros is timed by its failure; run it off-loop
+                return float("inf")
+            times.append((time.perf_counter_ns() - t0) / 1e3)
+        return sorted(times)[1]
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
         """Wait until no request of this version is in flight. True when drained in time."""
@@ -184,16 +240,33 @@ class VersionRuntime:
             except BaseException:
                 self._pending.pop(ticket, None)
                 raise
+            if self.execution == "inline" and not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
             return await fut
         finally:
             self.in_flight -= 1
 
-    # -- worker side -----------------------------------------------------------------------
+    # -- executor side: a worker thread, or the event loop for inline versions ---------------
 
-    def _fail(self, ticket: int, error: BaseException) -> None:
+    @staticmethod
+    def _deliver_threadsafe(p: _Pending, result: Any, error: BaseException | None) -> None:
+        p.loop.call_soon_threadsafe(_resolve, p.future, result, error)
+
+    @staticmethod
+    def _deliver_direct(p: _Pending, result: Any, error: BaseException | None) -> None:
+        _resolve(p.future, result, error)  # on the loop's own thread
+
+    def _fail(self, ticket: int, error: BaseException, deliver: Deliver | None = None) -> None:
         p = self._pending.pop(ticket, None)
         if p is not None:
-            p.loop.call_soon_threadsafe(_resolve, p.future, None, error)
+            (deliver or self._deliver_threadsafe)(p, None, error)
+
+    def _expired(self, tickets: list[int], deliver: Deliver) -> None:
+        for ticket in tickets:
+            self._fail(ticket, DeadlineExceeded(
+                f"model '{self.spec.name}' version {self.version}: the request's deadline passed while it "
+                "waited in the queue; raise the client timeout or add capacity"), deliver)
 
     def _work(self) -> None:
         while True:
@@ -202,12 +275,17 @@ class VersionRuntime:
                 if self._closing:
                     return
                 continue
-            for ticket in batch.expired:
-                self._fail(ticket, DeadlineExceeded(
-                    f"model '{self.spec.name}' version {self.version}: the request's deadline passed while it "
-                    "waited in the queue; raise the client timeout or add capacity"))
+            self._expired(list(batch.expired), self._deliver_threadsafe)
             if batch.tickets:
-                self._run(batch)
+                self._run(batch, self._deliver_threadsafe)
+
+    def _flush(self) -> None:
+        """Inline execution: run every batch that is due now, on the event loop."""
+        self._flush_scheduled = False
+        while (batch := self.batcher.next_batch(0)) is not None:
+            self._expired(list(batch.expired), self._deliver_direct)
+            if batch.tickets:
+                self._run(batch, self._deliver_direct)
 
     def _assemble(self, pend: list[_Pending], buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
         total = sum(p.rows for p in pend)
@@ -218,10 +296,20 @@ class VersionRuntime:
             arrays[t.name] = buffers[i].view(dt).reshape(shape)
         return arrays
 
-    def _run(self, batch: BatchLike) -> None:
+    def _run(self, batch: BatchLike, deliver: Deliver) -> None:
+        # A ticket is missing only when close() (another thread) already answered it.
+        pend = [p for t in batch.tickets if (p := self._pending.pop(t, None)) is not None]
+        if not pend:
+            return
+        try:
+            self._execute(pend, batch, deliver)
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: fail this batch, keep the executor alive
+            log.exception("model '%s' version %d: batch failed outside the model", self.spec.name, self.version)
+            for p in pend:
+                deliver(p, None, self._error_for(exc))  # requests already answered are skipped by _resolve
+
+    def _execute(self, pend: list[_Pending], batch: BatchLike, deliver: Deliver) -> None:
         t0 = time.perf_counter_ns()
-        tickets = list(batch.tickets)
-        pend = [self._pending.pop(t) for t in tickets]
         arrays = self._assemble(pend, list(batch.inputs))
         t1 = time.perf_counter_ns()
         try:
@@ -229,7 +317,7 @@ class VersionRuntime:
         except Exception as exc:  # noqa: BLE001 - the model's failure is reported to its requests
             t2 = time.perf_counter_ns()
             self._record(sum(p.rows for p in pend), len(pend), t1 - t0, t2 - t1, 0)
-            self._isolate_failure(pend, arrays, exc, list(batch.queue_ns))
+            self._isolate_failure(pend, arrays, exc, list(batch.queue_ns), deliver)
             return
         t2 = time.perf_counter_ns()
         try:
@@ -237,12 +325,12 @@ class VersionRuntime:
         except SwapserveError as exc:  # the model returned a different number of rows than it was given
             self._record(sum(p.rows for p in pend), len(pend), t1 - t0, t2 - t1, 0)
             for p in pend:
-                p.loop.call_soon_threadsafe(_resolve, p.future, None, exc)
+                deliver(p, None, exc)
             return
         t3 = time.perf_counter_ns()
         self._record(sum(p.rows for p in pend), len(pend), t1 - t0, t2 - t1, t3 - t2)
         for p, out, q in zip(pend, results, batch.queue_ns):
-            p.loop.call_soon_threadsafe(_resolve, p.future, (out, q), None)
+            deliver(p, (out, q), None)
 
     @staticmethod
     def _scatter(pend: list[_Pending], tensors: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -255,7 +343,6 @@ class VersionRuntime:
 
     def _record(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.stats.execution(rows, requests, input_ns, infer_ns, output_ns)
-        self.metrics.execution(self.spec.name, self.label, rows, input_ns / 1e9, infer_ns / 1e9, output_ns / 1e9)
 
     def _error_for(self, exc: Exception) -> SwapserveError:
         if isinstance(exc, SwapserveError):
@@ -263,15 +350,15 @@ class VersionRuntime:
         return ModelExecutionError(f"model '{self.spec.name}' version {self.version} failed: {exc}")
 
     def _isolate_failure(self, pend: list[_Pending], arrays: dict[str, np.ndarray], exc: Exception,
-                         queue_ns: list[int]) -> None:
+                         queue_ns: list[int], deliver: Deliver) -> None:
         """A batch failed: re-run each request alone so only the guilty ones fail."""
         if len(pend) == 1:
-            pend[0].loop.call_soon_threadsafe(_resolve, pend[0].future, None, self._error_for(exc))
+            deliver(pend[0], None, self._error_for(exc))
             return
         for p, q, single in zip(pend, queue_ns, self._scatter(pend, arrays)):
             try:
                 out = self.backend.infer(single)
             except Exception as one:  # noqa: BLE001
-                p.loop.call_soon_threadsafe(_resolve, p.future, None, self._error_for(one))
+                deliver(p, None, self._error_for(one))
             else:
-                p.loop.call_soon_threadsafe(_resolve, p.future, (out, q), None)
+                deliver(p, (out, q), None)

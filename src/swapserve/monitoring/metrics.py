@@ -1,58 +1,102 @@
 """Prometheus metrics.
 
 Triton's names and labels are used wherever the meaning is the same, so existing
-Triton dashboards work unchanged. prometheus-client's text exposition appends
-``_total`` to every counter family, which would break those dashboards, so Triton's
-cumulative series are exported by ``_TritonCounters`` (a custom collector) under their
-exact names with TYPE ``untyped``; PromQL's rate() and increase() treat them the same.
-Our own latency histograms carry the ``swapserve_`` prefix.
+Triton dashboards work unchanged. Request and execution figures are not kept in
+prometheus-client objects: the request path adds them to each version's
+``VersionStats`` (the tally ModelStatistics reports too), and ``_StatsCollector``
+renders them when Prometheus scrapes. That keeps label lookups and per-metric locks
+off the request path. prometheus-client's text exposition appends ``_total`` to every
+counter family, which would break Triton dashboards, so Triton's cumulative series are
+exported under their exact names with TYPE ``untyped``; PromQL's rate() and increase()
+treat them the same. Our own histograms carry the ``swapserve_`` prefix.
 """
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: Latency buckets in seconds: 100 µs .. 10 s.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+from swapserve.monitoring.statistics import Buckets, StatsSnapshot, VersionStats
 
-_COUNTERS = {
-    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
-    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
-    "nv_inference_count": "Number of inferences performed (a batch of N counts N)",
-    "nv_inference_exec_count": "Number of model executions performed (a batch counts once)",
-    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
-    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
-    "nv_inference_compute_input_duration_us": "Cumulative compute input duration in microseconds",
-    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
-    "nv_inference_compute_output_duration_us": "Cumulative inference compute output duration in microseconds",
+#: Triton counter name -> (help, value from a snapshot). Durations are reported in µs.
+_COUNTERS: dict[str, tuple[str, Callable[[StatsSnapshot], float]]] = {
+    "nv_inference_request_success": ("Number of successful inference requests, all batch sizes",
+                                     lambda s: s.success.count),
+    "nv_inference_count": ("Number of inferences performed (a batch of N counts N)", lambda s: s.inference_count),
+    "nv_inference_exec_count": ("Number of model executions performed (a batch counts once)",
+                                lambda s: s.execution_count),
+    "nv_inference_request_duration_us": ("Cumulative inference request duration in microseconds",
+                                         lambda s: (s.success.ns + s.fail.ns) / 1e3),
+    "nv_inference_queue_duration_us": ("Cumulative inference queuing duration in microseconds",
+                                       lambda s: s.queue.ns / 1e3),
+    "nv_inference_compute_input_duration_us": ("Cumulative compute input duration in microseconds",
+                                               lambda s: s.compute_input.ns / 1e3),
+    "nv_inference_compute_infer_duration_us": ("Cumulative compute inference duration in microseconds",
+                                               lambda s: s.compute_infer.ns / 1e3),
+    "nv_inference_compute_output_duration_us": ("Cumulative inference compute output duration in microseconds",
+                                                lambda s: s.compute_output.ns / 1e3),
+}
+#: Histogram name -> (help, the snapshot's buckets, scale from recorded units to exported ones).
+_HISTOGRAMS: dict[str, tuple[str, Callable[[StatsSnapshot], Buckets | None], float]] = {
+    "swapserve_request_latency_seconds": ("End-to-end server latency of successful requests",
+                                          lambda s: s.request_ns, 1e-9),
+    "swapserve_queue_latency_seconds": ("Time requests waited in the batcher queue", lambda s: s.queue_ns, 1e-9),
+    "swapserve_compute_latency_seconds": ("Model execution time per batch", lambda s: s.compute_ns, 1e-9),
+    "swapserve_batch_size": ("Rows per executed batch", lambda s: s.batch_rows, 1.0),
 }
 
 
-class _TritonCounters(Collector):
-    """Cumulative counters exported under Triton's exact metric names (no ``_total``)."""
+def _histogram(name: str, doc: str, series: list[tuple[list[str], Buckets]], scale: float) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["model", "version"])
+    for labels, b in series:
+        cumulative, running = [], 0
+        for bound, n in zip((*b.bounds, float("inf")), b.counts):
+            running += n
+            cumulative.append((_le(bound * scale if bound != float("inf") else bound), running))
+        family.add_metric(labels, cumulative, b.total * scale)
+    return family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(round(bound, 9))
+
+
+class _StatsCollector(Collector):
+    """Triton's counters and our request histograms, read from every version's ``VersionStats``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, dict[tuple[str, ...], float]] = defaultdict(lambda: defaultdict(float))
+        self._stats: dict[tuple[str, str], VersionStats] = {}
 
-    def add(self, name: str, labels: tuple[str, ...], value: float) -> None:
+    def stats(self, model: str, version: str) -> VersionStats:
         with self._lock:
-            self._values[name][labels] += value
+            st = self._stats.get((model, version))
+            if st is None:
+                st = self._stats[(model, version)] = VersionStats(model, version)
+            return st
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            snapshot = {name: dict(series) for name, series in self._values.items()}
-        for name, doc in _COUNTERS.items():
-            label_names = ["model", "version", "reason"] if name == "nv_inference_request_failure" else ["model", "version"]
+            every = list(self._stats.values())
+        snaps = [st.snapshot() for st in every]
+        for name, (doc, value) in _COUNTERS.items():
             family = Metric(name, doc, "unknown")
-            for labels, value in snapshot.get(name, {}).items():
-                family.add_sample(name, dict(zip(label_names, labels)), value)
+            for s in snaps:
+                family.add_sample(name, {"model": s.model, "version": s.version}, float(value(s)))
             yield family
+        failures = Metric("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+                          "unknown")
+        for s in snaps:
+            for reason, n in sorted(s.fail_by_reason.items()):
+                failures.add_sample("nv_inference_request_failure",
+                                    {"model": s.model, "version": s.version, "reason": reason}, float(n))
+        yield failures
+        for name, (doc, pick, scale) in _HISTOGRAMS.items():
+            yield _histogram(name, doc, [([s.model, s.version], b) for s in snaps if (b := pick(s)) is not None],
+                             scale)
 
 
 class Metrics:
@@ -60,20 +104,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._counters = _TritonCounters()
-        self.registry.register(self._counters)
-        self.request_latency = Histogram(
-            "swapserve_request_latency_seconds", "End-to-end server latency of successful requests",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_latency = Histogram(
-            "swapserve_queue_latency_seconds", "Time requests waited in the batcher queue",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.compute_latency = Histogram(
-            "swapserve_compute_latency_seconds", "Model execution time per batch",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram(
-            "swapserve_batch_size", "Rows per executed batch", ["model", "version"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self._stats = _StatsCollector()
+        self.registry.register(self._stats)
         self.version_ready = Gauge(
             "swapserve_version_ready", "1 when the version is resident and warmed", ["model", "version"],
             registry=self.registry)
@@ -92,26 +124,6 @@ class Metrics:
             "swapserve_serving_version", "Version that unpinned requests are routed to", ["model"],
             registry=self.registry)
 
-    def request_success(self, model: str, version: str, duration_s: float, queue_s: float) -> None:
-        labels = (model, version)
-        self._counters.add("nv_inference_request_success", labels, 1)
-        self._counters.add("nv_inference_request_duration_us", labels, duration_s * 1e6)
-        self._counters.add("nv_inference_queue_duration_us", labels, queue_s * 1e6)
-        self.request_latency.labels(model, version).observe(duration_s)
-        self.queue_latency.labels(model, version).observe(queue_s)
-
-    def request_failure(self, model: str, version: str, reason: str, duration_s: float = 0.0) -> None:
-        """``reason``: REJECTED (invalid request), BACKEND (model raised), CANCELED, OTHER."""
-        self._counters.add("nv_inference_request_failure", (model, version, reason), 1)
-        if duration_s:
-            self._counters.add("nv_inference_request_duration_us", (model, version), duration_s * 1e6)
-
-    def execution(self, model: str, version: str, rows: int, input_s: float, infer_s: float, output_s: float) -> None:
-        labels = (model, version)
-        self._counters.add("nv_inference_count", labels, rows)
-        self._counters.add("nv_inference_exec_count", labels, 1)
-        self._counters.add("nv_inference_compute_input_duration_us", labels, input_s * 1e6)
-        self._counters.add("nv_inference_compute_infer_duration_us", labels, infer_s * 1e6)
-        self._counters.add("nv_inference_compute_output_duration_us", labels, output_s * 1e6)
-        self.compute_latency.labels(model, version).observe(infer_s)
-        self.batch_size.labels(model, version).observe(rows)
+    def stats(self, model: str, version: str) -> VersionStats:
+        """The tally of one model version, created on first use and kept for the server's lifetime."""
+        return self._stats.stats(model, version)
