@@ -111,6 +111,8 @@ class TorchScriptBackend(base.Backend):
         #: config output name -> element index in a returned tuple/list
         self._output_index = output_index
         self._nbytes = nbytes
+        #: The input names the model declares, to skip the name check for well-formed batches.
+        self._all_inputs = frozenset(t.name for t in spec.inputs)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -222,7 +224,8 @@ class TorchScriptBackend(base.Backend):
         if module is None:
             raise errors.VersionNotReady(f"{self._where} is unloaded")
         spec = self._spec
-        base.check_input_names(spec, inputs)
+        if inputs.keys() != self._all_inputs:
+            base.check_input_names(spec, inputs)
         batch = base.batch_size(spec, inputs)
         kwargs: dict[str, torch.Tensor] = {}
         for t in spec.inputs:
@@ -231,7 +234,7 @@ class TorchScriptBackend(base.Backend):
                 kwargs[self._input_args[t.name]] = self._to_torch(t, arr)
         try:
             with torch.inference_mode():
-                result = module(**kwargs)
+                result = module.forward(**kwargs)  # a ScriptModule has no hooks for __call__ to run
         except Exception as e:
             log.debug("%s raised", self._where, exc_info=True)
             raise errors.ModelExecutionError(f"{self._where} failed: {_model_message(e)}") from e
