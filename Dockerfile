@@ -4,8 +4,9 @@
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 SWAPSERVE_HOME=/var/lib/swapserve
+# libgrpc++-dev + pkg-config: setup.py builds the native gRPC front end and swapserve-loadgen with them.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ libgrpc++-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/swapserve

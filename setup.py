@@ -1,14 +1,20 @@
-"""Build description: the native core (pybind11) and the generated gRPC code.
+"""Build description: the native core (pybind11), the generated gRPC code and the bench's native worker.
 
 setuptools is the real build here (see shared/STYLE.md): csrc/ has no third-party
 C++ dependencies, so Pybind11Extension compiles it directly. The protos are
 compiled by the pinned grpcio-tools before build_py and build_ext run, so wheels,
 sdists and editable installs all see the generated modules (never committed).
+
+csrc/loadgen/loadgen.cc is a standalone executable (``swapserve bench``'s native client),
+linked against the system's grpc++ found through pkg-config; it is optional: without
+grpc++ the build warns once and the harness falls back to its Python client.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +55,51 @@ class BuildPy(build_py):
         super().run()
 
 
+LOADGEN_SOURCE = "csrc/loadgen/loadgen.cc"
+LOADGEN_TARGET = ("swapserve", "bench", "swapserve-loadgen")  # package-relative; found by swapserve/bench/native.py
+
+
+def grpcpp_flags() -> list[str] | None:
+    """Compiler and linker flags for grpc++ from pkg-config, or None when it is not installed."""
+    if shutil.which("pkg-config") is None:
+        return None
+    try:
+        if subprocess.run(["pkg-config", "--exists", "grpc++"]).returncode != 0:
+            return None
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return shlex.split(out.stdout)
+
+
 class BuildExt(build_ext):
     def run(self) -> None:
         generate_protos()
         super().run()
+        self.build_loadgen()
+
+    def build_loadgen(self) -> None:
+        """Compile swapserve-loadgen into build_lib (wheels) and, for editable installs, next to the sources."""
+        flags = grpcpp_flags()
+        if flags is None:
+            print("WARNING: grpc++ not found (pkg-config --exists grpc++ failed): not building swapserve-loadgen; "
+                  "`swapserve bench` will use its Python client. Install it with scripts/ensure-build-deps.sh "
+                  "(Debian/Ubuntu: libgrpc++-dev pkg-config) and reinstall.", file=sys.stderr)
+            return
+        target = Path(self.build_lib, *LOADGEN_TARGET)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cxx = shlex.split(os.environ.get("CXX", "c++"))
+        cmd = [*cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", str(ROOT / LOADGEN_SOURCE), "-o", str(target), *flags]
+        print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
+        if self.inplace:  # editable install: the package is imported from src/
+            # Copy, then rename over the old binary: a bench still running it keeps its file
+            # (writing into a running executable fails with ETXTBSY).
+            dest = OUT.joinpath(*LOADGEN_TARGET)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+            shutil.copy2(target, tmp)
+            os.replace(tmp, dest)
+            print(f"copied {target} -> {dest}")
 
 
 extra = ["-O3", "-Wall", "-Wextra"]
@@ -69,5 +116,20 @@ ext_modules = [
         extra_link_args=["-pthread"],
     )
 ]
+
+# The native gRPC front end (swapserve._frontend) links grpc++; without it the server uses grpc.aio.
+GRPCPP = grpcpp_flags()
+if GRPCPP is not None and not os.environ.get("SWAPSERVE_SANITIZE"):
+    ext_modules.append(Pybind11Extension(
+        "swapserve._frontend",
+        ["csrc/frontend/frontend.cc"],
+        cxx_std=17,
+        extra_compile_args=["-O2", "-Wall", "-Wextra", *[f for f in GRPCPP if f.startswith(("-I", "-D"))]],
+        extra_link_args=["-pthread", *[f for f in GRPCPP if not f.startswith(("-I", "-D"))]],
+    ))
+elif GRPCPP is None:
+    print("WARNING: grpc++ not found: not building the native gRPC front end; the server will serve the "
+          "inference port with grpc.aio (slower). Install it with scripts/ensure-build-deps.sh and reinstall.",
+          file=sys.stderr)
 
 setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, "build_ext": BuildExt})

@@ -6,7 +6,7 @@
 One ``swapserve serve`` subprocess serves, for each of ``digits`` and ``convnet``, the
 example config (with ``dynamic_batching``) and a copy named ``<model>_single`` whose config
 has no ``dynamic_batching`` (requests still pass through the same queue and worker, one at
-a time). ``swapserve bench`` (closed loop, raw generic gRPC calls) drives each at
+a time). ``swapserve bench`` (closed loop, its default client: native when built) drives each at
 concurrency 1, 8 and 32; batched and single runs alternate, every cell is repeated and the
 median reported, and the throughput and p99 ratios are taken within each repeat.
 """

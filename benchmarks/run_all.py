@@ -4,7 +4,7 @@
 
 1. Peers: swapserve, KServe 0.21 (Python model server), MLServer 1.7.1 and a no-op grpc.aio
    floor all serve the TorchScript ``digits`` model on 127.0.0.1, all running at once; the same
-   ``swapserve bench`` (raw client) runs against each in turn, alternating the order on every
+   ``swapserve bench`` (its default client) runs against each in turn, alternating the order on every
    repeat, closed loop at concurrency 1, 8 and 32; medians of the repeats.
 2. Server CPU per request at a fixed arrival rate that swapserve and the best peer both sustain.
 3. A version change every 5 s under load (swapserve: promote through the control service;
@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 
 import peers  # noqa: E402
 
-from swapserve.bench.runner import BenchConfig, run_bench  # noqa: E402
+from swapserve.bench.runner import BenchConfig, resolve_client, run_bench  # noqa: E402
 
 SERVERS = ("swapserve", "kserve", "mlserver", "noop")
 #: Other benchmark scripts rendered into RESULTS.md when present: title, args, --quick args, timeout (s).
@@ -198,7 +198,8 @@ def main() -> int:
     running: dict[str, peers.Peer] = {}
     unavailable: dict[str, str] = {}
     raw: dict[str, Any] = {"machine": info, "command": command, "digits_compute_ms": compute_ms,
-                           "unavailable": unavailable, "closed": {}, "fixed_rate": {}, "swap": {}, "steady": {}}
+                           "client": resolve_client("auto"), "unavailable": unavailable, "closed": {},
+                           "fixed_rate": {}, "swap": {}, "steady": {}}
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -293,7 +294,8 @@ def render(raw: dict[str, Any], table: dict[str, Any], best: str | None, fixed: 
          f"- Machine: {m['nproc']} CPUs ({m['affinity']} usable), {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; "
          f"load average at start {m['loadavg_at_start']} (a shared machine: read ratios, not absolute times)",
          f"- swapserve side: {pk}", f"- Peers: {peer_versions or 'none'}",
-         "- Client: `swapserve bench` raw mode (pre-serialised requests, generic gRPC calls), on the same cores as "
+         f"- Client: `swapserve bench --client {raw['client']}` (pre-serialised requests, generic gRPC calls"
+         f"{' from C++: swapserve-loadgen' if raw['client'] == 'native' else ' from Python'}), on the same cores as "
          "the servers; every figure is a median of the repeats, and every ratio is between figures of this run.",
          f"- Model: `digits` (TorchScript MLP), batch 1; its own compute time here: {compute_ms * 1000:.0f} µs "
          "per request (one torch thread).", ""]
@@ -324,8 +326,9 @@ def render(raw: dict[str, Any], table: dict[str, Any], best: str | None, fixed: 
         line("p99 with version changes ≤ 1.1x steady", ratio(r["swap"]["p99_ms"], r["steady"]["p99_ms"]), 1.1, True,
              "{}x")
     if harness:
-        line("harness client CPU ≤ 150 µs/request at c=32", harness["closed_c32"]["raw"]["client_cpu_us_per_request"],
-             150, True, "{} µs")
+        default = harness["default_client"]
+        line(f"harness client CPU ≤ 150 µs/request at c=32 ({default})",
+             harness["closed_c32"][default]["client_cpu_us_per_request"], 150, True, "{} µs")
     L.append("")
 
     L += ["## Closed loop, by concurrency", "",

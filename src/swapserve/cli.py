@@ -24,6 +24,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: rescan interval (default 15)")
     p.add_argument("--grpc-max-message-bytes", type=int, default=None,
                    help="largest gRPC message accepted or sent (default 256 MiB)")
+    p.add_argument("--frontend", choices=["auto", "native", "python"], default=None,
+                   help="inference port transport: native (grpc++), python (grpc.aio); default auto = native if built")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads per torch worker (default 1)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--registry", default=None,

@@ -29,6 +29,14 @@ class ControlMode(str, enum.Enum):
     POLL = "poll"  # rescan the repository every --repository-poll-secs
 
 
+class Frontend(str, enum.Enum):
+    """What serves the inference port's gRPC."""
+
+    AUTO = "auto"  # native when it is built, else python
+    NATIVE = "native"  # grpc++ in C++ (swapserve._frontend); the servicers still run in Python
+    PYTHON = "python"  # grpc.aio
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWAPSERVE_", extra="ignore")
 
@@ -56,6 +64,9 @@ class Settings(BaseSettings):
 
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest request or response message; larger ones get RESOURCE_EXHAUSTED."""
+
+    frontend: Frontend = Frontend.AUTO
+    """Inference port transport: auto (native when built), native (grpc++) or python (grpc.aio)."""
 
     torch_threads: int = 1
     """Intra-op threads per torch runtime worker (the 2-core default leaves a core for gRPC)."""

@@ -3,11 +3,17 @@
 This process may import swapserve._proto but never tritonclient (the tritonclient client
 mode runs in its own worker subprocess). Nothing here asserts an absolute time: only
 counts, agreement with reference computations and relations between two runs.
+
+The main scenarios run with the raw Python client and with the native one
+(swapserve-loadgen); without its binary the native cases skip, except under CI=1, where
+they fail (the set-up installs grpc++ and builds it).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from swapserve.bench import report
-from swapserve.bench.runner import BenchConfig, BenchResult, run_bench
+from swapserve.bench import native, report, workload
+from swapserve.bench.runner import BenchConfig, BenchError, BenchResult, run_bench
 from swapserve.bench.swap import control_cli_available
 from swapserve.bench.worker_raw import response_version
 from tests.e2e.serverproc import ROOT, ServerProcess, copy_models
@@ -35,6 +41,16 @@ CONFIG_KEYS = {"url", "model", "mode", "concurrency", "rate", "duration", "warmu
 SERIES_KEYS = {"t", "sent", "completed", "errors", "p50_ms", "p99_ms", "max_ms", "versions"}
 
 SLOW_TARGET_S = 0.02
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+#: The load generators every main scenario runs with.
+CLIENTS = ["raw", pytest.param("native", marks=pytest.mark.skipif(
+    native.find_binary() is None and not _ci(),
+    reason=f"{native.missing_message()} (under CI=1 this fails instead)"))]
 
 
 class Slow(torch.nn.Module):
@@ -112,10 +128,12 @@ def test_response_version_scanner_matches_protobuf() -> None:
     assert response_version(pb.ModelInferResponse(model_name="m").SerializeToString()) == ""
 
 
-def test_closed_loop_counts_and_percentiles(server: ServerProcess) -> None:
-    res = _run(server, model="digits", concurrency=4, params={"slice": "a"})
+@pytest.mark.parametrize("client", CLIENTS)
+def test_closed_loop_counts_and_percentiles(server: ServerProcess, client: str) -> None:
+    res = _run(server, model="digits", concurrency=4, params={"slice": "a"}, client=client)
     s, rec = res.summary, res.records
     _check_accounting(s, rec)
+    assert s["config"]["client"] == client
     assert s["errors"] == 0 and s["versions"]
     ref = np.percentile((rec.done - rec.sched) / 1e6, [50, 90, 99, 99.9], method="linear")
     got = [s["latency_ms"][k] for k in ("p50", "p90", "p99", "p99.9")]
@@ -140,8 +158,12 @@ def test_errors_are_counted_by_status(server: ServerProcess, tmp_path: Path) -> 
     assert set(s["errors_by_status"]) <= {"NOT_FOUND", "UNAVAILABLE", "INVALID_ARGUMENT"}
 
 
-def test_cli_json_plot_records_and_version_attribution(server: ServerProcess, tmp_path: Path) -> None:
-    """Per-request pinned versions from an npz input file: both versions answer and are told apart."""
+@pytest.mark.parametrize("client", CLIENTS)
+def test_cli_json_plot_records_and_version_attribution(server: ServerProcess, tmp_path: Path, client: str) -> None:
+    """Per-request pinned versions from an npz input file: both versions answer and are told apart.
+
+    Native runs without --client: it is the default whenever it is built.
+    """
     n = 8
     data = tmp_path / "inputs.npz"
     np.savez(data, pixels=np.random.default_rng(0).random((n, 64), dtype=np.float32),
@@ -151,12 +173,14 @@ def test_cli_json_plot_records_and_version_attribution(server: ServerProcess, tm
         [sys.executable, "-m", "swapserve.cli", "bench", "--url", server.url, "--model", "digits",
          "--concurrency", "4", "--duration", "1.5", "--warmup", "0.3", "--input-data", str(data),
          "--param", "slice=night", "--server-pid", str(server.proc.pid),  # type: ignore[union-attr]
-         "--json", str(out_json), "--plot", str(out_png), "--records", str(out_rec)],
+         "--json", str(out_json), "--plot", str(out_png), "--records", str(out_rec),
+         *(["--client", client] if client != "native" else [])],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "throughput" in proc.stdout  # the human summary
     s = json.loads(out_json.read_text())
     assert set(s) == SUMMARY_KEYS and s["schema"] == report.SCHEMA
+    assert s["config"]["client"] == client
     assert set(s["versions"]) == {"1", "2"} and s["errors"] == 0
     # Payloads go round-robin over alternating pins: each version serves about half.
     assert min(s["versions"].values()) >= s["completed"] // 4
@@ -175,12 +199,13 @@ def test_cli_json_plot_records_and_version_attribution(server: ServerProcess, tm
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
-def test_open_loop_reports_queueing(server: ServerProcess) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_open_loop_reports_queueing(server: ServerProcess, client: str) -> None:
     """Above capacity, open-loop latency includes the wait in the queue; closed loop never sees it."""
-    closed = _run(server, model="slow", concurrency=1, duration=1.5)
+    closed = _run(server, model="slow", concurrency=1, duration=1.5, client=client)
     capacity = closed.summary["throughput_rps"]
     assert capacity > 0
-    opened = _run(server, model="slow", rate=max(4.0, 2.5 * capacity), duration=1.5, warmup=0.0)
+    opened = _run(server, model="slow", rate=max(4.0, 2.5 * capacity), duration=1.5, warmup=0.0, client=client)
     s = opened.summary
     _check_accounting(s, opened.records)
     assert s["config"]["mode"] == "open" and s["errors"] == 0
@@ -210,11 +235,12 @@ def _control_url(server: ServerProcess) -> str | None:
 
 @pytest.mark.skipif(not control_cli_available(), reason="`swapserve promote --help` fails: the control service "
                                                         "CLI (issue #4) is not in this tree yet")
-def test_swap_scenario_attributes_both_versions(server: ServerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_swap_scenario_attributes_both_versions(server: ServerProcess, tmp_path: Path, client: str) -> None:
     url = _control_url(server)
     assert url, "the ready line should name the control endpoint: " + "\n".join(server.lines[-5:])
     res = _run(server, model="digits", concurrency=4, duration=3.0, swap_every=1.0, versions=["1", "2"],
-               control_url=url)
+               control_url=url, client=client)
     s = res.summary
     _check_accounting(s, res.records)
     assert s["swaps"] and all(e["ok"] for e in s["swaps"]), s["swaps"]
@@ -222,3 +248,45 @@ def test_swap_scenario_attributes_both_versions(server: ServerProcess, tmp_path:
     png = tmp_path / "swap.png"
     report.plot(res.records, s, res.window_start, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture()
+def canned_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests without asking the server for metadata: these tests aim the harness at servers that do not answer."""
+    payload = workload.encode_request("digits", {"pixels": (np.zeros((1, 64), np.float32), "FP32")}, {})
+    monkeypatch.setattr(workload, "build_payloads", lambda *a, **kw: ([payload], {}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.usefixtures("canned_payloads")
+@pytest.mark.parametrize("client", CLIENTS)
+def test_unreachable_server_counts_errors_without_hanging(client: str) -> None:
+    """Nothing listening (refused: UNAVAILABLE) or a peer that never answers (DEADLINE_EXCEEDED)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes connections; nobody ever reads or answers
+        for url, codes in ((f"127.0.0.1:{_free_port()}", {"UNAVAILABLE"}),
+                           (f"127.0.0.1:{silent.getsockname()[1]}", {"DEADLINE_EXCEEDED", "UNAVAILABLE"})):
+            began = time.monotonic()
+            s = run_bench(BenchConfig(url=url, model="digits", concurrency=2, duration=1.0, warmup=0.0, timeout=0.5,
+                                      client=client)).summary
+            assert time.monotonic() - began < 30, url
+            assert s["config"]["client"] == client
+            assert s["sent"] > 0 and s["completed"] == 0 and s["errors"] == s["sent"], url
+            assert set(s["errors_by_status"]) <= codes, (url, s["errors_by_status"])
+
+
+@pytest.mark.usefixtures("canned_payloads")
+def test_native_client_without_its_binary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--client native fails before starting anything, saying how to build it; the default falls back to raw."""
+    monkeypatch.setenv(native.BINARY_ENV, str(tmp_path / "no-such-loadgen"))
+    with pytest.raises(BenchError, match=r"--client native: the native client is not built .*ensure-build-deps"):
+        run_bench(BenchConfig(url=f"127.0.0.1:{_free_port()}", model="digits", client="native"))
+    s = run_bench(BenchConfig(url=f"127.0.0.1:{_free_port()}", model="digits", concurrency=1, duration=0.3,
+                              warmup=0.0, timeout=0.5)).summary
+    assert s["config"]["client"] == "raw" and s["errors"] == s["sent"] > 0

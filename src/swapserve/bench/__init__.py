@@ -2,8 +2,10 @@
 
 Layout: ``cli`` (arguments, output) -> ``runner`` (workers, swaps, CPU accounting) ->
 ``workload`` (pre-serialised requests; the only module here importing ``swapserve._proto``)
-and ``loop`` + ``worker_raw`` / ``worker_triton`` (the load generators, one subprocess each,
-so tritonclient and swapserve's protos never share a process), ``report`` (statistics,
+and the load generators, one subprocess each, all speaking the protocol in ``loop``:
+``native`` (runs ``swapserve-loadgen``, the grpc++ worker built from csrc/loadgen; the
+default when built), ``loop`` + ``worker_raw`` / ``worker_triton`` (Python workers, so
+tritonclient and swapserve's protos never share a process); ``report`` (statistics,
 JSON, table, plot), ``swap`` (how a version is made live), ``procstat`` (server CPU).
 
 Modes. Closed loop (``--concurrency C``): C users, each sends, waits, sends again;
@@ -26,7 +28,8 @@ JSON document (``--json``; key set stable within a ``schema`` value)::
       "schema": "swapserve.bench/1",
       "started_at": "2026-01-01T00:00:00+00:00",       # UTC
       "config": {url, model, mode: "closed"|"open", concurrency, rate, duration, warmup,
-                 timeout, model_version, input_data, params, client: "raw"|"tritonclient",
+                 timeout, model_version, input_data, params,
+                 client: "native"|"raw"|"tritonclient",   # the one that ran ("auto" resolved)
                  processes, server_pids, swap_every, versions, control_url, swap_command,
                  distinct_requests, seed, command?},   # command: argv, when run from the CLI
       "duration_s": 10.02,                 # window start -> last response (>= --duration)

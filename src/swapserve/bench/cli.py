@@ -27,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="JSON or npz with the inputs (and parameters, model_version) of each request")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="request parameter on every request, e.g. routing_key=u7 (repeatable)")
-    p.add_argument("--client", choices=["raw", "tritonclient"], default="raw",
-                   help="raw: pre-serialised generic gRPC calls (cheap; default); tritonclient: its aio infer()")
+    p.add_argument("--client", choices=["auto", "native", "raw", "tritonclient"], default="auto",
+                   help="native: swapserve-loadgen, grpc++ generic calls on pre-serialised requests (cheapest); "
+                        "raw: the same requests from Python grpc.aio; tritonclient: its aio infer(); "
+                        "auto (default): native when it is built, else raw")
     p.add_argument("--processes", type=int, default=0, help="client processes (default: automatic)")
     p.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
                    help="local server process (its children count too): report server CPU per request")
@@ -50,12 +52,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.console import Console
 
-    from swapserve.bench import report
+    from swapserve.bench import native, report
     from swapserve.bench.runner import BenchConfig, BenchError, run_bench
     from swapserve.bench.swap import SwapFailed
     from swapserve.bench.workload import WorkloadError, parse_params
 
     console, errors = Console(), Console(stderr=True)
+    if args.client == "auto" and native.find_binary() is None:
+        errors.print(f"[yellow]swapserve bench: {native.missing_message()}; using --client raw[/yellow]")
     try:
         cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency or 1, rate=args.rate or 0.0,
                           duration=args.duration, warmup=args.warmup, timeout=args.timeout,

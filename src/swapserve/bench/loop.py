@@ -13,6 +13,9 @@ Worker protocol (one subprocess per worker, started by ``swapserve.bench.runner`
       -> every second prints "progress COMPLETED ERRORS"; at the end writes OUT.npz
          and prints "done"
 
+The native worker (``swapserve-loadgen``, see ``swapserve.bench.native``) speaks the same
+protocol with its own input and output files.
+
 Guarantees: every request that is scheduled is recorded exactly once, as completed
 (status 0) or failed (its gRPC status code), so completed + errors = sent; requests
 in flight at the end are awaited (bounded by the per-request timeout).

@@ -1,6 +1,7 @@
 """Run one benchmark: build payloads, start worker processes, drive swaps, collect and summarise."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -16,20 +17,41 @@ from typing import Any
 
 import numpy as np
 
-from swapserve.bench import procstat, report
+from swapserve.bench import native, procstat, report
 from swapserve.bench.loop import WorkerSpec
 from swapserve.bench.swap import SwapDriver, SwapFailed
 
+#: Python workers: client -> module run as ``python -m MODULE SPEC.pkl OUT.npz``.
 WORKERS = {"raw": "swapserve.bench.worker_raw", "tritonclient": "swapserve.bench.worker_triton"}
+#: Every --client value; "auto" is "native" when swapserve-loadgen is built, else "raw".
+CLIENTS = ("auto", "native", *WORKERS)
 
-#: Requests in flight one raw worker process sustains cheaply; beyond it, add processes.
-CONCURRENCY_PER_PROCESS = 64
-#: Arrival rate one raw worker process sustains with a small send lag (req/s).
-RATE_PER_PROCESS = 4000.0
+#: Requests in flight one worker process sustains cheaply, by client; beyond it, add processes.
+#: native: one thread, one HTTP/2 connection; 100 stays within the usual limit of concurrent
+#: streams per connection (100 in Envoy, nginx), past which calls would queue in the client.
+CONCURRENCY_PER_PROCESS = {"native": 100, "raw": 64, "tritonclient": 64}
+#: Arrival rate one worker process sustains with a small send lag (req/s), by client.
+#: native: ~70-110 µs of CPU per request measured against the no-op server (bench_harness.py),
+#: so one process stays under a core at this rate.
+RATE_PER_PROCESS = {"native": 8000.0, "raw": 4000.0, "tritonclient": 4000.0}
 
 
 class BenchError(RuntimeError):
     pass
+
+
+def resolve_client(client: str) -> str:
+    """The client that runs for ``--client``: "auto" -> "native" when its binary is built, else "raw".
+
+    Raises ``BenchError`` for an unknown name, or for "native" when the binary is missing.
+    """
+    if client not in CLIENTS:
+        raise BenchError(f"--client must be one of {list(CLIENTS)}, not {client!r}")
+    if client == "auto":
+        return "native" if native.find_binary() is not None else "raw"
+    if client == "native" and native.find_binary() is None:
+        raise BenchError(f"--client native: {native.missing_message()}; or use --client raw")
+    return client
 
 
 @dataclass
@@ -44,7 +66,7 @@ class BenchConfig:
     model_version: str = ""
     input_data: Path | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    client: str = "raw"                     # raw | tritonclient
+    client: str = "auto"                    # auto | native | raw | tritonclient
     processes: int = 0                      # 0 = automatic
     server_pids: list[int] = field(default_factory=list)
     swap_every: float = 0.0
@@ -58,9 +80,10 @@ class BenchConfig:
     def auto_processes(self) -> int:
         if self.processes > 0:
             return self.processes
+        client = self.client if self.client in RATE_PER_PROCESS else "raw"  # "auto" before resolve_client
         if self.rate > 0:
-            return max(1, math.ceil(self.rate / RATE_PER_PROCESS))
-        return max(1, math.ceil(self.concurrency / CONCURRENCY_PER_PROCESS))
+            return max(1, math.ceil(self.rate / RATE_PER_PROCESS[client]))
+        return max(1, math.ceil(self.concurrency / CONCURRENCY_PER_PROCESS[client]))
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,17 +143,22 @@ class _Swapper(threading.Thread):
 
 
 class _Worker:
-    def __init__(self, module: str, spec: WorkerSpec, tmp: Path, n: int) -> None:
-        self.spec_path = tmp / f"spec{n}.pkl"
-        self.out = tmp / f"out{n}.npz"
-        with open(self.spec_path, "wb") as f:
-            pickle.dump(spec, f)
+    """One worker process of ``client`` (a Python worker module, or swapserve-loadgen for "native")."""
+
+    def __init__(self, client: str, spec: WorkerSpec, tmp: Path, n: int) -> None:
+        self.client = client
+        if client == "native":
+            argv, self.out = native.prepare(spec, tmp, n)
+        else:
+            spec_path, self.out = tmp / f"spec{n}.pkl", tmp / f"out{n}.npz"
+            with open(spec_path, "wb") as f:
+                pickle.dump(spec, f)
+            argv = [sys.executable, "-m", WORKERS[client], str(spec_path), str(self.out)]
         self.completed = self.errors = 0
         self.lines: list[str] = []
         self.state = threading.Condition()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", module, str(self.spec_path), str(self.out)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.err: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -173,6 +201,13 @@ class _Worker:
             self.proc.kill()
             self.proc.wait(10)
 
+    def result(self) -> dict[str, np.ndarray]:
+        """The records the worker saved: {sched, sent, done, status, version, version_table, cpu_s}."""
+        if self.client == "native":
+            return native.read_output(self.out)
+        with np.load(self.out, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
 
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -181,12 +216,13 @@ def _split(total: int, parts: int) -> list[int]:
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run one benchmark and return its summary (the ``--json`` document) and per-request records.
 
-    Raises ``BenchError`` when the workers cannot start; request failures are results, not exceptions.
+    ``cfg.client`` "auto" is resolved first (see ``resolve_client``); the summary's
+    ``config.client`` names the client that ran. Raises ``BenchError`` when the workers cannot
+    start; request failures are results, not exceptions.
     """
     from swapserve.bench.workload import build_payloads
 
-    if cfg.client not in WORKERS:
-        raise BenchError(f"--client must be one of {sorted(WORKERS)}, not {cfg.client!r}")
+    cfg = dataclasses.replace(cfg, client=resolve_client(cfg.client))
     if cfg.rate <= 0 and cfg.concurrency < 1:
         raise BenchError("give --concurrency >= 1 (closed loop) or --rate > 0 (open loop)")
     driver = _swap_driver(cfg)
@@ -206,7 +242,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 spec = WorkerSpec(url=cfg.url, model=cfg.model, payloads=payloads, duration_s=total_s,
                                   timeout_s=cfg.timeout, concurrency=conc[n] if cfg.rate <= 0 else 0,
                                   rate=cfg.rate, slot=n, slots=nproc, first_payload=n * 7919)
-                workers.append(_Worker(WORKERS[cfg.client], spec, tmp, n))
+                workers.append(_Worker(cfg.client, spec, tmp, n))
             for w in workers:
                 w.wait_for("ready", 120)
             if driver is not None:  # a known champion before the clock starts
@@ -236,10 +272,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     w.proc.wait(30)
                 except subprocess.TimeoutExpired:
                     w.kill()
-        parts = []
-        for w in workers:
-            with np.load(w.out, allow_pickle=False) as z:
-                parts.append({k: z[k] for k in z.files})
+        parts = [w.result() for w in workers]
     rec = report.Records.merge(parts, window_start)
     client_cpu = float(sum(float(p["cpu_s"]) for p in parts))
     server_cpu = (procstat.cpu_between(server_before, server_after)

@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
 from swapserve.backends import backend_class, device_free_bytes, resolve_device
-from swapserve.config import ControlMode, Settings, parse_bytes
+from swapserve.config import ControlMode, Frontend, Settings, parse_bytes
 from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
 from swapserve.errors import ConfigError
@@ -29,6 +30,7 @@ from swapserve.repository import ModelRepository
 from swapserve.rollout.controller import RolloutController
 from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackServicer
+from swapserve.server import native_frontend
 from swapserve.server.inference import InferenceServicer
 from swapserve._proto import control_pb2
 from swapserve._proto import control_pb2_grpc
@@ -60,7 +62,7 @@ class Server:
     """A running swapserve. ``grpc_port``/``metrics_port`` are the bound ports (useful with port 0)."""
 
     settings: Settings
-    grpc_server: grpc.aio.Server
+    grpc_server: Any  # grpc.aio.Server or native_frontend.NativeServer (same interface)
     control_server: grpc.aio.Server
     control: ControlPlane
     rollouts: RolloutController
@@ -173,19 +175,27 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor])
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
-    grpc_server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ])
+    frontend = settings.frontend
+    if frontend is Frontend.AUTO:
+        frontend = Frontend.NATIVE if native_frontend.available() else Frontend.PYTHON
+    grpc_server: Any
+    if frontend is Frontend.NATIVE:
+        grpc_server = native_frontend.NativeServer(limit)
+    else:
+        grpc_server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
+    # The asyncio reflection servicer, added directly: enable_server_reflection() would pick the
+    # synchronous one for a server that is not a grpc.aio.Server (the native front end).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(
         [INFERENCE_SERVICE, FEEDBACK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
-        grpc_server)
+         reflection.SERVICE_NAME]), grpc_server)
     port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
@@ -210,8 +220,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have
     await control_server.start()
-    log.info("gRPC inference on %s:%d, control on %s:%d, metrics on %s", settings.host, port, control_host,
-             control_port, metrics_port)
+    log.info("gRPC inference on %s:%d (%s front end), control on %s:%d, metrics on %s", settings.host, port,
+             frontend.value, control_host, control_port, metrics_port)
 
     # The registry's record of what is live wins over the start-up load rules (promise 5).
     restored = await manager.restore()

@@ -1,0 +1,282 @@
+"""The inference port on the native front end (``swapserve._frontend``, grpc++), hosting grpc.aio servicers.
+
+``NativeServer`` has the part of ``grpc.aio.Server``'s interface that generated
+``add_*Servicer_to_server`` functions and ``swapserve.server.app`` use, so the same
+servicers (inference, feedback, health, reflection) run on either front end. The C++ side
+accepts calls and moves bytes; this side turns events into servicer calls on the event loop:
+
+- a message of a new call: look up the method's handler; unary requests run at once, streaming
+  requests get an async iterator fed by the following messages (half-close ends it);
+- the handler's answer goes back with one ``finish`` (unary) or ``write`` per message + ``finish``;
+- cancellation (client gone, deadline passed) cancels the handler's task, so the data plane
+  counts the request CANCELED and never runs it if it was still queued.
+
+Statuses are grpc.aio's: ``context.abort`` ends the call with its code and message; any other
+exception is UNKNOWN, as grpc.aio answers it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+try:  # built only where grpc++ is installed (see setup.py); the Python front end works everywhere
+    from swapserve import _frontend
+except ImportError:  # pragma: no cover - exercised on machines without grpc++
+    _frontend = None  # type: ignore[assignment]
+
+
+def available() -> bool:
+    return _frontend is not None
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _HandlerCallDetails(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata: tuple[Any, ...] = ()
+
+
+class _Context:
+    """What our servicers and grpcio's health/reflection servicers use of grpc.aio's ServicerContext."""
+
+    __slots__ = ("_server", "_id", "_deadline_ns", "_code", "_details", "_serializer", "_cancelled", "_done")
+
+    def __init__(self, server: NativeServer, call_id: int, deadline_ns: int, serializer: Any) -> None:
+        self._server, self._id, self._deadline_ns, self._serializer = server, call_id, deadline_ns, serializer
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self._cancelled = False
+        self._done = False
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = None) -> None:
+        raise _Abort(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def time_remaining(self) -> float | None:
+        if not self._deadline_ns:
+            return None
+        return max(0.0, (self._deadline_ns - time.monotonic_ns()) / 1e9)
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return ()
+
+    def peer(self) -> str:
+        return ""
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._done
+
+    async def write(self, message: Any) -> None:
+        self._server._native.write(self._id, self._serializer(message) if self._serializer else message)
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        return None
+
+
+class _Call:
+    __slots__ = ("task", "requests", "context")
+
+    def __init__(self, context: _Context) -> None:
+        self.context = context
+        self.task: asyncio.Task[None] | None = None
+        self.requests: asyncio.Queue[Any] | None = None
+
+
+_END = object()
+
+
+class NativeServer:
+    """A grpc.aio-like server for the inference port on the native front end. Create, add, start, stop."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        if _frontend is None:
+            raise RuntimeError("the native front end is not built (grpc++ was missing at install); "
+                               "use --frontend python or install libgrpc++-dev and reinstall")
+        self._max = max_message_bytes
+        self._native: Any = None
+        self._address = ""
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._calls: dict[int, _Call] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()
+
+    # -- the grpc.aio.Server surface --------------------------------------------------------
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        for name, handler in handlers.items():
+            self._methods[f"/{service}/{name}"] = handler
+
+    def add_insecure_port(self, address: str) -> int:
+        self._address = address
+        self._native = _frontend.Frontend(address, self._max)
+        try:
+            return int(self._native.start())
+        except RuntimeError as exc:
+            log.error("native front end: %s", exc)
+            return 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._native.fileno(), self._on_events)
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls; in-flight ones get ``grace`` seconds, then are cancelled."""
+        if self._native is None or self._stopped.is_set():
+            return
+        await asyncio.to_thread(self._native.stop, float(grace or 0.0))
+        assert self._loop is not None
+        self._loop.remove_reader(self._native.fileno())
+        for call in list(self._calls.values()):
+            if call.task is not None:
+                call.task.cancel()
+        self._stopped.set()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _handler(self, method: str) -> grpc.RpcMethodHandler | None:
+        if method in self._methods:
+            return self._methods[method]
+        found = None
+        details = _HandlerCallDetails(method)
+        for g in self._generic:
+            found = g.service(details)
+            if found is not None:
+                break
+        self._methods[method] = found
+        return found
+
+    def _on_events(self) -> None:
+        for call_id, kind, method, payload, deadline_ns in self._native.drain():
+            try:
+                if kind == _frontend.MESSAGE:
+                    self._message(call_id, method, payload, deadline_ns)
+                elif kind == _frontend.HALF_CLOSE:
+                    call = self._calls.get(call_id)
+                    if call is not None and call.requests is not None:
+                        call.requests.put_nowait(_END)
+                else:  # CANCELLED
+                    call = self._calls.get(call_id)
+                    if call is not None:
+                        call.context._cancelled = True
+                        if call.task is not None:
+                            call.task.cancel()
+                    else:
+                        self._native.finish(call_id, grpc.StatusCode.CANCELLED.value[0], "cancelled")
+            except Exception:  # noqa: BLE001 - one bad event must not stop the others
+                log.exception("native front end: event for call %d (%s) failed", call_id, method)
+                self._finish(call_id, grpc.StatusCode.INTERNAL, "internal error in the front end")
+
+    def _message(self, call_id: int, method: str, payload: bytes, deadline_ns: int) -> None:
+        call = self._calls.get(call_id)
+        if call is not None:  # a further message of a client-streaming call
+            if call.requests is not None:
+                handler = self._methods[method]
+                assert handler is not None
+                call.requests.put_nowait(handler.request_deserializer(payload) if handler.request_deserializer
+                                         else payload)
+            return
+        handler = self._handler(method)
+        if handler is None:
+            self._native.finish(call_id, grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+            return
+        context = _Context(self, call_id, deadline_ns, handler.response_serializer)
+        call = self._calls[call_id] = _Call(context)
+        try:
+            request = handler.request_deserializer(payload) if handler.request_deserializer else payload
+        except Exception:  # noqa: BLE001 - an unparseable message is the client's error
+            del self._calls[call_id]
+            self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "could not parse the request message")
+            return
+        if handler.request_streaming:
+            call.requests = asyncio.Queue()
+            call.requests.put_nowait(request)
+            request = self._iterate(call.requests)
+        assert self._loop is not None
+        call.task = self._loop.create_task(self._run(call_id, handler, request, context))
+
+    @staticmethod
+    async def _iterate(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        while (item := await queue.get()) is not _END:
+            yield item
+
+    def _finish(self, call_id: int, code: grpc.StatusCode, details: str, last: bytes | None = None) -> None:
+        self._calls.pop(call_id, None)
+        self._native.finish(call_id, code.value[0], details, last)
+
+    async def _run(self, call_id: int, handler: grpc.RpcMethodHandler, request: Any, context: _Context) -> None:
+        serialize = handler.response_serializer
+        try:
+            if handler.request_streaming and handler.response_streaming:
+                behavior = handler.stream_stream
+            elif handler.request_streaming:
+                behavior = handler.stream_unary
+            elif handler.response_streaming:
+                behavior = handler.unary_stream
+            else:
+                behavior = handler.unary_unary
+            result = behavior(request, context)
+            if handler.response_streaming:
+                if inspect.isasyncgen(result):
+                    async for message in result:
+                        self._native.write(call_id, serialize(message) if serialize else message)
+                elif inspect.isawaitable(result):  # writes through context.write, returns None
+                    await result
+            else:
+                response = await result if inspect.isawaitable(result) else result
+                if context._code not in (None, grpc.StatusCode.OK):
+                    self._finish(call_id, context._code, context._details)
+                    return
+                self._finish(call_id, grpc.StatusCode.OK, "", serialize(response) if serialize else response)
+                return
+            code = context._code or grpc.StatusCode.OK
+            self._finish(call_id, code, context._details)
+        except _Abort as exc:
+            self._finish(call_id, exc.code, exc.details)
+        except asyncio.CancelledError:
+            self._finish(call_id, grpc.StatusCode.CANCELLED, "cancelled")
+        except Exception as exc:  # noqa: BLE001 - as grpc.aio answers an unexpected exception
+            log.exception("native front end: %s raised", behavior)
+            self._finish(call_id, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+        finally:
+            context._done = True
