@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,11 @@ from swapserve.native import split_rows
 from swapserve.types import ModelSpec
 
 log = logging.getLogger(__name__)
+
+#: How many calls the front end received together with the current one (0: it cannot tell). The
+#: native front end sets it for each burst it hands to the event loop; an inline version that is
+#: idle runs a request that arrived alone at once instead of queueing it for a batch of one.
+ARRIVALS: ContextVar[int] = ContextVar("swapserve_arrivals", default=0)
 
 #: ``auto`` runs a version on the event loop when its largest warm batch takes at most this long.
 INLINE_MAX_US = 200
@@ -229,6 +235,9 @@ class VersionRuntime:
         """
         if self._closing:
             raise VersionNotReady(f"model '{self.spec.name}' version {self.version} is unloading; retry")
+        if self.execution == "inline" and self.in_flight == 0 and not self._flush_scheduled \
+                and ARRIVALS.get() == 1:
+            return self._run_now(inputs, rows, deadline_ns)
         loop = asyncio.get_running_loop()
         ticket = next(self._tickets)
         fut: asyncio.Future[tuple[dict[str, np.ndarray], int]] = loop.create_future()
@@ -246,6 +255,25 @@ class VersionRuntime:
             return await fut
         finally:
             self.in_flight -= 1
+
+    def _run_now(self, inputs: list[np.ndarray], rows: int, deadline_ns: int) -> tuple[dict[str, np.ndarray], int]:
+        """Inline, idle, and the request arrived alone: there is nothing to batch it with, so run it now.
+
+        Skips the queue, the future and two turns of the event loop; requests that arrive
+        together, or while others are in flight, take the batched path.
+        """
+        if deadline_ns and time.monotonic_ns() >= deadline_ns:
+            raise DeadlineExceeded(f"model '{self.spec.name}' version {self.version}: the request's deadline "
+                                   "passed before it ran; raise the client timeout")
+        t0 = time.perf_counter_ns()
+        arrays = {t.name: a for t, a in zip(self.spec.inputs, inputs)}
+        try:
+            outputs = self.backend.infer(arrays)
+        except Exception as exc:  # noqa: BLE001 - the model's failure is this request's error
+            self._record(rows, 1, 0, time.perf_counter_ns() - t0, 0)
+            raise self._error_for(exc) from exc
+        self._record(rows, 1, 0, time.perf_counter_ns() - t0, 0)
+        return outputs, 0
 
     # -- executor side: a worker thread, or the event loop for inline versions ---------------
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from swapserve.lifecycle.runtime import ARRIVALS
+
 log = logging.getLogger(__name__)
 
 try:  # built only where grpc++ is installed (see setup.py); the Python front end works everywhere
@@ -187,7 +189,10 @@ class NativeServer:
         return found
 
     def _on_events(self) -> None:
-        for call_id, kind, method, payload, deadline_ns in self._native.drain():
+        events = self._native.drain()
+        # Tasks created below copy the context: each request learns how many arrived with it.
+        ARRIVALS.set(sum(1 for e in events if e[1] == _frontend.MESSAGE))
+        for call_id, kind, method, payload, deadline_ns in events:
             try:
                 if kind == _frontend.MESSAGE:
                     self._message(call_id, method, payload, deadline_ns)
