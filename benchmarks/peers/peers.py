@@ -143,9 +143,9 @@ def start(kind: str, work: Path, models: Path = ROOT / "model_repository") -> Pe
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     swap = f"{sys.executable} {HERE / 'peer_swap.py'}"
-    if kind == "swapserve":
+    if kind in ("swapserve", "swapserve-aio"):
         repo = copy_models(models, work / "repo", [MODEL])
-        srv = ServerProcess(repo).start()
+        srv = ServerProcess(repo, *(["--frontend", "python"] if kind == "swapserve-aio" else [])).start()
         control = next((part.split("=", 1)[1] for line in srv.lines for part in line.split()
                         if part.startswith("control=")), "")
         import swapserve

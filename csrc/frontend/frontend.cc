@@ -34,6 +34,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -169,6 +170,8 @@ class Frontend {
 
   // Send one response message (streaming responses). False when the call is gone.
   bool Write(uint64_t id, std::string data) {
+    std::shared_lock<std::shared_mutex> ops(ops_mu_);
+    if (closed_) return false;
     std::unique_lock<std::mutex> lock;
     Call* c = Find(id, &lock);
     if (c == nullptr || c->finish_requested) return false;
@@ -179,6 +182,8 @@ class Frontend {
 
   // End the call with a status; ``last`` (when has_last) is sent as the final message with it.
   bool Finish(uint64_t id, int code, std::string details, bool has_last, std::string last) {
+    std::shared_lock<std::shared_mutex> ops(ops_mu_);
+    if (closed_) return false;
     std::unique_lock<std::mutex> lock;
     Call* c = Find(id, &lock);
     if (c == nullptr || c->finish_requested) return false;
@@ -202,7 +207,12 @@ class Frontend {
     auto deadline = std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
     server_->Shutdown(deadline);
-    cq_->Shutdown();
+    {
+      // From here no operation may start: the queue is about to refuse them.
+      std::unique_lock<std::shared_mutex> ops(ops_mu_);
+      closed_ = true;
+      cq_->Shutdown();
+    }
     if (thread_.joinable()) thread_.join();
   }
 
@@ -242,7 +252,7 @@ class Frontend {
 
   // Start the next write, or the finish once every write has gone. Caller holds c->mu.
   void PumpLocked(Call* c) {
-    if (c->write_in_flight || c->finish_started || !c->started) return;
+    if (closed_ || c->write_in_flight || c->finish_started || !c->started) return;
     if (c->finish_requested) {
       if (!c->final_status.ok()) c->writes.clear();  // an error status carries no message
       if (c->writes.empty()) {
@@ -290,6 +300,7 @@ class Frontend {
       Call* c = tag->call;
       bool release = false;
       {
+        std::shared_lock<std::shared_mutex> ops(ops_mu_);  // closed_: start no new operation
         std::unique_lock<std::mutex> lock(c->mu);
         switch (tag->op) {
           case Op::kRequest:
@@ -312,10 +323,12 @@ class Frontend {
               std::lock_guard<std::mutex> l2(calls_mu_);
               calls_[c->id] = c;
             }
-            c->read_in_flight = true;
-            c->stream.Read(&c->read_buf, &c->read_tag);
+            if (!closed_) {
+              c->read_in_flight = true;
+              c->stream.Read(&c->read_buf, &c->read_tag);
+            }
             lock.unlock();
-            Listen();  // the next client's call
+            if (!closed_) Listen();  // the next client's call
             lock.lock();
             break;
           case Op::kRead:
@@ -325,7 +338,7 @@ class Frontend {
               c->read_buf.Clear();
               c->delivered = true;
               Push(std::move(e));
-              if (!c->finish_started) {
+              if (!c->finish_started && !closed_) {
                 c->read_in_flight = true;
                 c->stream.Read(&c->read_buf, &c->read_tag);
               }
@@ -376,6 +389,8 @@ class Frontend {
   bool stopped_ = false;
   std::mutex listen_mu_;
   bool shutting_down_ = false;
+  std::shared_mutex ops_mu_;  // shared: starting operations; exclusive: shutting the queue down
+  bool closed_ = false;
 };
 
 }  // namespace frontend
