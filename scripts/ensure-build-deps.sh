@@ -33,24 +33,10 @@ if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
 
-if [[ "$(id -u)" == 0 ]]; then
-  SUDO=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  SUDO=(sudo -n)
-else
-  echo "ensure-build-deps: missing ${missing[*]} and we are not root (and have no passwordless sudo);" \
-       "install them (apt-get install ${missing[*]}) so that pip builds the native front end and swapserve-loadgen" >&2
-  exit 1
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "ensure-build-deps: no apt-get here; install grpc++ (with its pkg-config file), pkg-config and a C++" \
-       "compiler so that pip builds the native front end and swapserve-loadgen" >&2
-  exit 1
-fi
-
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
+# shellcheck source=lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
+need_root ensure-build-deps "install ${missing[*]} (Debian/Ubuntu: apt-get install ${missing[*]}) so that pip builds the native front end and swapserve-loadgen"
+apt_install "${missing[@]}"
 
 if ! have_grpcpp; then
   echo "ensure-build-deps: installed ${missing[*]} but \`pkg-config --exists grpc++\` still fails" >&2

@@ -43,28 +43,16 @@ if bindir="$(find_bindir)"; then
   exit 0
 fi
 
-if [[ "$(id -u)" == 0 ]]; then
-  SUDO=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-  SUDO=(sudo -n)
-else
-  echo "ensure-postgres: PostgreSQL is missing and we are not root (and have no passwordless sudo);" \
-       "install the 'postgresql' package, or set SWAPSERVE_PG_BINDIR" >&2
-  exit 1
-fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "ensure-postgres: no apt-get here; install PostgreSQL server binaries and set SWAPSERVE_PG_BINDIR" >&2
-  exit 1
-fi
+# shellcheck source=lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
+need_root ensure-postgres "install the 'postgresql' package, or set SWAPSERVE_PG_BINDIR"
 
 export DEBIAN_FRONTEND=noninteractive
 # Tests start their own server: do not let the package create and start a cluster on 5432
 # (a drop-in, so postgresql-common's own createcluster.conf stays untouched).
 "${SUDO[@]}" mkdir -p /etc/postgresql-common/createcluster.d
 echo "create_main_cluster = false" | "${SUDO[@]}" tee /etc/postgresql-common/createcluster.d/swapserve-tests.conf >/dev/null
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold postgresql
+apt_install postgresql
 
 if ! bindir="$(find_bindir)"; then
   echo "ensure-postgres: installed 'postgresql' but found no initdb/pg_ctl" >&2
