@@ -13,8 +13,10 @@
 //                                         handler runs (the same servicers as grpc.aio)
 //   Write / WriteAndFinish / Finish <---- Write(id, bytes), Finish(id, code, details, last)
 //
-// Every call gets: kMessage events (one per request message), then kHalfClose when the client
-// is done sending, or kCancelled when the client went away or the deadline passed. Python
+// Every call gets a kMessage event for its first request message; a call Python marks as client
+// streaming (Stream) gets one per further message and kHalfClose when the client is done sending
+// (unary calls are not read again: one completion-queue round trip less per request). Any call
+// gets kCancelled when the client went away or the deadline passed. Python
 // finishes every call it was told about exactly once; calls cancelled before Python saw them
 // are finished here. grpc++ allows one outstanding read and one outstanding write per call:
 // reads are chained here, writes queue per call and the finish waits for them to drain.
@@ -108,6 +110,7 @@ struct Call {
   bool read_in_flight = false;
   bool started = false;                  // the call arrived (RequestCall completed)
   bool delivered = false;                // Python has been told about it
+  bool streaming = false;                // Python wants every message (client streaming), not just the first
   bool finish_requested = false;         // Python called Finish (maybe waiting for writes)
   bool finish_started = false;           // stream.Finish/WriteAndFinish issued
   bool finish_done = false;
@@ -177,6 +180,21 @@ class Frontend {
     if (c == nullptr || c->finish_requested) return false;
     c->writes.push_back(ToBuffer(std::move(data)));
     PumpLocked(c);
+    return true;
+  }
+
+  // A client-streaming call: read every message (and report the half-close), not only the first.
+  bool Stream(uint64_t id) {
+    std::shared_lock<std::shared_mutex> ops(ops_mu_);
+    if (closed_) return false;
+    std::unique_lock<std::mutex> lock;
+    Call* c = Find(id, &lock);
+    if (c == nullptr || c->streaming) return false;
+    c->streaming = true;
+    if (!c->read_in_flight && !c->finish_started) {
+      c->read_in_flight = true;
+      c->stream.Read(&c->read_buf, &c->read_tag);
+    }
     return true;
   }
 
@@ -338,11 +356,12 @@ class Frontend {
               c->read_buf.Clear();
               c->delivered = true;
               Push(std::move(e));
-              if (!c->finish_started && !closed_) {
+              if (c->streaming && !c->finish_started && !closed_) {
                 c->read_in_flight = true;
                 c->stream.Read(&c->read_buf, &c->read_tag);
               }
-            } else if (c->delivered && !c->finish_requested) {
+            } else if (!c->finish_requested) {  // the client is done sending (maybe without a message)
+              c->delivered = true;
               Push(Event{c->id, kHalfClose, c->method, std::string(), c->deadline_ns});
             }
             break;
@@ -436,6 +455,11 @@ PYBIND11_MODULE(_frontend, m) {
              std::string s = data;
              py::gil_scoped_release nogil;
              return f.Write(id, std::move(s));
+           })
+      .def("stream",
+           [](Frontend& f, uint64_t id) {
+             py::gil_scoped_release nogil;
+             return f.Stream(id);
            })
       .def("finish",
            [](Frontend& f, uint64_t id, int code, const std::string& details, py::object last) {

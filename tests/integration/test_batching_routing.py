@@ -175,8 +175,13 @@ def test_backpressure_and_deadlines(example_repo: Path, tmp_path: Path, make_ser
     time.sleep(0.5)  # let the first burst drain
     start = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
     with ThreadPoolExecutor(8) as pool:
-        # Four patient requests occupy the worker; the impatient ones queued behind them expire there.
-        list(pool.map(call, [30.0] * 4 + [0.05] * 4))
+        # Four patient requests occupy the worker (one batch of 10-20 ms); the impatient ones,
+        # sent once that batch has started, queue behind it and expire there.
+        patient = [pool.submit(call, 30.0) for _ in range(4)]
+        time.sleep(0.005)
+        impatient = [pool.submit(call, 0.008) for _ in range(4)]
+        for f in patient + impatient:
+            f.result()
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
     time.sleep(1.0)
     end = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]

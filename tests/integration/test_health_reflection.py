@@ -1,12 +1,19 @@
-"""The standard gRPC health service and server reflection on the inference port."""
+"""The standard gRPC health service, server reflection and transport edge cases on the inference port."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import grpc
+import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from swapserve.server import native_frontend
+from swapserve._proto import grpc_service_pb2 as pb
 from tests.e2e.serverproc import copy_models
+from tests.integration.test_batching_routing import make_slow
 
 
 def test_health_and_reflection(example_repo: Path, tmp_path: Path, make_server) -> None:  # type: ignore[no-untyped-def]
@@ -30,3 +37,50 @@ def test_health_not_serving_while_a_model_is_unavailable(tmp_path: Path, example
     health = health_pb2_grpc.HealthStub(srv.channel)
     assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == \
         health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_transport_edges(frontend: str, example_repo: Path, tmp_path: Path,
+                         make_server) -> None:  # type: ignore[no-untyped-def]
+    """What the native front end's adapter must do as grpc.aio does: streams, unknown methods, cancels."""
+    if frontend == "native" and not native_frontend.available():
+        pytest.skip("the native front end is not built (no grpc++ at install)")
+    repo = copy_models(example_repo, tmp_path / "repo", ["simple"])
+    make_slow(repo, queue=16)
+    srv = make_server(repo, frontend=frontend)
+
+    # A server-streaming call written through context.write (grpcio's health Watch).
+    watch = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+    # An unknown method is UNIMPLEMENTED; the server stays healthy.
+    unknown = srv.channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as err:
+        unknown(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    # A client that gives up is answered CANCELLED/DEADLINE_EXCEEDED and counted, never lost.
+    x = np.ones((1, 8), np.float32)
+
+    def slow_request() -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="slow")
+        r.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+        r.raw_input_contents.append(x.tobytes())
+        return r
+
+    # 16 requests make four batches of ~15 ms each: the last ones are still queued when cancelled.
+    futures = [srv.stub.ModelInfer.future(slow_request(), timeout=30) for _ in range(16)]
+    time.sleep(0.01)
+    cancelled = sum(1 for f in futures[1:] if f.cancel())
+    assert futures[0].result(timeout=30).model_name == "slow"
+    assert cancelled >= 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        s = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
+        if s.inference_stats.success.count + s.inference_stats.fail.count == 16:
+            break
+        time.sleep(0.05)
+    assert s.inference_stats.success.count + s.inference_stats.fail.count == 16  # each counted exactly once
+    assert s.inference_stats.fail.count >= 1  # the queued ones that were cancelled
+    assert srv.stub.ModelInfer(slow_request(), timeout=30).model_name == "slow"

@@ -106,12 +106,36 @@ class _Context:
 
 
 class _Call:
-    __slots__ = ("task", "requests", "context")
+    __slots__ = ("task", "requests", "context", "waiting")
 
     def __init__(self, context: _Context) -> None:
         self.context = context
         self.task: asyncio.Task[None] | None = None
         self.requests: asyncio.Queue[Any] | None = None
+        #: The future a call started eagerly waits on until a Task takes it over (see _start).
+        self.waiting: asyncio.Future[Any] | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        elif self.waiting is not None:
+            self.waiting.cancel()  # the coroutine resumes in its Task and sees CancelledError
+
+
+class _Started:
+    """Awaiting this resumes a coroutine that was started outside any Task."""
+
+    __slots__ = ("coro",)
+
+    def __init__(self, coro: Any) -> None:
+        self.coro = coro
+
+    def __await__(self) -> Any:
+        return self.coro.__await__()
+
+
+async def _resume(coro: Any) -> None:
+    await _Started(coro)
 
 
 _END = object()
@@ -163,8 +187,7 @@ class NativeServer:
         assert self._loop is not None
         self._loop.remove_reader(self._native.fileno())
         for call in list(self._calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+            call.cancel()
         self._stopped.set()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -198,14 +221,15 @@ class NativeServer:
                     self._message(call_id, method, payload, deadline_ns)
                 elif kind == _frontend.HALF_CLOSE:
                     call = self._calls.get(call_id)
-                    if call is not None and call.requests is not None:
+                    if call is None:  # the client sent no message at all
+                        self._empty(call_id, method, deadline_ns)
+                    elif call.requests is not None:
                         call.requests.put_nowait(_END)
                 else:  # CANCELLED
                     call = self._calls.get(call_id)
                     if call is not None:
                         call.context._cancelled = True
-                        if call.task is not None:
-                            call.task.cancel()
+                        call.cancel()
                     else:
                         self._native.finish(call_id, grpc.StatusCode.CANCELLED.value[0], "cancelled")
             except Exception:  # noqa: BLE001 - one bad event must not stop the others
@@ -236,9 +260,58 @@ class NativeServer:
         if handler.request_streaming:
             call.requests = asyncio.Queue()
             call.requests.put_nowait(request)
+            self._native.stream(call_id)  # unary calls are read once; streams to the end
             request = self._iterate(call.requests)
+        self._start(call_id, call, self._run(call_id, handler, request, context))
+
+    def _start(self, call_id: int, call: _Call, coro: Any) -> None:
+        """Run the call's coroutine now, up to its first suspension; a Task takes over only then.
+
+        Most unary calls finish without suspending (an idle inline model answers at once), so
+        they skip a Task and a turn of the event loop. A suspended call waits on an asyncio
+        future; once it is done (or cancelled) a Task resumes the coroutine from there.
+        """
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except BaseException:  # noqa: BLE001 - _run answers every exception itself; this is a bug
+            log.exception("native front end: call %d failed to start", call_id)
+            self._task_done(call_id)
+            return
         assert self._loop is not None
-        call.task = self._loop.create_task(self._run(call_id, handler, request, context))
+        if isinstance(waiting, asyncio.Future):
+            waiting._asyncio_future_blocking = False  # what a Task does with the future it is given
+            call.waiting = waiting
+            waiting.add_done_callback(lambda _f: self._adopt(call_id, call, coro))
+        else:  # a bare yield (asyncio.sleep(0)): continue on the next turn
+            self._loop.call_soon(self._adopt, call_id, call, coro)
+
+    def _adopt(self, call_id: int, call: _Call, coro: Any) -> None:
+        assert self._loop is not None
+        call.waiting = None
+        call.task = self._loop.create_task(_resume(coro))
+        call.task.add_done_callback(lambda _task: self._task_done(call_id))
+
+    def _task_done(self, call_id: int) -> None:
+        # A task cancelled before its first step never ran _run's handlers: answer the call here.
+        if call_id in self._calls:
+            self._finish(call_id, grpc.StatusCode.CANCELLED, "cancelled")
+
+    def _empty(self, call_id: int, method: str, deadline_ns: int) -> None:
+        """A call that ended its request stream before sending anything."""
+        handler = self._handler(method)
+        if handler is None:
+            self._native.finish(call_id, grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+            return
+        if not handler.request_streaming:
+            self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "the call sent no request message")
+            return
+        context = _Context(self, call_id, deadline_ns, handler.response_serializer)
+        call = self._calls[call_id] = _Call(context)
+        call.requests = asyncio.Queue()
+        call.requests.put_nowait(_END)
+        self._start(call_id, call, self._run(call_id, handler, self._iterate(call.requests), context))
 
     @staticmethod
     async def _iterate(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
