@@ -9,7 +9,7 @@ accepts calls and moves bytes; this side turns events into servicer calls on the
   requests get an async iterator fed by the following messages (half-close ends it);
 - the handler's answer goes back with one ``finish`` (unary) or ``write`` per message + ``finish``;
 - cancellation (client gone, deadline passed) cancels the handler's task, so the data plane
-  counts the request CANCELED and never runs it if it was still queued.
+  counts the request CANCELED (its answer, if the model still runs it, is dropped).
 
 Statuses are grpc.aio's: ``context.abort`` ends the call with its code and message; any other
 exception is UNKNOWN, as grpc.aio answers it.
