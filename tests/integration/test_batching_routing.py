@@ -46,6 +46,14 @@ def make_slow(repo: Path, queue: int) -> None:
     torch.jit.script(Slow()).save(str(repo / "slow" / "1" / "model.pt"))
 
 
+def slow_request() -> pb.ModelInferRequest:
+    """One row of ones for the ``slow`` model of ``make_slow``."""
+    r = pb.ModelInferRequest(model_name="slow")
+    r.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    r.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
+    return r
+
+
 def digits_request(x: np.ndarray, key: int | None = None, rid: str = "") -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name="digits", id=rid)
     req.inputs.add(name="pixels", datatype="FP32", shape=list(x.shape))
@@ -146,20 +154,12 @@ def test_backpressure_and_deadlines(example_repo: Path, tmp_path: Path, make_ser
     repo = tmp_path / "repo"
     make_slow(repo, queue=4)
     srv = make_server(repo)
-    x = np.ones((1, 8), np.float32)
-
-    def req() -> pb.ModelInferRequest:
-        r = pb.ModelInferRequest(model_name="slow")
-        r.inputs.add(name="x", datatype="FP32", shape=[1, 8])
-        r.raw_input_contents.append(x.tobytes())
-        return r
-
     codes: list[grpc.StatusCode] = []
     messages: list[str] = []
 
     def call(timeout: float) -> None:
         try:
-            srv.stub.ModelInfer(req(), timeout=timeout)
+            srv.stub.ModelInfer(slow_request(), timeout=timeout)
             codes.append(grpc.StatusCode.OK)
         except grpc.RpcError as exc:
             codes.append(exc.code())
@@ -190,7 +190,7 @@ def test_backpressure_and_deadlines(example_repo: Path, tmp_path: Path, make_ser
     assert codes.count(grpc.StatusCode.OK) >= 4
     assert end.inference_stats.fail.count > start.inference_stats.fail.count
     # The server is healthy and serves normally afterwards.
-    srv.stub.ModelInfer(req(), timeout=30)
+    srv.stub.ModelInfer(slow_request(), timeout=30)
     after = srv.stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
     assert after.inference_count == end.inference_count + 1
 

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -13,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from swapserve.server import native_frontend
 from swapserve._proto import grpc_service_pb2 as pb
 from tests.e2e.serverproc import copy_models
-from tests.integration.test_batching_routing import make_slow
+from tests.integration.test_batching_routing import make_slow, slow_request
 
 
 def test_health_and_reflection(example_repo: Path, tmp_path: Path, make_server) -> None:  # type: ignore[no-untyped-def]
@@ -61,14 +60,6 @@ def test_transport_edges(frontend: str, example_repo: Path, tmp_path: Path,
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
     # A client that gives up is answered CANCELLED/DEADLINE_EXCEEDED and counted, never lost.
-    x = np.ones((1, 8), np.float32)
-
-    def slow_request() -> pb.ModelInferRequest:
-        r = pb.ModelInferRequest(model_name="slow")
-        r.inputs.add(name="x", datatype="FP32", shape=[1, 8])
-        r.raw_input_contents.append(x.tobytes())
-        return r
-
     # 16 requests make four batches of ~15 ms each: the last ones are still queued when cancelled.
     futures = [srv.stub.ModelInfer.future(slow_request(), timeout=30) for _ in range(16)]
     time.sleep(0.01)

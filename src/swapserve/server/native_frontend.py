@@ -222,7 +222,7 @@ class NativeServer:
                 elif kind == _frontend.HALF_CLOSE:
                     call = self._calls.get(call_id)
                     if call is None:  # the client sent no message at all
-                        self._empty(call_id, method, deadline_ns)
+                        self._begin(call_id, method, None, deadline_ns)
                     elif call.requests is not None:
                         call.requests.put_nowait(_END)
                 else:  # CANCELLED
@@ -236,31 +236,42 @@ class NativeServer:
                 log.exception("native front end: event for call %d (%s) failed", call_id, method)
                 self._finish(call_id, grpc.StatusCode.INTERNAL, "internal error in the front end")
 
+    @staticmethod
+    def _decode(handler: grpc.RpcMethodHandler, payload: bytes) -> Any:
+        return handler.request_deserializer(payload) if handler.request_deserializer else payload
+
     def _message(self, call_id: int, method: str, payload: bytes, deadline_ns: int) -> None:
         call = self._calls.get(call_id)
-        if call is not None:  # a further message of a client-streaming call
-            if call.requests is not None:
-                handler = self._methods[method]
-                assert handler is not None
-                call.requests.put_nowait(handler.request_deserializer(payload) if handler.request_deserializer
-                                         else payload)
-            return
+        if call is None:
+            self._begin(call_id, method, payload, deadline_ns)
+        elif call.requests is not None:  # a further message of a client-streaming call
+            handler = self._methods[method]
+            assert handler is not None
+            call.requests.put_nowait(self._decode(handler, payload))
+
+    def _begin(self, call_id: int, method: str, payload: bytes | None, deadline_ns: int) -> None:
+        """A new call: its first message, or None when the client ended its stream before sending one."""
         handler = self._handler(method)
         if handler is None:
             self._native.finish(call_id, grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
             return
+        if payload is None and not handler.request_streaming:
+            self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "the call sent no request message")
+            return
+        request = _END
+        if payload is not None:
+            try:
+                request = self._decode(handler, payload)
+            except Exception:  # noqa: BLE001 - an unparseable message is the client's error
+                self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "could not parse the request message")
+                return
         context = _Context(self, call_id, deadline_ns, handler.response_serializer)
         call = self._calls[call_id] = _Call(context)
-        try:
-            request = handler.request_deserializer(payload) if handler.request_deserializer else payload
-        except Exception:  # noqa: BLE001 - an unparseable message is the client's error
-            del self._calls[call_id]
-            self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "could not parse the request message")
-            return
         if handler.request_streaming:
             call.requests = asyncio.Queue()
             call.requests.put_nowait(request)
-            self._native.stream(call_id)  # unary calls are read once; streams to the end
+            if payload is not None:
+                self._native.stream(call_id)  # unary calls are read once; streams to the end
             request = self._iterate(call.requests)
         self._start(call_id, call, self._run(call_id, handler, request, context))
 
@@ -297,21 +308,6 @@ class NativeServer:
         # A task cancelled before its first step never ran _run's handlers: answer the call here.
         if call_id in self._calls:
             self._finish(call_id, grpc.StatusCode.CANCELLED, "cancelled")
-
-    def _empty(self, call_id: int, method: str, deadline_ns: int) -> None:
-        """A call that ended its request stream before sending anything."""
-        handler = self._handler(method)
-        if handler is None:
-            self._native.finish(call_id, grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
-            return
-        if not handler.request_streaming:
-            self._native.finish(call_id, grpc.StatusCode.INTERNAL.value[0], "the call sent no request message")
-            return
-        context = _Context(self, call_id, deadline_ns, handler.response_serializer)
-        call = self._calls[call_id] = _Call(context)
-        call.requests = asyncio.Queue()
-        call.requests.put_nowait(_END)
-        self._start(call_id, call, self._run(call_id, handler, self._iterate(call.requests), context))
 
     @staticmethod
     async def _iterate(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
