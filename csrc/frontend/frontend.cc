@@ -13,6 +13,13 @@
 //                                         handler runs (the same servicers as grpc.aio)
 //   Write / WriteAndFinish / Finish <---- Write(id, bytes), Finish(id, code, details, last)
 //
+// That is the threaded mode. In polled mode (what `swapserve serve` runs) there is no CQ thread:
+// the event loop's selector calls Poll, which runs the completion queue on the loop's own thread
+// and returns when an event waits for Drain (no eventfd then), when the loop's descriptors become
+// ready (a watcher thread blocks on the loop's epoll fd and wakes Poll with an alarm), or at the
+// loop's next timer. A request that arrives alone is then read, run and answered without waking
+// a second thread: on a small machine those wake-ups cost more CPU than the request itself.
+//
 // Every call gets a kMessage event for its first request message; a call Python marks as client
 // streaming (Stream) gets one per further message and kHalfClose when the client is done sending
 // (unary calls are not read again: one completion-queue round trip less per request). Any call
@@ -26,6 +33,8 @@
 #include <grpcpp/grpcpp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <grpcpp/alarm.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -85,13 +94,19 @@ grpc::ByteBuffer ToBuffer(std::string data) {
 class Frontend;
 
 // What a completion-queue tag refers to: one operation of one call.
-enum class Op { kRequest, kRead, kWrite, kFinish, kDone };
+enum class Op { kRequest, kRead, kWrite, kFinish, kDone, kWake };
 
 struct Call;
 
 struct Tag {
   Call* call;
   Op op;
+};
+
+// Ends a blocking Poll early: set to fire at once when the event loop's own descriptors are ready.
+struct Wake : Tag {
+  Wake() : Tag{nullptr, Op::kWake} {}
+  grpc::Alarm alarm;
 };
 
 struct Call {
@@ -132,8 +147,9 @@ class Frontend {
     if (efd_ >= 0) close(efd_);
   }
 
-  // Bind and start serving. Returns the bound port, or 0 with *error set.
-  int Start(std::string* error) {
+  // Bind and start serving. Returns the bound port, or 0 with *error set. ``polled``: no
+  // completion-queue thread; the event loop's thread runs the queue in Poll (see there).
+  int Start(std::string* error, bool polled) {
     if (efd_ < 0) {
       *error = "eventfd() failed";
       return 0;
@@ -154,8 +170,73 @@ class Frontend {
     }
     // A few calls are always waiting for the next client, so a burst never waits on us.
     for (int i = 0; i < kListening; ++i) Listen();
-    thread_ = std::thread([this] { Loop(); });
+    polled_ = polled;
+    if (!polled) thread_ = std::thread([this] { Loop(); });
     return port;
+  }
+
+  // Polled mode: the event loop's selector blocks here instead of in epoll, so a request is read,
+  // answered and its completions collected on one thread, with no hand-off between two threads
+  // (each hand-off wakes a sleeping thread, which costs more than the request's own work when
+  // requests arrive one at a time). Runs every ready completion; with ``timeout_s`` != 0 then
+  // waits, up to ``timeout_s`` (< 0: no limit), until an event for Python was queued, the loop's
+  // descriptors (``fd``, given to Watch) became ready, or the time passed. Returns kPending when
+  // events wait for Drain, kIdle when not, kOff when the queue is shut down (or not polled):
+  // the caller then waits on its descriptors alone.
+  enum PollResult : int { kOff = 0, kIdle = 1, kPending = 2 };
+  int Poll(double timeout_s) {
+    if (!polled_) return kOff;
+    const uint64_t before = pushed_.load(std::memory_order_relaxed);
+    void* raw;
+    bool ok;
+    for (;;) {  // everything already complete
+      auto st = cq_->AsyncNext(&raw, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
+      if (st == grpc::CompletionQueue::SHUTDOWN) return kOff;
+      if (st == grpc::CompletionQueue::TIMEOUT) break;
+      Handle(raw, ok);
+    }
+    if (timeout_s == 0 || pushed_.load(std::memory_order_relaxed) != before) return Pending();
+    if (watched_ >= 0) {  // one-shot: report the loop's descriptors (once) while we block
+      epoll_event ev{};
+      ev.events = EPOLLIN | EPOLLONESHOT;
+      ev.data.fd = watched_;
+      epoll_ctl(watch_epoll_, EPOLL_CTL_MOD, watched_, &ev);
+    }
+    gpr_timespec deadline = timeout_s < 0 ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
+                                          : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                         gpr_time_from_micros(static_cast<int64_t>(timeout_s * 1e6),
+                                                                              GPR_TIMESPAN));
+    for (;;) {
+      auto st = cq_->AsyncNext(&raw, &ok, deadline);
+      if (st == grpc::CompletionQueue::SHUTDOWN) return kOff;
+      if (st == grpc::CompletionQueue::TIMEOUT) return Pending();
+      bool woke = Handle(raw, ok);
+      if (woke || pushed_.load(std::memory_order_relaxed) != before) return Pending();
+    }
+  }
+
+  int Pending() {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    return events_.empty() ? kIdle : kPending;
+  }
+
+  // Polled mode: watch the event loop's own descriptor set (an epoll fd) from a small thread that
+  // only ends a blocking Poll when it becomes readable (timers are Poll's timeout).
+  bool Watch(int fd) {
+    if (!polled_ || watched_ >= 0) return false;
+    watch_epoll_ = epoll_create1(EPOLL_CLOEXEC);
+    watch_stop_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (watch_epoll_ < 0 || watch_stop_ < 0) return false;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = watch_stop_;
+    epoll_ctl(watch_epoll_, EPOLL_CTL_ADD, watch_stop_, &ev);
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.fd = fd;
+    if (epoll_ctl(watch_epoll_, EPOLL_CTL_ADD, fd, &ev) != 0) return false;
+    watched_ = fd;
+    watcher_ = std::thread([this] { WatchLoop(); });
+    return true;
   }
 
   int fd() const { return efd_; }
@@ -224,7 +305,7 @@ class Frontend {
     }
     auto deadline = std::chrono::system_clock::now() +
                     std::chrono::microseconds(static_cast<int64_t>(grace_s * 1e6));
-    server_->Shutdown(deadline);
+    server_->Shutdown(deadline);  // polled: the event loop keeps running the queue meanwhile
     {
       // From here no operation may start: the queue is about to refuse them.
       std::unique_lock<std::shared_mutex> ops(ops_mu_);
@@ -232,6 +313,16 @@ class Frontend {
       cq_->Shutdown();
     }
     if (thread_.joinable()) thread_.join();
+    if (polled_) Loop();  // what is left in the queue, beside a Poll that may still be running
+    if (watcher_.joinable()) {
+      uint64_t one = 1;
+      ssize_t r = write(watch_stop_, &one, sizeof one);
+      (void)r;
+      watcher_.join();
+    }
+    if (watch_epoll_ >= 0) close(watch_epoll_);
+    if (watch_stop_ >= 0) close(watch_stop_);
+    watch_epoll_ = watch_stop_ = watched_ = -1;
   }
 
  private:
@@ -255,13 +346,15 @@ class Frontend {
   }
 
   void Push(Event e) {
+    pushed_.fetch_add(1, std::memory_order_relaxed);
     bool wake;
     {
       std::lock_guard<std::mutex> lock(events_mu_);
       wake = events_.empty();
       events_.push_back(std::move(e));
     }
-    if (wake) {
+    // Polled, Poll's return value tells the loop's selector (no descriptor may wake the watcher).
+    if (wake && (!polled_ || closed_)) {
       uint64_t one = 1;
       ssize_t r = write(efd_, &one, sizeof one);
       (void)r;
@@ -313,8 +406,37 @@ class Frontend {
   void Loop() {
     void* raw;
     bool ok;
-    while (cq_->Next(&raw, &ok)) {
-      Tag* tag = static_cast<Tag*>(raw);
+    while (cq_->Next(&raw, &ok)) Handle(raw, ok);
+  }
+
+  void WatchLoop() {
+    epoll_event evs[2];
+    for (;;) {
+      int n = epoll_wait(watch_epoll_, evs, 2, -1);
+      for (int i = 0; i < n; ++i) {
+        if (evs[i].data.fd == watch_stop_) return;
+        Kick();
+      }
+    }
+  }
+
+  // End a blocking Poll (any thread). At most one wake-up is in the queue at a time.
+  void Kick() {
+    std::shared_lock<std::shared_mutex> ops(ops_mu_);
+    if (closed_ || kick_pending_.exchange(true)) return;
+    auto* w = new Wake();
+    w->alarm.Set(cq_.get(), gpr_now(GPR_CLOCK_MONOTONIC), w);
+  }
+
+  // One completion. True for a wake-up (polled mode), which only ends a Poll.
+  bool Handle(void* raw, bool ok) {
+    Tag* tag = static_cast<Tag*>(raw);
+    if (tag->op == Op::kWake) {
+      delete static_cast<Wake*>(tag);
+      kick_pending_.store(false);
+      return true;
+    }
+    {
       Call* c = tag->call;
       bool release = false;
       {
@@ -385,11 +507,14 @@ class Frontend {
               }
             }
             break;
+          case Op::kWake:  // handled above
+            break;
         }
         if (!release) release = FinishedLocked(c);
       }
       if (release) Release(c);
     }
+    return false;
   }
 
   std::string address_;
@@ -399,6 +524,11 @@ class Frontend {
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::unique_ptr<grpc::Server> server_;
   std::thread thread_;
+  bool polled_ = false;
+  std::atomic<uint64_t> pushed_{0};
+  std::atomic<bool> kick_pending_{false};
+  int watched_ = -1, watch_epoll_ = -1, watch_stop_ = -1;
+  std::thread watcher_;
   std::atomic<uint64_t> next_id_{1};
   std::mutex calls_mu_;
   std::unordered_map<uint64_t, Call*> calls_;
@@ -422,19 +552,29 @@ PYBIND11_MODULE(_frontend, m) {
   m.attr("MESSAGE") = static_cast<int>(swapserve::frontend::kMessage);
   m.attr("HALF_CLOSE") = static_cast<int>(swapserve::frontend::kHalfClose);
   m.attr("CANCELLED") = static_cast<int>(swapserve::frontend::kCancelled);
+  m.attr("POLL_OFF") = static_cast<int>(Frontend::kOff);
+  m.attr("POLL_IDLE") = static_cast<int>(Frontend::kIdle);
+  m.attr("POLL_PENDING") = static_cast<int>(Frontend::kPending);
   py::class_<Frontend>(m, "Frontend")
       .def(py::init<std::string, int>(), py::arg("address"), py::arg("max_message_bytes"))
       .def("start",
-           [](Frontend& f) {
+           [](Frontend& f, bool polled) {
              std::string error;
              int port;
              {
                py::gil_scoped_release nogil;
-               port = f.Start(&error);
+               port = f.Start(&error, polled);
              }
              if (port == 0) throw std::runtime_error(error);  // pybind11 turns it into RuntimeError
              return port;
+           },
+           py::arg("polled") = false)
+      .def("poll",
+           [](Frontend& f, double timeout_s) {
+             py::gil_scoped_release nogil;
+             return f.Poll(timeout_s);
            })
+      .def("watch", &Frontend::Watch)
       .def("fileno", &Frontend::fd)
       .def("drain",
            [](Frontend& f) {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -41,13 +40,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from swapserve.config import Settings
+    from swapserve.server import native_frontend
     from swapserve.server.app import serve
 
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in {"command", "func"}}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
+    return native_frontend.run(serve(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:

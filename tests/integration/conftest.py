@@ -12,17 +12,23 @@ import grpc
 import pytest
 
 from swapserve.config import Settings
+from swapserve.server import native_frontend
 from swapserve.server.app import Server, create_server
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.serverproc import build_example_repo
 
 
 class InProcessServer:
-    """Runs ``create_server`` on a private event loop thread; ``call`` runs a coroutine there."""
+    """Runs ``create_server`` on a private event loop thread; ``call`` runs a coroutine there.
 
-    def __init__(self, settings: Settings) -> None:
+    ``polled``: the loop is the one ``swapserve serve`` runs on (a native front end runs its
+    completion queue in the loop's thread); otherwise a plain asyncio loop (the front end keeps
+    its own thread).
+    """
+
+    def __init__(self, settings: Settings, polled: bool = False) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = native_frontend.FrontendLoop() if polled else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: Server | None = None
 
@@ -59,8 +65,8 @@ def settings_for(repo: Path, home: Path, **kw: Any) -> Settings:
 def make_server(tmp_path: Path) -> Iterator[Any]:
     servers: list[InProcessServer] = []
 
-    def make(repo: Path, **kw: Any) -> InProcessServer:
-        s = InProcessServer(settings_for(repo, tmp_path / f"home{len(servers)}", **kw)).__enter__()
+    def make(repo: Path, polled: bool = False, **kw: Any) -> InProcessServer:
+        s = InProcessServer(settings_for(repo, tmp_path / f"home{len(servers)}", **kw), polled).__enter__()
         servers.append(s)
         return s
 

@@ -1,7 +1,10 @@
 """The standard gRPC health service, server reflection and transport edge cases on the inference port."""
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -10,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from swapserve.server import native_frontend
+from swapserve._proto import control_pb2, control_pb2_grpc
 from swapserve._proto import grpc_service_pb2 as pb
 from tests.e2e.serverproc import copy_models
 from tests.integration.test_batching_routing import make_slow, slow_request
@@ -38,15 +42,20 @@ def test_health_not_serving_while_a_model_is_unavailable(tmp_path: Path, example
         health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.mark.parametrize("frontend", ["native", "python"])
+@pytest.mark.parametrize("frontend", ["native-polled", "native", "python"])
 def test_transport_edges(frontend: str, example_repo: Path, tmp_path: Path,
                          make_server) -> None:  # type: ignore[no-untyped-def]
-    """What the native front end's adapter must do as grpc.aio does: streams, unknown methods, cancels."""
-    if frontend == "native" and not native_frontend.available():
+    """What the native front end's adapter must do as grpc.aio does: streams, unknown methods, cancels.
+
+    ``native-polled`` is the native front end on the loop ``swapserve serve`` runs (its completion
+    queue runs in the loop's thread), ``native`` the same on a plain loop (its own thread).
+    """
+    if frontend.startswith("native") and not native_frontend.available():
         pytest.skip("the native front end is not built (no grpc++ at install)")
     repo = copy_models(example_repo, tmp_path / "repo", ["simple"])
     make_slow(repo, queue=16)
-    srv = make_server(repo, frontend=frontend)
+    srv = make_server(repo, polled=frontend == "native-polled", frontend=frontend.split("-")[0])
+    assert getattr(srv.server.grpc_server, "polled", False) is (frontend == "native-polled")
 
     # A server-streaming call written through context.write (grpcio's health Watch).
     watch = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
@@ -74,3 +83,39 @@ def test_transport_edges(frontend: str, example_repo: Path, tmp_path: Path,
     assert s.inference_stats.success.count + s.inference_stats.fail.count <= 16
     assert s.inference_stats.fail.count >= 1
     assert srv.stub.ModelInfer(slow_request(), timeout=30).model_name == "slow"
+
+
+def test_polled_front_end_leaves_the_loop_responsive(example_repo: Path, tmp_path: Path,
+                                                     make_server) -> None:  # type: ignore[no-untyped-def]
+    """On the loop ``swapserve serve`` runs, the loop's thread waits in the front end's queue.
+
+    Whatever else the loop serves must still run while it waits there: calls from other threads
+    (call_soon_threadsafe), timers, and the control service (grpc.aio, reaching the loop through a
+    descriptor), between and during inference requests.
+    """
+    if not native_frontend.available():
+        pytest.skip("the native front end is not built (no grpc++ at install)")
+    repo = copy_models(example_repo, tmp_path / "repo", ["simple"])
+    srv = make_server(repo, polled=True, frontend="native")
+    assert srv.server.grpc_server.polled
+    request = pb.ModelInferRequest(model_name="simple")
+    request.inputs.add(name="INPUT0", datatype="INT32", shape=[1, 16]).contents.int_contents.extend(range(16))
+    request.inputs.add(name="INPUT1", datatype="INT32", shape=[1, 16]).contents.int_contents.extend([1] * 16)
+
+    # Idle: a callback from another thread and a timer both run.
+    for _ in range(3):
+        ran = threading.Event()
+        srv.loop.call_soon_threadsafe(ran.set)
+        assert ran.wait(10)
+        srv.call(asyncio.sleep(0.05), timeout=10)
+
+    # The control service answers while inference requests flow, and every request is answered.
+    control = control_pb2_grpc.ControlStub(grpc.insecure_channel(f"127.0.0.1:{srv.server.control_port}"))
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(srv.stub.ModelInfer, request, timeout=30) for _ in range(200)]
+        for _ in range(10):
+            names = [m.name for m in control.ListModels(control_pb2.ListModelsRequest(), timeout=10).models]
+            assert names == ["simple"]
+        outputs = [a.result(timeout=30) for a in answers]
+    assert all(o.model_name == "simple" and len(o.raw_output_contents) == 2 for o in outputs)
+    assert all(o.raw_output_contents[0] == outputs[0].raw_output_contents[0] for o in outputs)

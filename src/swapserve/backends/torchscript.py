@@ -104,6 +104,9 @@ class TorchScriptBackend(base.Backend):
     ) -> None:
         self._spec = spec
         self._module: torch.jit.ScriptModule | None = module
+        #: ``module.forward``, looked up once: a ScriptModule's attribute lookup goes through its
+        #: Python ``__getattr__`` and costs more than this model's whole forward pass.
+        self._forward: Any = module.forward
         self._device = torch.device(device)
         self._where = where
         #: config input name -> forward() argument name
@@ -220,8 +223,8 @@ class TorchScriptBackend(base.Backend):
 
     # ------------------------------------------------------------------ infer
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module = self._module
-        if module is None:
+        forward = self._forward
+        if forward is None:
             raise errors.VersionNotReady(f"{self._where} is unloaded")
         spec = self._spec
         if inputs.keys() != self._all_inputs:
@@ -234,7 +237,7 @@ class TorchScriptBackend(base.Backend):
                 kwargs[self._input_args[t.name]] = self._to_torch(t, arr)
         try:
             with torch.inference_mode():
-                result = module.forward(**kwargs)  # a ScriptModule has no hooks for __call__ to run
+                result = forward(**kwargs)  # a ScriptModule has no hooks for __call__ to run
         except Exception as e:
             log.debug("%s raised", self._where, exc_info=True)
             raise errors.ModelExecutionError(f"{self._where} failed: {_model_message(e)}") from e
@@ -306,7 +309,7 @@ class TorchScriptBackend(base.Backend):
     def close(self) -> None:
         if self._module is None:
             return
-        self._module = None
+        self._module = self._forward = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 

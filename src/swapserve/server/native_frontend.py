@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import selectors
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -37,6 +38,54 @@ except ImportError:  # pragma: no cover - exercised on machines without grpc++
 
 def available() -> bool:
     return _frontend is not None
+
+
+_T = TypeVar("_T")
+
+
+class _Selector(selectors.EpollSelector):
+    """An epoll selector that, with a front end attached, waits in the front end's completion queue.
+
+    Then the loop's thread reads requests, runs them and sends their answers with no other
+    thread involved while it is otherwise idle (``Frontend.poll``); the loop's own descriptors
+    end the wait through the front end's watcher, and timers through the timeout.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frontend: Any = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        native = self.frontend
+        if native is None:
+            return super().select(timeout)
+        state = native.poll(0.0)
+        if state == _frontend.POLL_OFF:
+            return super().select(timeout)
+        ready = super().select(0)
+        if state == _frontend.POLL_IDLE and not ready and (timeout is None or timeout > 0):
+            state = native.poll(-1.0 if timeout is None else timeout)
+            ready = super().select(0)
+        if state == _frontend.POLL_PENDING:  # the front end's events, as if its descriptor were readable
+            ready.append((self.get_key(native.fileno()), selectors.EVENT_READ))
+        return ready
+
+
+class FrontendLoop(asyncio.SelectorEventLoop):
+    """The event loop ``serve`` runs on: a native front end started on it runs in its thread."""
+
+    def __init__(self) -> None:
+        self.frontend_selector = _Selector()
+        super().__init__(self.frontend_selector)
+
+
+def run(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)`` on a FrontendLoop."""
+    runner = getattr(asyncio, "Runner", None)
+    if runner is None:  # Python 3.10: the native front end keeps its own thread
+        return asyncio.run(main)
+    with runner(loop_factory=FrontendLoop) as r:
+        return r.run(main)  # type: ignore[no-any-return]
 
 
 class _Abort(Exception):
@@ -155,7 +204,13 @@ class NativeServer:
         self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
         self._calls: dict[int, _Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._selector: _Selector | None = None
         self._stopped = asyncio.Event()
+
+    @property
+    def polled(self) -> bool:
+        """True when the completion queue runs in the event loop's thread (a FrontendLoop)."""
+        return self._selector is not None
 
     # -- the grpc.aio.Server surface --------------------------------------------------------
 
@@ -170,7 +225,12 @@ class NativeServer:
         self._address = address
         self._native = _frontend.Frontend(address, self._max)
         try:
-            return int(self._native.start())
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._selector = loop.frontend_selector if isinstance(loop, FrontendLoop) else None
+        try:
+            return int(self._native.start(polled=self._selector is not None))
         except RuntimeError as exc:
             log.error("native front end: %s", exc)
             return 0
@@ -178,12 +238,18 @@ class NativeServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._native.fileno(), self._on_events)
+        if self._selector is not None:
+            assert self._loop.frontend_selector is self._selector  # type: ignore[attr-defined]
+            self._native.watch(self._selector.fileno())
+            self._selector.frontend = self._native
 
     async def stop(self, grace: float | None) -> None:
         """Refuse new calls; in-flight ones get ``grace`` seconds, then are cancelled."""
         if self._native is None or self._stopped.is_set():
             return
         await asyncio.to_thread(self._native.stop, float(grace or 0.0))
+        if self._selector is not None:
+            self._selector.frontend = None
         assert self._loop is not None
         self._loop.remove_reader(self._native.fileno())
         for call in list(self._calls.values()):
