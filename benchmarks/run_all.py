@@ -8,7 +8,8 @@
    repeat, closed loop at concurrency 1, 8 and 32; medians of the repeats.
 2. Server CPU per request at a fixed arrival rate that swapserve and the best peer both sustain.
 3. A version change every 5 s under load (swapserve: promote through the control service;
-   peers: their own reload API), beside a steady run of the same length; errors counted.
+   peers: their own reload API), beside steady runs of the same length (alternating, repeated;
+   medians); errors counted.
 4. The harness' own cost (benchmarks/bench_harness.py), and the sections of the other benchmark
    scripts when present (``OTHER_SCRIPTS``: bench_native, bench_batching, bench_swap,
    bench_monitoring, bench_gates, bench_rollout), each run with ``--json`` and rendered generically.
@@ -254,20 +255,36 @@ def main() -> int:
             raw["fixed_rate"] = {n: v for n, v in runs.items()} | {"rate": rate}
 
         # 3. version change every 5 s vs steady, same length, concurrency 8
+        # A run's p99 moves by tens of percent on this machine: steady and swap runs alternate
+        # (steady first, then swap first, ...) and the ratio is between their medians.
         swap_rows: dict[str, dict[str, Any]] = {}
         for n in [x for x in names if x != "noop"]:
             p = running[n]
             common = dict(concurrency=8, duration=args.swap_duration, warmup=1.0)
-            steady = bench(p, **common)
-            swapped = bench(p, **common, swap_every=5.0, versions=["1", "2"], control_url=p.control_url,
-                            swap_command=p.swap_command)
-            raw["steady"][n], raw["swap"][n] = steady, swapped
-            swap_rows[n] = {"steady": row([steady]), "swap": row([swapped]), "swaps": len(swapped["swaps"]),
-                            "failed_swaps": sum(1 for e in swapped["swaps"] if not e["ok"]),
-                            "swap_errors": [e["error"] for e in swapped["swaps"] if e["error"]][:2],
-                            "errors_by_status": swapped["errors_by_status"], "versions": swapped["versions"]}
-            log(f"swap {n}: errors {swapped['errors']} p99 {swapped['latency_ms']['p99']} vs steady "
-                f"{steady['latency_ms']['p99']}")
+            steady_runs: list[dict[str, Any]] = []
+            swapped_runs: list[dict[str, Any]] = []
+            for rep in range(args.repeats):
+                for mode in (("steady", "swap") if rep % 2 == 0 else ("swap", "steady")):
+                    if mode == "steady":
+                        steady_runs.append(bench(p, **common))
+                    else:
+                        swapped_runs.append(bench(p, **common, swap_every=5.0, versions=["1", "2"],
+                                                  control_url=p.control_url, swap_command=p.swap_command))
+                log(f"swap {n} rep {rep}: errors {swapped_runs[-1]['errors']} p99 "
+                    f"{swapped_runs[-1]['latency_ms']['p99']} vs steady {steady_runs[-1]['latency_ms']['p99']}")
+            raw["steady"][n], raw["swap"][n] = steady_runs, swapped_runs
+            swaps = [e for r in swapped_runs for e in r["swaps"]]
+            by_status: dict[str, int] = {}
+            versions: dict[str, int] = {}
+            for r in swapped_runs:
+                for k, v in r["errors_by_status"].items():
+                    by_status[k] = by_status.get(k, 0) + v
+                for k, v in r["versions"].items():
+                    versions[k] = versions.get(k, 0) + v
+            swap_rows[n] = {"steady": row(steady_runs), "swap": row(swapped_runs), "swaps": len(swaps),
+                            "failed_swaps": sum(1 for e in swaps if not e["ok"]),
+                            "swap_errors": [e["error"] for e in swaps if e["error"]][:2],
+                            "errors_by_status": by_status, "versions": versions}
         # 4. the harness' own cost, against the no-op floor
         harness = None
         if "noop" in running:
@@ -365,7 +382,9 @@ def render(raw: dict[str, Any], table: dict[str, Any], best: str | None, fixed: 
         L += ["## A version change every 5 s (concurrency 8)", "",
               "swapserve: promote through the control service (in-process control client); KServe: write the "
               "version, `POST /v2/repository/models/digits/load`; MLServer: point model-settings.json at the "
-              "version, same endpoint (peers/peer_swap.py). Steady run of the same length just before.", "",
+              "version, same endpoint (peers/peer_swap.py). Each repeat is a steady run and a run with "
+              "changes of the same length, in alternating order; p99 columns are medians of the repeats, errors "
+              "and responses are summed over all runs with changes.", "",
               "| server | swaps (failed) | errors | errors by status | p99 steady ms | p99 with swaps ms | ratio | "
               "responses per version |", "|---|---|---|---|---|---|---|---|"]
         for n, r in swap_rows.items():

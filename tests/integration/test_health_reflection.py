@@ -119,3 +119,35 @@ def test_polled_front_end_leaves_the_loop_responsive(example_repo: Path, tmp_pat
         outputs = [a.result(timeout=30) for a in answers]
     assert all(o.model_name == "simple" and len(o.raw_output_contents) == 2 for o in outputs)
     assert all(o.raw_output_contents[0] == outputs[0].raw_output_contents[0] for o in outputs)
+
+
+def test_one_polled_front_end_per_loop() -> None:
+    """A second native server on the same FrontendLoop keeps a thread of its own; both answer,
+    and a grpc.aio client on that loop (reaching it through a descriptor) gets its answers."""
+    if not native_frontend.available():
+        pytest.skip("the native front end is not built (no grpc++ at install)")
+    from grpc_health.v1 import health
+
+    async def main() -> list[int]:
+        servers = [native_frontend.NativeServer(1 << 20) for _ in range(2)]
+        ports = []
+        for s in servers:
+            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), s)
+            ports.append(s.add_insecure_port("127.0.0.1:0"))
+            await s.start()
+        assert [s.polled for s in servers] == [True, False]
+        statuses = []
+        try:
+            for port in ports:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    for _ in range(20):
+                        reply = await health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(service=""), timeout=10)
+                        statuses.append(reply.status)
+        finally:
+            for s in servers:
+                await s.stop(1.0)
+        return statuses
+
+    statuses = native_frontend.run(main())
+    assert statuses == [health_pb2.HealthCheckResponse.SERVING] * 40

@@ -54,6 +54,8 @@ class _Selector(selectors.EpollSelector):
     def __init__(self) -> None:
         super().__init__()
         self.frontend: Any = None
+        #: The NativeServer whose front end this selector runs (one per loop; a second one keeps its thread).
+        self.owner: NativeServer | None = None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         native = self.frontend
@@ -228,7 +230,9 @@ class NativeServer:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        self._selector = loop.frontend_selector if isinstance(loop, FrontendLoop) else None
+        selector = loop.frontend_selector if isinstance(loop, FrontendLoop) else None
+        if selector is not None and selector.owner is None:
+            selector.owner, self._selector = self, selector
         try:
             return int(self._native.start(polled=self._selector is not None))
         except RuntimeError as exc:
@@ -240,7 +244,8 @@ class NativeServer:
         self._loop.add_reader(self._native.fileno(), self._on_events)
         if self._selector is not None:
             assert self._loop.frontend_selector is self._selector  # type: ignore[attr-defined]
-            self._native.watch(self._selector.fileno())
+            if not self._native.watch(self._selector.fileno()):
+                raise RuntimeError("native front end: could not watch the event loop's descriptors (epoll)")
             self._selector.frontend = self._native
 
     async def stop(self, grace: float | None) -> None:
@@ -249,7 +254,7 @@ class NativeServer:
             return
         await asyncio.to_thread(self._native.stop, float(grace or 0.0))
         if self._selector is not None:
-            self._selector.frontend = None
+            self._selector.frontend = self._selector.owner = None
         assert self._loop is not None
         self._loop.remove_reader(self._native.fileno())
         for call in list(self._calls.values()):
