@@ -241,7 +241,8 @@ class Frontend {
 
   int fd() const { return efd_; }
 
-  // Everything that happened since the last Drain, oldest first. Called with the GIL released.
+  // Everything that happened since the last Drain, oldest first. Called with the GIL held: the
+  // CQ thread takes events_mu_ only to push, never waiting for Python.
   std::vector<Event> Drain() {
     uint64_t ignored;
     ssize_t r = read(efd_, &ignored, sizeof ignored);  // reset the wake-up before taking the queue
@@ -571,6 +572,10 @@ PYBIND11_MODULE(_frontend, m) {
            py::arg("polled") = false)
       .def("poll",
            [](Frontend& f, double timeout_s) {
+             // A look without waiting takes microseconds and touches no Python object: keep the
+             // GIL, so a thread waiting for it (control-path work) does not get a turn every time
+             // the busy event loop looks for new requests.
+             if (timeout_s == 0) return f.Poll(0);
              py::gil_scoped_release nogil;
              return f.Poll(timeout_s);
            })
@@ -578,11 +583,7 @@ PYBIND11_MODULE(_frontend, m) {
       .def("fileno", &Frontend::fd)
       .def("drain",
            [](Frontend& f) {
-             std::vector<Event> events;
-             {
-               py::gil_scoped_release nogil;
-               events = f.Drain();
-             }
+             std::vector<Event> events = f.Drain();  // a swap under a mutex: the GIL stays held
              py::list out(events.size());
              for (size_t i = 0; i < events.size(); ++i) {
                Event& e = events[i];

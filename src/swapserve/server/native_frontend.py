@@ -13,6 +13,11 @@ accepts calls and moves bytes; this side turns events into servicer calls on the
 
 Statuses are grpc.aio's: ``context.abort`` ends the call with its code and message; any other
 exception is UNKNOWN, as grpc.aio answers it.
+
+On a ``FrontendLoop`` (what ``swapserve serve`` runs, via ``run``) the front end is *polled*: the
+loop's selector runs grpc++'s completion queue on the loop's own thread, so no second thread
+wakes per request; on any other loop the front end keeps a completion-queue thread and hands
+events over through its eventfd. Servicers see no difference.
 """
 from __future__ import annotations
 
