@@ -145,6 +145,9 @@ class Frontend {
   ~Frontend() {
     Stop(0.0);
     if (efd_ >= 0) close(efd_);
+    // Closed only here: a Poll that started before Stop may still arm the watch afterwards.
+    if (watch_epoll_ >= 0) close(watch_epoll_);
+    if (watch_stop_ >= 0) close(watch_stop_);
   }
 
   // Bind and start serving. Returns the bound port, or 0 with *error set. ``polled``: no
@@ -191,24 +194,19 @@ class Frontend {
     bool ok;
     for (;;) {  // everything already complete
       auto st = cq_->AsyncNext(&raw, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
-      if (st == grpc::CompletionQueue::SHUTDOWN) return kOff;
+      if (st == grpc::CompletionQueue::SHUTDOWN) return ShutDown();
       if (st == grpc::CompletionQueue::TIMEOUT) break;
       Handle(raw, ok);
     }
     if (timeout_s == 0 || pushed_.load(std::memory_order_relaxed) != before) return Pending();
-    if (watched_ >= 0) {  // one-shot: report the loop's descriptors (once) while we block
-      epoll_event ev{};
-      ev.events = EPOLLIN | EPOLLONESHOT;
-      ev.data.fd = watched_;
-      epoll_ctl(watch_epoll_, EPOLL_CTL_MOD, watched_, &ev);
-    }
+    if (watched_ >= 0) Arm(EPOLL_CTL_MOD, watched_);  // report the loop's descriptors while we block
     gpr_timespec deadline = timeout_s < 0 ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
                                           : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                                          gpr_time_from_micros(static_cast<int64_t>(timeout_s * 1e6),
                                                                               GPR_TIMESPAN));
     for (;;) {
       auto st = cq_->AsyncNext(&raw, &ok, deadline);
-      if (st == grpc::CompletionQueue::SHUTDOWN) return kOff;
+      if (st == grpc::CompletionQueue::SHUTDOWN) return ShutDown();
       if (st == grpc::CompletionQueue::TIMEOUT) return Pending();
       bool woke = Handle(raw, ok);
       if (woke || pushed_.load(std::memory_order_relaxed) != before) return Pending();
@@ -219,6 +217,9 @@ class Frontend {
     std::lock_guard<std::mutex> lock(events_mu_);
     return events_.empty() ? kIdle : kPending;
   }
+
+  // The queue is shut down; events this Poll queued before that still reach Drain.
+  int ShutDown() { return Pending() == kPending ? kPending : kOff; }
 
   // Polled mode: watch the event loop's own descriptor set (an epoll fd) from a small thread that
   // only ends a blocking Poll when it becomes readable (timers are Poll's timeout).
@@ -231,9 +232,7 @@ class Frontend {
     ev.events = EPOLLIN;
     ev.data.fd = watch_stop_;
     epoll_ctl(watch_epoll_, EPOLL_CTL_ADD, watch_stop_, &ev);
-    ev.events = EPOLLIN | EPOLLONESHOT;
-    ev.data.fd = fd;
-    if (epoll_ctl(watch_epoll_, EPOLL_CTL_ADD, fd, &ev) != 0) return false;
+    if (!Arm(EPOLL_CTL_ADD, fd)) return false;
     watched_ = fd;
     watcher_ = std::thread([this] { WatchLoop(); });
     return true;
@@ -321,9 +320,6 @@ class Frontend {
       (void)r;
       watcher_.join();
     }
-    if (watch_epoll_ >= 0) close(watch_epoll_);
-    if (watch_stop_ >= 0) close(watch_stop_);
-    watch_epoll_ = watch_stop_ = watched_ = -1;
   }
 
  private:
@@ -408,6 +404,14 @@ class Frontend {
     void* raw;
     bool ok;
     while (cq_->Next(&raw, &ok)) Handle(raw, ok);
+  }
+
+  // Watch ``fd`` for one readiness report (EPOLLONESHOT): ``op`` ADD at first, MOD to re-arm.
+  bool Arm(int op, int fd) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.fd = fd;
+    return epoll_ctl(watch_epoll_, op, fd, &ev) == 0;
   }
 
   void WatchLoop() {
