@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -274,13 +275,8 @@ def main() -> int:
                     f"{swapped_runs[-1]['latency_ms']['p99']} vs steady {steady_runs[-1]['latency_ms']['p99']}")
             raw["steady"][n], raw["swap"][n] = steady_runs, swapped_runs
             swaps = [e for r in swapped_runs for e in r["swaps"]]
-            by_status: dict[str, int] = {}
-            versions: dict[str, int] = {}
-            for r in swapped_runs:
-                for k, v in r["errors_by_status"].items():
-                    by_status[k] = by_status.get(k, 0) + v
-                for k, v in r["versions"].items():
-                    versions[k] = versions.get(k, 0) + v
+            by_status = dict(sum((Counter(r["errors_by_status"]) for r in swapped_runs), Counter()))
+            versions = dict(sum((Counter(r["versions"]) for r in swapped_runs), Counter()))
             swap_rows[n] = {"steady": row(steady_runs), "swap": row(swapped_runs), "swaps": len(swaps),
                             "failed_swaps": sum(1 for e in swaps if not e["ok"]),
                             "swap_errors": [e["error"] for e in swaps if e["error"]][:2],
