@@ -122,7 +122,8 @@ GRPCPP = grpcpp_flags()
 if GRPCPP is not None and not os.environ.get("SWAPSERVE_SANITIZE"):
     ext_modules.append(Pybind11Extension(
         "swapserve._frontend",
-        ["csrc/frontend/frontend.cc"],
+        sorted(glob.glob("csrc/frontend/*.cc")),
+        include_dirs=["csrc/frontend"],
         cxx_std=17,
         extra_compile_args=["-O2", "-Wall", "-Wextra", *[f for f in GRPCPP if f.startswith(("-I", "-D"))]],
         extra_link_args=["-pthread", *[f for f in GRPCPP if not f.startswith(("-I", "-D"))]],
