@@ -259,9 +259,10 @@ class FakeBatcher:
     """A ``BatcherLike`` that keeps requests until the test releases them.
 
     ``submit`` queues (``ResourceExhausted`` beyond ``max_queue``, ``VersionNotReady`` once
-    closed). ``next_batch`` returns None until ``release()`` (or ``auto``): then one batch of
-    everything queued, inputs concatenated per input as ``uint8`` as the native batcher does,
-    except the tickets ``expire(ticket)`` marked, which come back in ``expired``.
+    closed). ``next_batch`` returns None until ``release()`` (always, with ``auto``); then one
+    batch of everything queued, inputs concatenated per input as ``uint8`` as the native
+    batcher does. ``close`` wakes consumers but hands out nothing unreleased: a batcher whose
+    requests are stuck, to check that their callers are still answered.
     """
 
     def __init__(self, max_rows: int = 0, preferred: list[int] | None = None, delay_us: int = 0,
@@ -270,14 +271,14 @@ class FakeBatcher:
         self.max_queue = max_queue
         self.auto = auto
         self.closed = False
+        #: (ticket, rows) of every accepted submit, in order.
         self.submitted: list[tuple[int, int]] = []
         self._queue: list[tuple[int, int, list[np.ndarray]]] = []
-        self._expire: set[int] = set()
-        self._ready = threading.Event()
-        self._lock = threading.Lock()
+        self._released = False
+        self._wake = threading.Condition()
 
     def submit(self, ticket: int, rows: int, inputs: list[Any], deadline_ns: int) -> None:
-        with self._lock:
+        with self._wake:
             if self.closed:
                 raise errors.VersionNotReady(f"{self.name} is closed")
             if self.max_queue and len(self._queue) >= self.max_queue:
@@ -285,35 +286,31 @@ class FakeBatcher:
             self._queue.append((ticket, rows, [np.ascontiguousarray(a).view(np.uint8).ravel().copy()
                                                for a in inputs]))
             self.submitted.append((ticket, rows))
-
-    def expire(self, ticket: int) -> None:
-        """The next batch reports ``ticket`` as expired instead of running it."""
-        self._expire.add(ticket)
+            self._wake.notify_all()
 
     def release(self) -> None:
         """Let the next ``next_batch`` return what is queued."""
-        self._ready.set()
+        with self._wake:
+            self._released = True
+            self._wake.notify_all()
 
     def next_batch(self, timeout_us: int) -> FakeBatch | None:
-        if not self.auto and not self._ready.wait(max(0, timeout_us) / 1e6):
-            return None
-        with self._lock:
-            queue, self._queue = self._queue, []
-            self._ready.clear()
-        if not queue:
-            return None
-        run = [q for q in queue if q[0] not in self._expire]
-        expired = [q[0] for q in queue if q[0] in self._expire]
-        inputs = [np.concatenate([q[2][i] for q in run]) for i in range(len(run[0][2]))] if run else []
-        return FakeBatch([q[0] for q in run], [q[1] for q in run], inputs, [0] * len(run), expired)
+        with self._wake:
+            ready = lambda: self.closed or ((self.auto or self._released) and bool(self._queue))  # noqa: E731
+            self._wake.wait_for(ready, None if timeout_us < 0 else timeout_us / 1e6)
+            if not (self.auto or self._released) or not self._queue:
+                return None
+            queue, self._queue, self._released = self._queue, [], False
+        inputs = [np.concatenate([q[2][i] for q in queue]) for i in range(len(queue[0][2]))]
+        return FakeBatch([q[0] for q in queue], [q[1] for q in queue], inputs, [0] * len(queue), [])
 
     def close(self) -> None:
-        with self._lock:
+        with self._wake:
             self.closed = True
-        self._ready.set()
+            self._wake.notify_all()
 
     def pending(self) -> int:
-        with self._lock:
+        with self._wake:
             return len(self._queue)
 
 
