@@ -340,8 +340,6 @@ class FakeFrontend:
     HALF_CLOSE: ClassVar[int] = 1
     CANCELLED: ClassVar[int] = 2
 
-    instances: ClassVar[list[FakeFrontend]] = []
-
     def __init__(self, address: str, max_message_bytes: int, port: int = 50051) -> None:
         self.address = address
         self.max_message_bytes = max_message_bytes
@@ -354,7 +352,6 @@ class FakeFrontend:
         self._events: list[tuple[int, int, str, bytes, int]] = []
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
-        FakeFrontend.instances.append(self)
 
     # -- what NativeServer calls ---------------------------------------------------------------
 
@@ -420,13 +417,24 @@ class FakeFrontend:
 
 
 class FakeFrontendModule:
-    """Stands in for the ``swapserve._frontend`` module: its ``Frontend`` class and constants."""
+    """Stands in for the ``swapserve._frontend`` module: its constants, and a ``Frontend``
+    factory that records the front ends it made (``created``)."""
 
-    Frontend = FakeFrontend
     MESSAGE = FakeFrontend.MESSAGE
     HALF_CLOSE = FakeFrontend.HALF_CLOSE
     CANCELLED = FakeFrontend.CANCELLED
     POLL_OFF, POLL_IDLE, POLL_PENDING = 0, 1, 2
+
+    def __init__(self) -> None:
+        self.created: list[FakeFrontend] = []
+
+    def Frontend(self, address: str, max_message_bytes: int) -> FakeFrontend:  # noqa: N802 - the module's name
+        self.created.append(FakeFrontend(address, max_message_bytes))
+        return self.created[-1]
+
+    def close(self) -> None:
+        for f in self.created:
+            f.close()
 
 
 @dataclass
