@@ -161,11 +161,6 @@ class FakeBackend(Backend):
     def close(self) -> None:
         self.closed = True
 
-    @property
-    def requests_seen(self) -> int:
-        """Batches run so far (warmup included)."""
-        return len(self.batches)
-
 
 @dataclass
 class FakeModelBehaviour:
@@ -259,17 +254,16 @@ class FakeBatcher:
     """A ``BatcherLike`` that keeps requests until the test releases them.
 
     ``submit`` queues (``ResourceExhausted`` beyond ``max_queue``, ``VersionNotReady`` once
-    closed). ``next_batch`` returns None until ``release()`` (always, with ``auto``); then one
-    batch of everything queued, inputs concatenated per input as ``uint8`` as the native
-    batcher does. ``close`` wakes consumers but hands out nothing unreleased: a batcher whose
-    requests are stuck, to check that their callers are still answered.
+    closed). ``next_batch`` returns None until ``release()``; then one batch of everything
+    queued, inputs concatenated per input as ``uint8`` as the native batcher does. ``close``
+    wakes consumers but hands out nothing unreleased: a batcher whose requests are stuck, to
+    check that their callers are still answered.
     """
 
     def __init__(self, max_rows: int = 0, preferred: list[int] | None = None, delay_us: int = 0,
-                 max_queue: int = 0, name: str = "", *, auto: bool = False) -> None:
+                 max_queue: int = 0, name: str = "") -> None:
         self.name = name
         self.max_queue = max_queue
-        self.auto = auto
         self.closed = False
         #: (ticket, rows) of every accepted submit, in order.
         self.submitted: list[tuple[int, int]] = []
@@ -296,9 +290,9 @@ class FakeBatcher:
 
     def next_batch(self, timeout_us: int) -> FakeBatch | None:
         with self._wake:
-            ready = lambda: self.closed or ((self.auto or self._released) and bool(self._queue))  # noqa: E731
-            self._wake.wait_for(ready, None if timeout_us < 0 else timeout_us / 1e6)
-            if not (self.auto or self._released) or not self._queue:
+            self._wake.wait_for(lambda: self.closed or (self._released and bool(self._queue)),
+                                None if timeout_us < 0 else timeout_us / 1e6)
+            if not self._released or not self._queue:
                 return None
             queue, self._queue, self._released = self._queue, [], False
         inputs = [np.concatenate([q[2][i] for q in queue]) for i in range(len(queue[0][2]))]
