@@ -24,7 +24,8 @@ from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry import Registry
 from swapserve.registry.records import AuditEntry, Event
-from swapserve.routing.policy import BASIS_POINTS, RoutingPolicy
+from swapserve.routing.policy import RoutingPolicy
+from swapserve.units import BASIS_POINTS
 from swapserve.types import ModelSummaryView, ModelView, VersionView
 
 log = logging.getLogger(__name__)

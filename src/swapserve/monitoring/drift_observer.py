@@ -43,9 +43,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swapserve import units
 from swapserve.errors import ConfigError, ModelNotFound, SwapserveError
 from swapserve.monitoring.drift import STATES, DriftReport, Sketch, WindowReport, score_window
-from swapserve.monitoring.monitor_config import MonitoringConfig, format_window, load_monitoring_config
+from swapserve.monitoring.monitor_config import MonitoringConfig, load_monitoring_config
 from swapserve.monitoring.profile import FeatureLayout, FeatureProfile, Profile, build_profile, load_reference
 from swapserve.monitoring.quality import KINDS, QualityChecker
 from swapserve.monitoring.trigger import RetrainingTrigger, TriggerRecord
@@ -268,7 +269,7 @@ class _Version:
                 b = snap_out[i] if snap_out is not None else None
                 rows = a[1] if a is not None else (b[1] if b is not None else 0)
                 windows.append(score_window(
-                    format_window(w), w, rows, ref_in if a else None, a[0] if a else None,
+                    units.format_duration(w), w, rows, ref_in if a else None, a[0] if a else None,
                     ref_out if b else None, b[0] if b else None, self.config.drift,
                     a[2] if a else None, a[3] if a else None))
         return DriftReport(self.model, self.version, self.source(), tuple(windows), quality.to_dict(), self.error)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from swapserve.registry.records import (
     ACTIVE_ROLLOUT_STATES,
-    BASIS_POINTS,
     METRIC_SOURCES,
     OVERALL_SLICE,
     ROLLOUT_STATES,
@@ -31,7 +30,6 @@ from swapserve.registry.store import Registry
 
 __all__ = [
     "ACTIVE_ROLLOUT_STATES",
-    "BASIS_POINTS",
     "METRIC_SOURCES",
     "OVERALL_SLICE",
     "ROLLOUT_STATES",

@@ -51,7 +51,6 @@ from swapserve.registry.models import (
 )
 from swapserve.registry.records import (
     ACTIVE_ROLLOUT_STATES,
-    BASIS_POINTS,
     DEFAULT_STAGE,
     METRIC_SOURCES,
     ROLLOUT_STATES,
@@ -67,6 +66,7 @@ from swapserve.registry.records import (
     cohorts_of,
     traffic_of,
 )
+from swapserve.units import BASIS_POINTS
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 

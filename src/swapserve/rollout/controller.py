@@ -38,7 +38,8 @@ from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry.records import RolloutRecord
 from swapserve.rollout.gates import OVERALL, Decision, evaluate
-from swapserve.rollout.plan import BASIS_POINTS, RolloutPlan, Stage
+from swapserve.rollout.plan import RolloutPlan, Stage
+from swapserve.units import BASIS_POINTS
 from swapserve.routing.policy import RoutingPolicy
 
 log = logging.getLogger(__name__)

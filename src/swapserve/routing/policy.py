@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from swapserve.errors import InvalidInput
 from swapserve.native import CohortRule, RoutingSpec
-
-BASIS_POINTS = 10_000
+from swapserve.units import BASIS_POINTS
 
 
 @dataclass(frozen=True)
