@@ -23,6 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from swapserve import units
+from swapserve.errors import InvalidInput
+from swapserve.routing.policy import check_split
 
 if TYPE_CHECKING:
     from swapserve.client import ControlClient
@@ -76,16 +78,12 @@ def parse_cohort(text: str) -> tuple[str, str, int]:
 
 
 def check_traffic(shares: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The split as given, or UsageError when a version repeats or the weights do not sum to exactly 100 %."""
-    seen: set[int] = set()
-    for version, _ in shares:
-        if version in seen:
-            raise UsageError(f"version {version} is given twice in the traffic split")
-        seen.add(version)
-    total = sum(bp for _, bp in shares)
-    if total != units.BASIS_POINTS:
-        given = " + ".join(f"{v}={format_percent(bp / 100)}" for v, bp in shares)
-        raise UsageError(f"traffic weights must sum to 100%, these sum to {format_percent(total / 100)} ({given})")
+    """The split as given, or UsageError when :func:`swapserve.routing.policy.check_split` refuses it
+    (a version repeats, the weights do not sum to exactly 100 %), before anything is sent."""
+    try:
+        check_split(shares)
+    except InvalidInput as exc:
+        raise UsageError(exc.message) from None
     return list(shares)
 
 

@@ -7,7 +7,8 @@ comes only from the Alembic migrations shipped in ``migrations/``, applied on op
     from swapserve.registry import Registry
     reg = Registry()                      # or Registry("postgresql+psycopg://...")
     reg.register_version("resnet", 2, source_path=path, sha256=digest)
-    reg.promote("resnet", 2, actor="alice", reason="beats v1 on every slice")
+    reg.publish_deployment("resnet", champion=2, traffic=[(2, 10_000)], action="promote",
+                           actor="alice", reason="beats v1 on every slice")
 """
 from __future__ import annotations
 
