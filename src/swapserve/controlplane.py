@@ -326,9 +326,11 @@ class ControlPlane:
         async with m.lock:
             note = await self._check_rollout(model, "change traffic of", force)
             check_split(traffic, model)
-            # No policy yet: start from the largest share, in the order given.
-            base = m.policy or RoutingPolicy(champion=max(traffic, key=lambda t: t[1])[0], traffic=())
-            policy = base.with_split(traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
+            if m.policy is None:
+                policy = RoutingPolicy.first_split(traffic, shadows=shadows, cohorts=cohorts,
+                                                   key_attribute=key_attribute)
+            else:
+                policy = m.policy.with_split(traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
             await self._publish_locked(m, policy, action="traffic", actor=actor, reason=note + reason)
         return await self.status(model)
 

@@ -161,3 +161,9 @@ def test_validate_also_wants_every_routed_version_resident() -> None:
     LIVE.validate("m", [1, 3, 5])
     with pytest.raises(InvalidInput, match=r"\[5\] are not resident"):
         LIVE.validate("m", [1, 3])
+
+
+def test_a_first_split_crowns_the_largest_share_in_the_order_given() -> None:
+    p = RoutingPolicy.first_split([(1, 3000), (2, 7000)], shadows=[3], key_attribute="user")
+    assert (p.champion, p.traffic, p.shadows, p.key_attribute, p.previous_champions) == (
+        2, ((1, 3000), (2, 7000)), (3,), "user", ())

@@ -511,7 +511,7 @@ class Registry:
             shares = traffic_of(traffic)
         except (TypeError, ValueError) as exc:
             raise errors.InvalidInput(f"model '{model}': traffic must be [(version, weight_bp), ...]: {exc}") from None
-        shadow_versions = tuple(shadows)
+        shadow_versions = tuple(int(v) for v in shadows)
         rules = cohorts_of(cohorts)
         # The shape rules have one home, the routing policy; the registry refuses what it refuses.
         RoutingPolicy(champion=champion, traffic=tuple((t.version, t.weight_bp) for t in shares),

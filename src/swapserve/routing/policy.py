@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from swapserve.native import RoutingSpec
 
 
+def _largest(traffic: Sequence[tuple[int, int]]) -> int:
+    """The version with the largest share (the first of equals): the champion when the old one gets nothing."""
+    return max(traffic, key=lambda t: t[1])[0]
+
+
 def _prefix(model: str | None) -> str:
     return f"model '{model}': " if model else ""
 
@@ -187,7 +192,7 @@ class RoutingPolicy:
         keep their order (so existing keys keep their buckets); new versions follow.
         """
         weights = dict(traffic)
-        champion = self.champion if weights.get(self.champion, 0) > 0 else max(traffic, key=lambda t: t[1])[0]
+        champion = self.champion if weights.get(self.champion, 0) > 0 else _largest(traffic)
         order = [v for v, _ in self.traffic if v in weights]
         order += [v for v, _ in traffic if v not in order]
         return dataclasses.replace(
@@ -195,6 +200,13 @@ class RoutingPolicy:
             shadows=tuple(dict.fromkeys(shadows)), cohorts=tuple((a, str(val), int(v)) for a, val, v in cohorts),
             key_attribute=key_attribute or self.key_attribute,
             previous_champions=self._crowned(champion, self.previous_champions))
+
+    @classmethod
+    def first_split(cls, traffic: Sequence[tuple[int, int]], *, shadows: Iterable[int] = (),
+                    cohorts: Iterable[tuple[str, str, int]] = (), key_attribute: str | None = None) -> RoutingPolicy:
+        """:meth:`with_split` for a model nothing routes yet: the largest share is champion, in the order given."""
+        return cls(champion=_largest(traffic), traffic=()).with_split(
+            traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
 
     def for_stage(self, champion: int, challenger: int, *, traffic_bp: int, shadow: bool = False,
                   cohorts: Iterable[tuple[str, str]] = ()) -> RoutingPolicy:
