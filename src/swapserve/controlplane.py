@@ -284,7 +284,7 @@ class ControlPlane:
 
     async def promote(self, model: str, version: int, *, actor: str, reason: str = "", force: bool = False) -> ModelView:
         """100% of traffic to ``version``; the old champion goes on the history and stays resident
-        (:meth:`RoutingPolicy.promoted`: shadows and cohort rules not naming ``version`` stay)."""
+        (:meth:`RoutingPolicy.promoted`: the split and cohort rules go, the other shadows stay)."""
         m = self._model(model)
         async with m.lock:
             note = await self._check_rollout(model, "promote", force)

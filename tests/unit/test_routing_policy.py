@@ -1,6 +1,8 @@
 """RoutingPolicy: the one home of deployment transitions and of the shape rules of a policy."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,33 +21,35 @@ LIVE = RoutingPolicy(champion=1, traffic=((1, BASIS_POINTS),), shadows=(3,),
 # -- promote / roll back keep what they are not about --------------------------------------------
 
 
-def test_promote_keeps_shadows_cohorts_and_key() -> None:
+def test_promote_keeps_shadows_and_key_and_sends_all_served_traffic_to_the_champion() -> None:
     p = LIVE.promoted(2)
     assert (p.champion, p.traffic, p.previous_champions) == (2, ((2, BASIS_POINTS),), (4, 1))
-    assert p.shadows == (3,) and p.cohorts == LIVE.cohorts and p.key_attribute == "user"
+    assert p.shadows == (3,) and p.cohorts == () and p.key_attribute == "user"
     assert p.generation == LIVE.generation  # the base; the registry assigns the next one
 
 
-def test_promote_drops_only_what_names_the_new_champion() -> None:
-    p = LIVE.promoted(3)
-    assert p.shadows == () and p.cohorts == (("country", "nl", 5),)
+def test_promote_drops_only_shadows_of_either_champion() -> None:
+    assert LIVE.promoted(3).shadows == ()
+    live = dataclasses.replace(LIVE, shadows=(1, 3, 5))
+    assert dataclasses.replace(live, champion=2, traffic=((2, BASIS_POINTS),)).promoted(4).shadows == (1, 3, 5)
+    assert live.promoted(4).shadows == (3, 5)  # from champion 1: its shadow goes, as after a rollback
 
 
 def test_promoting_the_champion_changes_no_history() -> None:
     assert LIVE.promoted(1).previous_champions == (4,)
 
 
-def test_rollback_pops_the_history_and_keeps_the_rest() -> None:
+def test_rollback_pops_the_history_and_keeps_shadows_and_key() -> None:
     p = LIVE.promoted(2).rolled_back()
     assert (p.champion, p.traffic, p.previous_champions) == (1, ((1, BASIS_POINTS),), (4,))
-    assert p.shadows == (3,) and p.cohorts == LIVE.cohorts and p.key_attribute == "user"
+    assert p.shadows == (3,) and p.cohorts == () and p.key_attribute == "user"
 
 
-def test_rollback_drops_shadows_and_cohorts_of_the_demoted_champion_and_the_target() -> None:
-    live = RoutingPolicy(champion=2, traffic=((2, BASIS_POINTS),), shadows=(3, 4),
-                         cohorts=(("a", "x", 2), ("a", "y", 4), ("a", "z", 5)), previous_champions=(4,))
+def test_rollback_drops_shadows_of_the_demoted_champion_and_the_target() -> None:
+    live = RoutingPolicy(champion=2, traffic=((2, 9000), (5, 1000)), shadows=(3, 4),
+                         cohorts=(("a", "x", 2), ("a", "z", 5)), previous_champions=(4,))
     p = live.rolled_back()
-    assert p.champion == 4 and p.shadows == (3,) and p.cohorts == (("a", "z", 5),)
+    assert (p.champion, p.traffic, p.shadows, p.cohorts) == (4, ((4, BASIS_POINTS),), (3,), ())
 
 
 def test_rollback_to_a_named_version() -> None:
@@ -106,7 +110,7 @@ def test_full_stage_promotes_and_a_rollback_after_it_steps_back() -> None:
     assert full == LIVE.promoted(2)
     back = full.for_stage(1, 2, traffic_bp=0)  # gates failed during the watch
     assert (back.champion, back.previous_champions, back.traffic) == (1, (4,), ((1, BASIS_POINTS),))
-    assert back.shadows == LIVE.shadows and back.cohorts == LIVE.cohorts
+    assert back.shadows == LIVE.shadows and back.key_attribute == "user"
 
 
 def test_raising_a_canary_only_moves_keys_to_the_challenger() -> None:

@@ -11,9 +11,11 @@ snapshots. This module is the one translation between the two, and the one home 
   :meth:`~RoutingPolicy.for_stage`): each returns a whole new policy computed from the current
   one; nothing else computes a new champion, split, shadows, cohorts or champion history.
 
-Every transition keeps the routing key and keeps the shadows and cohort rules it is not about;
-it drops only those that would be meaningless afterwards (a shadow of the new champion, a rule
-routing to a version that now takes all traffic or was just demoted). A transition's result
+Every transition keeps the routing key and the shadows it is not about (a shadow serves
+nobody, so no change of the served traffic contradicts it; only a shadow of the new or the
+replaced champion goes). A champion change (promote, rollback, a rollout's 100% stage) gives
+the new champion all served traffic, so the split and the cohort rules go with it; a rollout's
+other stages replace only the challenger's routes and keep the operator's cohort rules. A transition's result
 keeps the ``generation`` of the policy it came from; the registry assigns the new one when the
 control plane publishes it.
 """
@@ -151,22 +153,24 @@ class RoutingPolicy:
         return (*history, self.champion) if champion != self.champion else tuple(history)
 
     def promoted(self, version: int) -> RoutingPolicy:
-        """All traffic to ``version``, which becomes champion; the old champion goes on the history.
+        """All served traffic to ``version``, which becomes champion; the old champion goes on the history.
 
-        Shadows and cohort rules naming ``version`` go (it serves everything now); the others stay.
+        Like every champion change (:meth:`rolled_back` too): the split and the cohort rules go
+        (they would serve part of the traffic elsewhere), the shadows stay (they serve nobody)
+        except a shadow of either champion, and the routing key stays.
         """
+        gone = {self.champion, version}
         return dataclasses.replace(
             self, champion=version, traffic=((version, BASIS_POINTS),),
-            shadows=tuple(v for v in self.shadows if v != version),
-            cohorts=tuple(c for c in self.cohorts if c[2] != version),
+            shadows=tuple(v for v in self.shadows if v not in gone), cohorts=(),
             previous_champions=self._crowned(version, self.previous_champions))
 
     def rolled_back(self, to: int | None = None) -> RoutingPolicy:
         """All traffic back to the previous champion (one step down the history), or to ``to``.
 
         Without ``to`` the history is popped; with ``to``, ``to`` leaves the history and the
-        demoted champion is pushed. Shadows and cohort rules naming the demoted champion or the
-        target go; the others stay. Raises FailedPrecondition without ``to`` and without a history.
+        demoted champion is pushed. As in :meth:`promoted`, the split and the cohort rules go and
+        the shadows stay, except a shadow of the demoted champion or the target. Raises FailedPrecondition without ``to`` and without a history.
         """
         history = list(self.previous_champions)
         if to is None:
@@ -180,8 +184,7 @@ class RoutingPolicy:
         gone = {self.champion, target}
         return dataclasses.replace(
             self, champion=target, traffic=((target, BASIS_POINTS),),
-            shadows=tuple(v for v in self.shadows if v not in gone),
-            cohorts=tuple(c for c in self.cohorts if c[2] not in gone), previous_champions=tuple(history))
+            shadows=tuple(v for v in self.shadows if v not in gone), cohorts=(), previous_champions=tuple(history))
 
     def with_split(self, traffic: Sequence[tuple[int, int]], *, shadows: Iterable[int] = (),
                    cohorts: Iterable[tuple[str, str, int]] = (), key_attribute: str | None = None) -> RoutingPolicy:
