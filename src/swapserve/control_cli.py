@@ -16,12 +16,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from swapserve import units
+from swapserve.errors import InvalidInput
+from swapserve.routing.policy import check_split
 
 if TYPE_CHECKING:
     from swapserve.client import ControlClient
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
 VERBS = ("models", "status", "register", "load", "unload", "promote", "rollback", "traffic", "events", "audit")
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-BASIS_POINTS = 10_000
 
 
 class UsageError(Exception):
@@ -51,18 +53,11 @@ def parse_version(text: str) -> int:
 
 
 def percent_to_bp(text: str) -> int:
-    """ "95" -> 9500, "33.33" -> 3333, "0.01" -> 1. Exact (decimal, no float); at most two decimals, 0..100."""
-    t = text.strip().removesuffix("%")
+    """ "95" -> 9500, "33.33" -> 3333, "0.01" -> 1: :func:`swapserve.units.percent_to_bp` as an argparse type."""
     try:
-        d = Decimal(t)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a percentage (e.g. 95 or 33.33)") from None
-    if not d.is_finite() or d < 0 or d > 100:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a percentage between 0 and 100")
-    bp = d * 100
-    if bp != bp.to_integral_value():
-        raise argparse.ArgumentTypeError(f"'{text}': use at most two decimals (0.01 % is one basis point)")
-    return int(bp)
+        return units.percent_to_bp(text)
+    except units.UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_share(text: str) -> tuple[int, int]:
@@ -83,16 +78,12 @@ def parse_cohort(text: str) -> tuple[str, str, int]:
 
 
 def check_traffic(shares: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The split as given, or UsageError when a version repeats or the weights do not sum to exactly 100 %."""
-    seen: set[int] = set()
-    for version, _ in shares:
-        if version in seen:
-            raise UsageError(f"version {version} is given twice in the traffic split")
-        seen.add(version)
-    total = sum(bp for _, bp in shares)
-    if total != BASIS_POINTS:
-        given = " + ".join(f"{v}={format_percent(bp / 100)}" for v, bp in shares)
-        raise UsageError(f"traffic weights must sum to 100%, these sum to {format_percent(total / 100)} ({given})")
+    """The split as given, or UsageError when :func:`swapserve.routing.policy.check_split` refuses it
+    (a version repeats, the weights do not sum to exactly 100 %), before anything is sent."""
+    try:
+        check_split(shares)
+    except InvalidInput as exc:
+        raise UsageError(exc.message) from None
     return list(shares)
 
 

@@ -1,7 +1,10 @@
 """Operator actions: register, load, unload, promote, rollback, traffic — validated, serialised, audited.
 
 The control servicer converts protobuf and calls this; the rollout controller (#6)
-calls it too. Guarantees for every mutating call:
+calls it too. :meth:`ControlPlane.publish` is the only way a model's recorded routing
+changes; the new policy itself always comes from a transition of
+:class:`~swapserve.routing.policy.RoutingPolicy` (``promoted``, ``rolled_back``,
+``with_split``, ``for_stage``). Guarantees for every mutating call:
 
 * it runs under the model's lock, so calls on one model never interleave;
 * it is validated before anything changes (unknown or non-resident versions, weights
@@ -24,7 +27,7 @@ from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry import Registry
 from swapserve.registry.records import AuditEntry, Event
-from swapserve.routing.policy import BASIS_POINTS, RoutingPolicy
+from swapserve.routing.policy import RoutingPolicy, check_split
 from swapserve.types import ModelSummaryView, ModelView, VersionView
 
 log = logging.getLogger(__name__)
@@ -84,9 +87,21 @@ class ControlPlane:
                 f"model '{m.name}' version {version} is {state}; it must be resident before it can be "
                 f"{action}d: run `swapserve load {m.name} {version}` first")
 
-    async def _publish(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
-                       reason: str) -> RoutingPolicy:
-        """Record ``policy`` in the registry (with its audit row), then publish it. Caller holds m.lock."""
+    async def _publish_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
+                              reason: str) -> RoutingPolicy:
+        """Make ``policy`` the model's routing. Caller holds ``m.lock``. In this order:
+
+        1. validate: InvalidInput (nothing written) unless the policy is well formed and every
+           version it routes to is resident;
+        2. write the deployment and its audit row in one registry transaction, conditional on the
+           generation this replica last applied (FailedPrecondition, nothing written, when another
+           writer got there first);
+        3. publish the recorded policy as the routing snapshot (one atomic store) and mark its
+           versions deployed.
+
+        So a crash between 2 and 3 loses nothing acknowledged (a restart applies the record), and
+        the snapshot never shows a policy the registry does not hold. Returns the recorded policy.
+        """
         policy.validate(m.name, m.resident_versions())
         expected = m.policy.generation if m.policy is not None and m.policy.pinned else None
         if expected is None:  # not yet pinned here: another replica may have recorded one meanwhile
@@ -104,7 +119,24 @@ class ControlPlane:
             await self._db(self.registry.mark_deployed, m.name, v)
         return recorded
 
+    async def publish(self, model: str, change: Callable[[RoutingPolicy | None], RoutingPolicy], *, action: str,
+                      actor: str, reason: str = "") -> RoutingPolicy:
+        """The one way to change a model's routing: ``change(current policy)``, validated, recorded, published.
+
+        ``change`` runs under the model's lock on the policy live at that moment (None when
+        nothing routes yet), so concurrent changes never work from a stale policy; it should be
+        a :class:`RoutingPolicy` transition. Then the guarantees of :meth:`_publish_locked`, in
+        its order. Returns the recorded policy (with its new generation).
+        """
+        m = self._model(model)
+        async with m.lock:
+            return await self._publish_locked(m, change(m.policy), action=action, actor=actor, reason=reason)
+
     # -- queries -------------------------------------------------------------------------
+
+    def policy(self, model: str) -> RoutingPolicy | None:
+        """What routes the model's unpinned requests now (None: nothing yet); ModelNotFound outside the repository."""
+        return self._model(model).policy
 
     async def list_models(self) -> list[ModelSummaryView]:
         names = sorted(set(self.manager.repository.names()) | set(self.manager.models))
@@ -251,19 +283,14 @@ class ControlPlane:
         return await self.status(model)
 
     async def promote(self, model: str, version: int, *, actor: str, reason: str = "", force: bool = False) -> ModelView:
-        """100% of traffic to ``version``; the old champion goes on the history and stays resident."""
+        """100% of traffic to ``version``; the old champion goes on the history and stays resident
+        (:meth:`RoutingPolicy.promoted`: the split and cohort rules go, the other shadows stay)."""
         m = self._model(model)
         async with m.lock:
             note = await self._check_rollout(model, "promote", force)
             self._resident_ready(m, version, "promote")
-            old = m.policy
-            history = list(old.previous_champions) if old else []
-            if old is not None and old.champion != version:
-                history.append(old.champion)
-            policy = RoutingPolicy(champion=version, traffic=((version, BASIS_POINTS),),
-                                   key_attribute=old.key_attribute if old else "routing_key",
-                                   previous_champions=tuple(history))
-            await self._publish(m, policy, action="promote", actor=actor, reason=note + reason)
+            policy = (m.policy or RoutingPolicy.single(version)).promoted(version)
+            await self._publish_locked(m, policy, action="promote", actor=actor, reason=note + reason)
         return await self.status(model)
 
     async def rollback(self, model: str, to_version: int | None = None, *, actor: str, reason: str = "",
@@ -278,56 +305,33 @@ class ControlPlane:
         async with m.lock:
             note = await self._check_rollout(model, "roll back", force)
             old = m.policy
-            history = list(old.previous_champions) if old else []
-            if to_version is None:
-                if not history:
-                    raise FailedPrecondition(f"model '{model}' has no previous champion to roll back to; "
-                                             "use `swapserve promote` or `rollback --to VERSION`")
-                target = history.pop()
-            else:
-                target = to_version
-                history = [v for v in history if v != target]
-                if old is not None and old.champion != target:
-                    history.append(old.champion)
+            if to_version is None and (old is None or not old.previous_champions):
+                raise FailedPrecondition(f"model '{model}' has no previous champion to roll back to; "
+                                         "use `swapserve promote` or `rollback --to VERSION`")
+            target = to_version if to_version is not None else old.previous_champions[-1]  # type: ignore[union-attr]
             slot = m.slots.get(target)
             if slot is None or not slot.resident:
                 warnings.append(f"version {target} was not resident; preloaded and warmed it before switching")
                 warnings += await self.manager.ensure_resident_locked(m, target, actor=actor)
-            policy = RoutingPolicy(champion=target, traffic=((target, BASIS_POINTS),),
-                                   key_attribute=old.key_attribute if old else "routing_key",
-                                   previous_champions=tuple(history))
-            await self._publish(m, policy, action="rollback", actor=actor, reason=note + reason)
+            policy = (old or RoutingPolicy.single(target)).rolled_back(to_version)
+            await self._publish_locked(m, policy, action="rollback", actor=actor, reason=note + reason)
         return await self.status(model, warnings)
 
     async def set_traffic(self, model: str, traffic: Sequence[tuple[int, int]], *, shadows: Sequence[int] = (),
                           cohorts: Sequence[tuple[str, str, int]] = (), key_attribute: str | None = None,
                           actor: str, reason: str = "", force: bool = False) -> ModelView:
-        """Set the split (basis points), shadows, cohort rules and routing key in one publish.
-
-        The champion stays unless it gets no traffic; then the version with the largest share
-        becomes champion and the old one goes on the history.
-        """
+        """Set the split (basis points), shadows, cohort rules and routing key in one publish
+        (:meth:`RoutingPolicy.with_split`: the champion stays unless it gets no traffic)."""
         m = self._model(model)
         async with m.lock:
             note = await self._check_rollout(model, "change traffic of", force)
-            if not traffic:
-                raise InvalidInput(f"model '{model}': traffic is empty; give at least one VERSION=PERCENT")
-            old = m.policy
-            weights = dict(traffic)
-            history = list(old.previous_champions) if old else []
-            champion = old.champion if old and weights.get(old.champion, 0) > 0 else \
-                max(traffic, key=lambda t: t[1])[0]
-            if old is not None and champion != old.champion:
-                history.append(old.champion)
-            # Keep the existing version order (so existing keys keep their buckets), new versions after.
-            order = [v for v, _ in old.traffic if v in weights] if old else []
-            order += [v for v, _ in traffic if v not in order]
-            policy = RoutingPolicy(
-                champion=champion, traffic=tuple((v, int(weights[v])) for v in order),
-                shadows=tuple(dict.fromkeys(shadows)), cohorts=tuple((a, str(val), int(v)) for a, val, v in cohorts),
-                key_attribute=key_attribute or (old.key_attribute if old else "routing_key"),
-                previous_champions=tuple(history))
-            await self._publish(m, policy, action="traffic", actor=actor, reason=note + reason)
+            check_split(traffic, model)
+            if m.policy is None:
+                policy = RoutingPolicy.first_split(traffic, shadows=shadows, cohorts=cohorts,
+                                                   key_attribute=key_attribute)
+            else:
+                policy = m.policy.with_split(traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
+            await self._publish_locked(m, policy, action="traffic", actor=actor, reason=note + reason)
         return await self.status(model)
 
 

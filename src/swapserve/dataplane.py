@@ -100,13 +100,13 @@ class DataPlane:
         if self.observers:
             self._notify("on_response", req, spec, runtime.version, arrays, outputs, elapsed / 1e9)
         for shadow in shadows:
-            self._start_shadow(req, runtime, shadow, arrays, rows, outputs)
+            self._start_shadow(req, runtime, shadow, outputs)
         return InferResponse(spec.name, runtime.label, req.id, tensors)
 
     # -- shadow traffic ----------------------------------------------------------------------
 
     def _start_shadow(self, req: InferRequest, primary: VersionRuntime, shadow: VersionRuntime,
-                      arrays: list[np.ndarray], rows: int, outputs: dict[str, np.ndarray]) -> None:
+                      outputs: dict[str, np.ndarray]) -> None:
         """Send a copy to a shadow version after the client's answer is ready; never delays it.
 
         Shed (counted) when the serving version has a queue (the server is busy) or too many
@@ -118,17 +118,17 @@ class DataPlane:
             self.metrics.shadow_requests.labels(name, shadow.label, "shed").inc()
             return
         self._shadow_in_flight[name] = self._shadow_in_flight.get(name, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._shadow(req, shadow, arrays, rows, outputs))
+        task = asyncio.get_running_loop().create_task(self._shadow(req, shadow, outputs))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(self, req: InferRequest, shadow: VersionRuntime, arrays: list[np.ndarray], rows: int,
-                      served: dict[str, np.ndarray]) -> None:
+    async def _shadow(self, req: InferRequest, shadow: VersionRuntime, served: dict[str, np.ndarray]) -> None:
         name = shadow.spec.name
         start = time.perf_counter_ns()
         try:
-            validate(shadow.spec, shadow.version, req)  # a shadow with another config may not accept it
-            outputs, _ = await shadow.infer(arrays, rows)
+            # A shadow with another config may not accept the request, or want its inputs in another order.
+            shadow_arrays, shadow_rows = validate(shadow.spec, shadow.version, req)
+            outputs, _ = await shadow.infer(shadow_arrays, shadow_rows)
         except SwapserveError as exc:
             self.metrics.shadow_requests.labels(name, shadow.label, "error").inc()
             log.debug("shadow %s v%d: %s", name, shadow.version, exc.message)
@@ -143,5 +143,5 @@ class DataPlane:
         if self.observers:
             # The shadow's answer is logged under the same request id for its own version, so late
             # labels score it too; it is never returned to the client.
-            self._notify("on_shadow", req, shadow.spec, shadow.version, arrays, outputs,
+            self._notify("on_shadow", req, shadow.spec, shadow.version, shadow_arrays, outputs,
                          (time.perf_counter_ns() - start) / 1e9)

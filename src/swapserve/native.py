@@ -38,9 +38,6 @@ AttrValue = Union[str, int, bool, float]
 #: A cohort rule value.
 RuleValue = Union[str, int, bool]
 
-#: Basis points in 100 %.
-TOTAL_BP = 10000
-
 _INT64_MAX = (1 << 63) - 1
 
 

@@ -1,7 +1,9 @@
-"""Checking a decoded request against the configuration of the version that will run it.
+"""The one request validator: a decoded request against the configuration of the version that will run it.
 
-Every message names the model, the input and what was expected, so a person can fix
-the client without reading server code.
+Every check of a request against config.pbtxt happens here, once, before the request is
+queued; the batcher and the backends trust the result (``server/converters.py`` only decodes
+the wire format: known datatypes, byte counts). Every message names the model, the input and
+what was expected, so a person can fix the client without reading server code.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 
 import numpy as np
 
+from swapserve import dtypes
 from swapserve.errors import InvalidInput
 from swapserve.types import InferRequest, ModelSpec
 
@@ -17,30 +20,45 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
 
 
-def validate(spec: ModelSpec, version: int, req: InferRequest) -> tuple[list[np.ndarray], int]:
+def validate(spec: ModelSpec, version: int, req: InferRequest) -> tuple[list[np.ndarray | None], int]:
     """Return the request's arrays in config input order and its batch size (1 when not batching).
 
-    Raises InvalidInput for unknown, missing or duplicate inputs, wrong datatypes, shapes or
-    element counts, a batch over max_batch_size, and unknown requested outputs.
+    Guarantees, which the batcher and the backends rely on instead of checking again: every
+    array is C-contiguous, has its input's configured dtype (``swapserve.dtypes``) and shape
+    ``[batch, *dims]`` (``dims`` when the model does not batch) with variable dims filled in,
+    1 <= batch <= max_batch_size and the same batch for every input; an entry is None only
+    for an input config.pbtxt marks ``optional`` that the request leaves out (as in Triton).
+    Requested outputs exist.
+
+    Raises InvalidInput for unknown, missing (required) or duplicate inputs, wrong datatypes,
+    shapes or element counts, a batch over max_batch_size, and unknown requested outputs.
     """
     where = f"model '{spec.name}' version {version}"
-    expected_names = [t.name for t in spec.inputs]
     by_name = {}
     for t in req.inputs:
         if t.name in by_name:
             raise InvalidInput(f"{where}: input '{t.name}' appears twice in the request")
         if spec.input(t.name) is None:
-            raise InvalidInput(f"{where}: unexpected input '{t.name}'; the model's inputs are {expected_names}")
+            raise InvalidInput(f"{where}: unexpected input '{t.name}'; the model's inputs are "
+                               f"{[t.name for t in spec.inputs]}")
         by_name[t.name] = t
-    missing = [n for n in expected_names if n not in by_name]
-    if missing:
-        raise InvalidInput(f"{where}: missing input(s) {missing}; the model's inputs are {expected_names}")
-    arrays: list[np.ndarray] = []
+    if len(by_name) != len(spec.inputs):
+        missing = [ts.name for ts in spec.inputs if ts.name not in by_name and not ts.optional]
+        if missing:
+            raise InvalidInput(f"{where}: missing input(s) {missing}; the model's inputs are "
+                               f"{[t.name for t in spec.inputs]}")
+    arrays: list[np.ndarray | None] = []
     batch: int | None = None
     for ts in spec.inputs:
-        t = by_name[ts.name]
+        t = by_name.get(ts.name)
+        if t is None:
+            arrays.append(None)  # an optional input left out (checked above)
+            continue
         if t.datatype != ts.datatype:
             raise InvalidInput(f"{where}: input '{t.name}' has datatype {t.datatype}, expected {ts.datatype}")
+        if t.data.dtype != dtypes.NUMPY[ts.datatype]:
+            raise InvalidInput(f"{where}: input '{t.name}' holds {t.data.dtype} data, but {ts.datatype} is "
+                               f"{dtypes.NUMPY[ts.datatype]}; send the data in the declared datatype")
         shape = tuple(t.shape)
         if spec.batching:
             full = (-1, *ts.dims)

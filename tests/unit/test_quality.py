@@ -10,8 +10,9 @@ import yaml
 
 from swapserve.errors import ConfigError, InvalidInput
 from swapserve.monitoring.drift_observer import MonitoringObserver
-from swapserve.monitoring.monitor_config import load_monitoring_config, parse_duration
+from swapserve.monitoring.monitor_config import load_monitoring_config
 from swapserve.types import InferRequest, ModelSpec, TensorSpec
+from swapserve.units import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ModelSpec("digits", "pytorch_libtorch", 64, (TensorSpec("pixels", "FP32", (64,)),),
@@ -127,7 +128,7 @@ def test_config_errors_name_file_and_field(tmp_path: Path, text: str, message: s
 def test_config_defaults_and_durations(tmp_path: Path) -> None:
     cfg = load_monitoring_config(tmp_path)  # no file
     assert cfg.windows_s == (300.0, 3600.0) and cfg.quality.policy == "count" and not cfg.trigger.configured
-    assert [parse_duration(v, "x") for v in ("500ms", "5s", "5m", "1h", "1d", 7)] == [0.5, 5, 300, 3600, 86400, 7]
+    assert [parse_duration(v) for v in ("500ms", "5s", "5m", "1h", "1d", 7)] == [0.5, 5, 300, 3600, 86400, 7]
     (tmp_path / "monitoring.yaml").write_text(
         "windows: [1h, 10s]\ntrigger: {command: [python, -c, pass], min_interval: 2m, schedule: 1d}\n")
     cfg = load_monitoring_config(tmp_path)

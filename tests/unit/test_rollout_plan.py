@@ -17,10 +17,9 @@ from swapserve.rollout import (
     Stage,
     builtin_plan,
     load_plan,
-    parse_duration,
     parse_plan,
-    percent_to_bp,
 )
+from swapserve.units import parse_duration, percent_to_bp
 
 EXAMPLE = """
 stages:

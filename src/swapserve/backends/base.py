@@ -1,7 +1,10 @@
 """The backend contract: load one model version onto a device, run a batch, report memory.
 
 A backend sees numpy arrays only, keyed by the names in config.pbtxt, in wire dtypes
-(``swapserve.dtypes``: BF16 travels as ``uint16`` bit patterns). It owns the
+(``swapserve.dtypes``: BF16 travels as ``uint16`` bit patterns), exactly as
+``swapserve.validation.validate`` checked them: every required input present (an
+``optional`` one may be absent), its configured dtype and shape, one batch size. Backends
+trust that and do not check requests again. It owns the
 translation to and from its framework, including ``TensorSpec.reshape``, and it checks
 what the model produced against the config so that a wrong model fails loudly with the
 output's name instead of sending the client a tensor it did not ask for.
@@ -87,32 +90,14 @@ def model_shape(spec: ModelSpec, tensor: TensorSpec) -> tuple[int, ...]:
 
 
 def batch_size(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> int | None:
-    """The batch size of ``inputs`` (None when the model does not batch)."""
+    """The batch size of validated ``inputs`` (None when the model does not batch)."""
     if not spec.batching:
         return None
     for t in spec.inputs:
         arr = inputs.get(t.name)
         if arr is not None:
-            if arr.ndim == 0:
-                raise errors.InvalidInput(
-                    f"model '{spec.name}': input '{t.name}' has no batch dimension "
-                    f"(max_batch_size {spec.max_batch_size})"
-                )
             return int(arr.shape[0])
     return None
-
-
-def check_input_names(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> None:
-    """InvalidInput for unknown inputs or missing required ones."""
-    unknown = sorted(set(inputs) - {t.name for t in spec.inputs})
-    if unknown:
-        raise errors.InvalidInput(
-            f"model '{spec.name}': unexpected input(s) {unknown}; "
-            f"the model takes {[t.name for t in spec.inputs]}"
-        )
-    missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
-    if missing:
-        raise errors.InvalidInput(f"model '{spec.name}': missing input(s) {missing}")
 
 
 def to_model_shape(spec: ModelSpec, tensor: TensorSpec, arr: np.ndarray) -> np.ndarray:

@@ -114,8 +114,6 @@ class TorchScriptBackend(base.Backend):
         #: config output name -> element index in a returned tuple/list
         self._output_index = output_index
         self._nbytes = nbytes
-        #: The input names the model declares, to skip the name check for well-formed batches.
-        self._all_inputs = frozenset(t.name for t in spec.inputs)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -226,9 +224,7 @@ class TorchScriptBackend(base.Backend):
         forward = self._forward
         if forward is None:
             raise errors.VersionNotReady(f"{self._where} is unloaded")
-        spec = self._spec
-        if inputs.keys() != self._all_inputs:
-            base.check_input_names(spec, inputs)
+        spec = self._spec  # validated inputs (swapserve.validation): names, dtypes and shapes hold
         batch = base.batch_size(spec, inputs)
         kwargs: dict[str, torch.Tensor] = {}
         for t in spec.inputs:
@@ -244,12 +240,6 @@ class TorchScriptBackend(base.Backend):
         return {t.name: self._from_torch(t, self._pick(t, result), batch) for t in spec.outputs}
 
     def _to_torch(self, t: TensorSpec, arr: np.ndarray) -> torch.Tensor:
-        want = dtypes.numpy_dtype(t.datatype)
-        if arr.dtype != want:
-            raise errors.InvalidInput(
-                f"{self._where}: input '{t.name}' has dtype {arr.dtype}, expected {want} "
-                f"({t.datatype})"
-            )
         arr = base.to_model_shape(self._spec, t, arr)
         if not arr.flags.writeable or any(s < 0 for s in arr.strides):
             arr = np.array(arr, copy=True)

@@ -37,6 +37,7 @@ from swapserve.registry import Registry
 from swapserve.repository import ModelEntry, ModelRepository
 from swapserve.routing.policy import RoutingPolicy
 from swapserve.types import ModelSpec
+from swapserve.units import BASIS_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,19 @@ class ModelManager:
         self._router_generation = 0
         #: Called after every routing publish (health refresh, rollout bookkeeping).
         self.on_change: Callable[[str], None] = lambda name: None
+        #: Called on the load worker thread (never the event loop) once a version is resident and
+        #: warm, before it can take a request; again when a new config replaces its runtime.
+        #: Monitoring builds its per-version state here (monitoring.yaml, reference.npz).
+        self.on_version_resident: Callable[[ModelSpec, int], None] = lambda spec, version: None
+        #: Called on the unload worker thread after a version's runtime closed (not when replaced).
+        self.on_version_unloaded: Callable[[str, int], None] = lambda name, version: None
 
     # -- queries (hot path) ----------------------------------------------------------------
 
     def model(self, name: str) -> ManagedModel:
         m = self.models.get(name)
         if m is None:
-            if name in self.repository.names():
+            if self.repository.listed(name):  # the last listing: the request path never lists the directory
                 raise VersionNotReady(f"model '{name}' is in the repository but not loaded; load it with "
                                       "RepositoryModelLoad (explicit mode) or `swapserve load`")
             raise ModelNotFound(f"model '{name}' is not in the model repository; RepositoryIndex lists the models")
@@ -350,7 +357,7 @@ class ModelManager:
                 runtime = VersionRuntime(spec, version, path, backend, self._batcher_factory, self.metrics,
                                          device=self.device)
                 await self._set_state(m, new, VersionState.WARMING)
-                await asyncio.to_thread(runtime.start)
+                await asyncio.to_thread(self._start_runtime, runtime)
             except BaseException:
                 backend.close()
                 raise
@@ -376,15 +383,36 @@ class ModelManager:
         self.metrics.version_ready.labels(m.name, str(version)).set(1)
         log.info("model '%s' version %d is resident and warm (%.1f MiB)", m.name, version, new.memory_bytes / 2**20)
         if old is not None and old is not new and old.runtime is not None:
-            await self._close_runtime(m, old)
+            await self._close_runtime(m, old, replaced=True)
         return warnings
 
-    async def _close_runtime(self, m: ManagedModel, slot: VersionSlot) -> None:
+    def _start_runtime(self, runtime: VersionRuntime) -> None:
+        """Load worker thread: warm the runtime, then let the version's hooks prepare for it."""
+        runtime.start()
+        self._version_hook(self.on_version_resident, runtime.spec, runtime.version)
+
+    def _close(self, runtime: VersionRuntime, replaced: bool) -> None:
+        """Unload worker thread: close the runtime, then let the hooks forget it (unless replaced)."""
+        runtime.close()
+        if not replaced:
+            self._version_hook(self.on_version_unloaded, runtime.spec.name, runtime.version)
+
+    @staticmethod
+    def _version_hook(hook: Callable[..., None], model: str | ModelSpec, version: int) -> None:
+        """A hook's failure is logged, never a failed load or unload (monitoring must not stop serving)."""
+        try:
+            hook(model, version)
+        except SwapserveError as exc:
+            log.error("model '%s' version %d: %s", getattr(model, "name", model), version, exc.message)
+        except Exception:  # noqa: BLE001
+            log.exception("model '%s' version %d: version hook failed", getattr(model, "name", model), version)
+
+    async def _close_runtime(self, m: ManagedModel, slot: VersionSlot, replaced: bool = False) -> None:
         rt = slot.runtime
         assert rt is not None
         if not await rt.drain():
             log.warning("model '%s' version %d: in-flight requests did not finish in time", m.name, slot.version)
-        await asyncio.to_thread(rt.close)
+        await asyncio.to_thread(self._close, rt, replaced)
         slot.runtime = None
 
     async def retire_locked(self, m: ManagedModel, version: int) -> None:
@@ -413,7 +441,7 @@ class ModelManager:
         self.metrics.serving_version.labels(m.name).set(policy.champion)
         weights = dict(policy.traffic)
         for v in m.slots:
-            self.metrics.traffic_share.labels(m.name, str(v)).set(weights.get(v, 0) / 10_000)
+            self.metrics.traffic_share.labels(m.name, str(v)).set(weights.get(v, 0) / BASIS_POINTS)
         for v, slot in sorted(m.slots.items()):
             if slot.resident:
                 want = VersionState.SERVING if v in serving else VersionState.READY

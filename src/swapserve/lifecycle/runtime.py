@@ -116,6 +116,8 @@ class VersionRuntime:
         self.execution = "thread"  # decided in start()
         self._flush_scheduled = False
         self._dtypes = [dtypes.numpy_dtype(t.datatype) for t in spec.inputs]
+        #: A request may leave out an input (config ``optional``); such requests never share a batch.
+        self._optional = any(t.optional for t in spec.inputs)
         db = spec.dynamic_batching
         variable = any(-1 in t.dims for t in spec.inputs)
         # Requests are concatenated only when the model batches and every request has the same
@@ -234,14 +236,18 @@ class VersionRuntime:
 
     # -- request path ----------------------------------------------------------------------
 
-    async def infer(self, inputs: list[np.ndarray], rows: int, deadline_ns: int = 0) -> tuple[dict[str, np.ndarray], int]:
-        """Queue one validated request (inputs in config order); returns (outputs, queue ns).
+    async def infer(self, inputs: list[np.ndarray | None], rows: int,
+                    deadline_ns: int = 0) -> tuple[dict[str, np.ndarray], int]:
+        """Queue one request as ``swapserve.validation.validate`` returned it (inputs in config order,
+        None for an optional input left out); returns (outputs, queue ns).
 
         Raises ResourceExhausted when the queue is at its bound, DeadlineExceeded when the
         deadline passed while queued, ModelExecutionError when the model raised.
         """
         if self._closing:
             raise VersionNotReady(f"model '{self.spec.name}' version {self.version} is unloading; retry")
+        if self._optional and any(a is None for a in inputs):
+            return await self._run_alone(inputs, rows, deadline_ns)
         if self.execution == "inline" and self.in_flight == 0 and not self._flush_scheduled \
                 and ARRIVALS.get() == 1:
             return self._run_now(inputs, rows, deadline_ns)
@@ -263,7 +269,21 @@ class VersionRuntime:
         finally:
             self.in_flight -= 1
 
-    def _run_now(self, inputs: list[np.ndarray], rows: int, deadline_ns: int) -> tuple[dict[str, np.ndarray], int]:
+    async def _run_alone(self, inputs: list[np.ndarray | None], rows: int,
+                         deadline_ns: int) -> tuple[dict[str, np.ndarray], int]:
+        """A request that leaves out an optional input runs by itself (as Triton, which batches only
+        requests with the same inputs: a batch holds one buffer per input): on the event loop when
+        the version runs inline, else on a thread of the loop's default executor."""
+        self.in_flight += 1
+        try:
+            if self.execution == "inline":
+                return self._run_now(inputs, rows, deadline_ns)
+            return await asyncio.to_thread(self._run_now, inputs, rows, deadline_ns)
+        finally:
+            self.in_flight -= 1
+
+    def _run_now(self, inputs: list[np.ndarray | None], rows: int,
+                 deadline_ns: int) -> tuple[dict[str, np.ndarray], int]:
         """Inline, idle, and the request arrived alone: there is nothing to batch it with, so run it now.
 
         Skips the queue, the future and two turns of the event loop; requests that arrive
@@ -273,7 +293,7 @@ class VersionRuntime:
             raise DeadlineExceeded(f"model '{self.spec.name}' version {self.version}: the request's deadline "
                                    "passed before it ran; raise the client timeout")
         t0 = time.perf_counter_ns()
-        arrays = {t.name: a for t, a in zip(self.spec.inputs, inputs)}
+        arrays = {t.name: a for t, a in zip(self.spec.inputs, inputs) if a is not None}
         try:
             outputs = self.backend.infer(arrays)
         except Exception as exc:  # noqa: BLE001 - the model's failure is this request's error

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from swapserve.monitoring.monitor_config import DriftConfig, format_window
+from swapserve.monitoring.monitor_config import DriftConfig
 from swapserve.monitoring.profile import FeatureProfile
 
 STATES = ("insufficient", "ok", "warn", "alert")
@@ -296,6 +296,3 @@ def score_window(label: str, seconds: float, rows: int, ref_in: FeatureProfile |
         constant = tuple(ref_in.names[f] for f in np.nonzero(stuck)[0])
     return WindowReport(label, seconds, rows, state, in_score, out_score, tuple(feats_in), tuple(feats_out), constant)
 
-
-def window_label(seconds: float) -> str:
-    return format_window(seconds)

@@ -4,7 +4,8 @@ Wiring (the server does this)::
 
     monitor = MonitoringObserver(repository_root, metrics.registry, context_dir=settings.home / "retrain")
     dataplane = DataPlane(manager, metrics, observers=[..., monitor])
-    monitor.prepare(spec, version)        # when a version is loaded (optional; else lazily)
+    manager.on_version_resident = monitor.prepare   # the lifecycle's load worker, before traffic
+    manager.on_version_unloaded = monitor.forget    # the lifecycle's unload worker
     events = monitor.tick()               # every second or so, off the event loop (a thread)
     monitor.record_accuracy(model, version, accuracy, labelled)   # from the feedback join
     monitor.report("digits")              # `swapserve drift digits`, `swapserve status digits`
@@ -13,8 +14,9 @@ Threads and loops:
 
 - ``on_request`` / ``on_response`` / ``on_error`` run on the event loop for every request. They
   take the version's own lock for a few microseconds (checks and sketch appends), never do
-  I/O, and never build anything big - except the first request of a version nobody
-  ``prepare``-d, which loads its monitoring.yaml and reference file once (milliseconds).
+  I/O, and never build anything big: the lifecycle ``prepare``-s every version on its load
+  worker before the version takes traffic. (Used without a lifecycle, as in unit tests, the
+  first request of a version nobody prepared loads its monitoring.yaml and reference file.)
 - ``tick`` and ``report`` may run on any one other thread (or the loop, in an executor). They
   copy the sketches under the version lock (microseconds) and score outside it, and they build
   captured profiles (quantiles over ``profile.capture`` rows) outside it too. ``tick`` is not
@@ -43,9 +45,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swapserve import units
 from swapserve.errors import ConfigError, ModelNotFound, SwapserveError
 from swapserve.monitoring.drift import STATES, DriftReport, Sketch, WindowReport, score_window
-from swapserve.monitoring.monitor_config import MonitoringConfig, format_window, load_monitoring_config
+from swapserve.monitoring.monitor_config import MonitoringConfig, load_monitoring_config
 from swapserve.monitoring.profile import FeatureLayout, FeatureProfile, Profile, build_profile, load_reference
 from swapserve.monitoring.quality import KINDS, QualityChecker
 from swapserve.monitoring.trigger import RetrainingTrigger, TriggerRecord
@@ -114,6 +117,8 @@ class _Version:
         self.lock = threading.Lock()
         self.model, self.version, self.config = spec.name, version, config
         self.batching = spec.batching
+        #: A request may leave out an optional input; such a request has no full feature row to profile.
+        self.optional = any(t.optional for t in spec.inputs)
         self.in_layout = FeatureLayout.for_inputs(spec, config.profile.max_features)
         self.out_layout = FeatureLayout.for_outputs(spec)
         self.out_names = frozenset(s.name for s in self.out_layout.tensors)
@@ -268,7 +273,7 @@ class _Version:
                 b = snap_out[i] if snap_out is not None else None
                 rows = a[1] if a is not None else (b[1] if b is not None else 0)
                 windows.append(score_window(
-                    format_window(w), w, rows, ref_in if a else None, a[0] if a else None,
+                    units.format_duration(w), w, rows, ref_in if a else None, a[0] if a else None,
                     ref_out if b else None, b[0] if b else None, self.config.drift,
                     a[2] if a else None, a[3] if a else None))
         return DriftReport(self.model, self.version, self.source(), tuple(windows), quality.to_dict(), self.error)
@@ -318,13 +323,27 @@ class MonitoringObserver:
         return cfg
 
     def prepare(self, spec: ModelSpec, version: int) -> None:
-        """Load the model's monitoring.yaml and the version's reference now (call at load time).
+        """(Re)build the version's state now, off the request path: the model's monitoring.yaml
+        (cached per model) and the version's reference file. Replaces any earlier state of that
+        version at once (a new config of a resident version starts afresh), so a request sees
+        either the old state or the new, never none.
 
-        Raises ConfigError for a broken monitoring.yaml; a broken reference file is reported
-        in the drift report and the profile is captured from traffic instead.
+        Raises ConfigError for a broken monitoring.yaml (monitoring is then off for the model and
+        requests never retry the load); a broken reference file is reported in the drift report
+        and the profile is captured from traffic instead.
         """
-        self.config(spec.name)
-        self._state(spec, version)
+        key = (spec.name, version)
+        try:
+            cfg = self.config(spec.name)
+        except ConfigError as exc:
+            self._disable(spec.name, exc)
+            with self._lock:
+                self._versions[key] = None
+            raise
+        new = _Version(spec, version, cfg, self.root / spec.name / str(version)) if cfg.enabled else None
+        with self._lock:
+            self._versions[key] = new
+            self._reports.pop(key, None)
 
     def forget(self, model: str, version: int | None = None) -> None:
         """Drop a version's monitoring state (when it is unloaded), or every version of a model."""
@@ -340,6 +359,12 @@ class MonitoringObserver:
             self._triggers.pop(model, None)
         self.forget(model)
 
+    def _disable(self, model: str, exc: ConfigError) -> None:
+        """A broken monitoring.yaml: logged once per message, shown by ``report``."""
+        if self._errors.get(model) != exc.message:
+            log.error("monitoring disabled for model '%s': %s", model, exc.message)
+            self._errors[model] = exc.message
+
     def _state(self, spec: ModelSpec, version: int) -> _Version | None:
         key = (spec.name, version)
         st = self._versions.get(key, False)
@@ -348,9 +373,7 @@ class MonitoringObserver:
         try:
             cfg = self.config(spec.name)
         except ConfigError as exc:
-            if self._errors.get(spec.name) != exc.message:
-                log.error("monitoring disabled for model '%s': %s", spec.name, exc.message)
-                self._errors[spec.name] = exc.message
+            self._disable(spec.name, exc)
             with self._lock:
                 self._versions[key] = None
             return None
@@ -362,7 +385,7 @@ class MonitoringObserver:
 
     def on_request(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray]) -> None:
         st = self._versions.get((spec.name, version)) or self._state(spec, version)
-        if st is None or not st.sync_quality or not inputs:
+        if st is None or not st.sync_quality or not inputs or (st.optional and any(a is None for a in inputs)):
             return  # policy count: counted off the request path, from the buffered rows
         rows = inputs[0].shape[0] if st.batching else 1
         with st.lock:
@@ -372,7 +395,7 @@ class MonitoringObserver:
     def on_response(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
                     outputs: dict[str, np.ndarray], latency_s: float) -> None:
         st = self._versions.get((spec.name, version)) or self._state(spec, version)
-        if st is None or not inputs:
+        if st is None or not inputs or (st.optional and any(a is None for a in inputs)):
             return
         rows = inputs[0].shape[0] if st.batching else 1
         now = self.clock()

@@ -3,8 +3,8 @@
 Every key is optional; a missing file means "all defaults", and the defaults work: count
 (never reject) data-quality issues, profile each version from its ``reference.npz`` or from
 the first 1000 rows it serves, score 5-minute and 1-hour windows, fire no retraining.
-Durations are seconds (a number) or a string with a unit: ``500ms``, ``5s``, ``5m``, ``1h``,
-``1d``. Unknown keys are errors (a typo must not silently disable a check)::
+Durations are seconds (a number) or a string with units: ``500ms``, ``5s``, ``5m``, ``1h``,
+``1h30m``, ``1d`` (the grammar of :mod:`swapserve.units`). Unknown keys are errors (a typo must not silently disable a check)::
 
     enabled: true
     windows: [5m, 1h]            # sliding windows scored for drift (each >= 1s)
@@ -48,13 +48,12 @@ from typing import Any
 
 import yaml
 
+from swapserve import units
 from swapserve.errors import ConfigError
 
 #: The file name, in the model directory next to config.pbtxt.
 FILENAME = "monitoring.yaml"
 
-_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
 QUALITY_KINDS = ("nan", "inf", "out_of_range", "constant")
 
 
@@ -125,27 +124,12 @@ class MonitoringConfig:
     source: str = ""  # the file it came from ("" = defaults)
 
 
-def parse_duration(value: Any, where: str) -> float:
-    """Seconds from a number or a string such as ``"500ms"``, ``"5m"``, ``"1h"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    else:
-        raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h, got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"{where}: a duration must be finite and >= 0, got {value!r}")
-    return seconds
-
-
-def format_window(seconds: float) -> str:
-    """The label of a window: ``5m``, ``1h``, ``30s``, ``1500ms`` (the shortest exact form)."""
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and float(seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    return f"{round(seconds * 1000)}ms"
+def _seconds(value: Any, where: str) -> float:
+    """A duration in the one grammar of :mod:`swapserve.units`; ConfigError naming ``where`` otherwise."""
+    try:
+        return units.parse_duration(value)
+    except units.UnitError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 class _Section:
@@ -205,9 +189,10 @@ class _Section:
     def duration(self, key: str, default: float | None, minimum: float = 0.0) -> float | None:
         if not self.has(key):
             return default
-        seconds = parse_duration(self.data[key], self.field(key))
+        seconds = _seconds(self.data[key], self.field(key))
         if seconds < minimum:
-            raise ConfigError(f"{self.field(key)} must be at least {format_window(minimum)}, got {self.data[key]!r}")
+            raise ConfigError(f"{self.field(key)} must be at least {units.format_duration(minimum)}, "
+                              f"got {self.data[key]!r}")
         return seconds
 
     def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
@@ -254,11 +239,11 @@ def parse_monitoring(data: Any, where: str) -> MonitoringConfig:
         raw = top.data["windows"]
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{top.field('windows')} must be a non-empty list of durations, e.g. [5m, 1h]")
-        parsed = [parse_duration(w, f"{top.field('windows')} item {i}") for i, w in enumerate(raw)]
+        parsed = [_seconds(w, f"{top.field('windows')} item {i}") for i, w in enumerate(raw)]
         for w, original in zip(parsed, raw):
             if w < 1.0:
                 raise ConfigError(f"{top.field('windows')}: window {original!r} is shorter than 1s")
-        labels = [format_window(w) for w in parsed]
+        labels = [units.format_duration(w) for w in parsed]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"{top.field('windows')}: duplicate windows {raw!r}")
         windows = tuple(sorted(parsed))

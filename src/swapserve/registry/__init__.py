@@ -7,13 +7,13 @@ comes only from the Alembic migrations shipped in ``migrations/``, applied on op
     from swapserve.registry import Registry
     reg = Registry()                      # or Registry("postgresql+psycopg://...")
     reg.register_version("resnet", 2, source_path=path, sha256=digest)
-    reg.promote("resnet", 2, actor="alice", reason="beats v1 on every slice")
+    reg.publish_deployment("resnet", champion=2, traffic=[(2, 10_000)], action="promote",
+                           actor="alice", reason="beats v1 on every slice")
 """
 from __future__ import annotations
 
 from swapserve.registry.records import (
     ACTIVE_ROLLOUT_STATES,
-    BASIS_POINTS,
     METRIC_SOURCES,
     OVERALL_SLICE,
     ROLLOUT_STATES,
@@ -31,7 +31,6 @@ from swapserve.registry.store import Registry
 
 __all__ = [
     "ACTIVE_ROLLOUT_STATES",
-    "BASIS_POINTS",
     "METRIC_SOURCES",
     "OVERALL_SLICE",
     "ROLLOUT_STATES",

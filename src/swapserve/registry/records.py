@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-#: The whole of a model's traffic, in basis points (1 bp = 0.01 %).
-BASIS_POINTS = 10_000
-
 #: Where a version stands in its promotion path (MLflow-style).
 STAGES: tuple[str, ...] = ("staging", "production", "archived")
 DEFAULT_STAGE = "staging"
@@ -107,7 +104,7 @@ class Deployment(_Record):
     """What is live for a model: one immutable row per change, newest = current.
 
     ``generation`` strictly increases per model (1 for the first deployment). ``traffic``
-    is ordered and its weights sum to ``BASIS_POINTS``. ``previous_champions`` is the
+    is ordered and its weights sum to ``swapserve.units.BASIS_POINTS``. ``previous_champions`` is the
     champion history, most recent last: a promote pushes the old champion, a rollback
     pops it back.
     """

@@ -18,8 +18,10 @@ Guarantees
 
 Errors: ``InvalidInput`` for malformed arguments, ``ModelNotFound`` for an unknown model,
 version or rollout, ``AlreadyExists`` for a re-registration with different files,
-``FailedPrecondition`` for a stale ``expected_generation``, a second active rollout or a
-rollback with no previous champion.
+``FailedPrecondition`` for a stale ``expected_generation`` or a second active rollout.
+
+The registry records deployments; it does not compute them. A new champion, split or
+history comes from a ``RoutingPolicy`` transition, published through ``ControlPlane.publish``.
 """
 from __future__ import annotations
 
@@ -51,7 +53,6 @@ from swapserve.registry.models import (
 )
 from swapserve.registry.records import (
     ACTIVE_ROLLOUT_STATES,
-    BASIS_POINTS,
     DEFAULT_STAGE,
     METRIC_SOURCES,
     ROLLOUT_STATES,
@@ -67,6 +68,7 @@ from swapserve.registry.records import (
     cohorts_of,
     traffic_of,
 )
+from swapserve.routing.policy import RoutingPolicy
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -505,35 +507,16 @@ class Registry:
         ``FailedPrecondition`` is raised and nothing is written.
         """
         _check_model(model)
-        shares = _validate_traffic(model, traffic)
-        _check_version(model, champion)
+        try:
+            shares = traffic_of(traffic)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidInput(f"model '{model}': traffic must be [(version, weight_bp), ...]: {exc}") from None
         shadow_versions = tuple(int(v) for v in shadows)
-        for v in shadow_versions:
-            _check_version(model, v)
-        if len(set(shadow_versions)) != len(shadow_versions):
-            raise errors.InvalidInput(
-                f"model '{model}': shadow versions {list(shadow_versions)} repeat a version; "
-                "list each shadow once"
-            )
-        if champion in shadow_versions:
-            raise errors.InvalidInput(
-                f"model '{model}': version {champion} cannot be both champion and shadow; "
-                "remove it from the shadows"
-            )
         rules = cohorts_of(cohorts)
-        seen_rules: set[tuple[str, str]] = set()
-        for r in rules:
-            _check_version(model, r.version)
-            if not r.attribute:
-                raise errors.InvalidInput(f"model '{model}': a cohort rule has an empty attribute name")
-            if (r.attribute, r.value) in seen_rules:
-                raise errors.InvalidInput(
-                    f"model '{model}': two cohort rules match {r.attribute}={r.value!r}; "
-                    "keep one rule per attribute value"
-                )
-            seen_rules.add((r.attribute, r.value))
-        if not key_attribute:
-            raise errors.InvalidInput(f"model '{model}': key_attribute is empty; name the routing key parameter")
+        # The shape rules have one home, the routing policy; the registry refuses what it refuses.
+        RoutingPolicy(champion=champion, traffic=tuple((t.version, t.weight_bp) for t in shares),
+                      shadows=shadow_versions, cohorts=tuple((r.attribute, r.value, r.version) for r in rules),
+                      key_attribute=key_attribute).check(model)
         explicit_stack = None if previous_champions is None else tuple(int(v) for v in previous_champions)
 
         def run(s: Session) -> Deployment:
@@ -594,53 +577,6 @@ class Registry:
 
         result: Deployment = self._write_retrying(run)
         return result
-
-    def promote(
-        self, model: str, version: int, *, actor: str, reason: str = "",
-        expected_generation: int | None = None, action: str = "promote",
-    ) -> Deployment:
-        """Make ``version`` the champion with all traffic; the old champion is pushed.
-
-        Shadows and cohort rules that name ``version`` are dropped (it now serves
-        everything); the routing key attribute is kept.
-        """
-        cur = self.current_deployment(model)
-        return self.publish_deployment(
-            model, champion=version, traffic=[(version, BASIS_POINTS)],
-            shadows=[v for v in (cur.shadows if cur else ()) if v != version],
-            cohorts=[c for c in (cur.cohorts if cur else ()) if c.version != version],
-            key_attribute=cur.key_attribute if cur else "routing_key",
-            action=action, actor=actor, reason=reason,
-            expected_generation=expected_generation if expected_generation is not None
-            else (cur.generation if cur else 0),
-        )
-
-    def rollback(
-        self, model: str, *, actor: str, reason: str = "", expected_generation: int | None = None,
-    ) -> Deployment:
-        """Step one champion back: pop the champion history, all traffic to the popped one.
-
-        Shadows and cohort rules naming the demoted champion are dropped. Raises
-        ``FailedPrecondition`` when nothing is deployed or there is no previous champion.
-        """
-        cur = self.current_deployment(model)
-        if cur is None:
-            raise errors.FailedPrecondition(f"model '{model}' has no deployment to roll back")
-        if not cur.previous_champions:
-            raise errors.FailedPrecondition(
-                f"model '{model}': champion v{cur.champion} has no previous champion to roll "
-                "back to; promote a version instead"
-            )
-        target = cur.previous_champions[-1]
-        demoted = cur.champion
-        return self.publish_deployment(
-            model, champion=target, traffic=[(target, BASIS_POINTS)],
-            shadows=[v for v in cur.shadows if v not in (demoted, target)],
-            cohorts=[c for c in cur.cohorts if c.version != demoted],
-            key_attribute=cur.key_attribute, previous_champions=cur.previous_champions[:-1],
-            action="rollback", actor=actor, reason=reason,
-            expected_generation=expected_generation if expected_generation is not None else cur.generation,
-        )
 
     def deployment_history(self, model: str, limit: int = 50) -> list[Deployment]:
         """The model's deployments, newest first."""
@@ -866,38 +802,6 @@ def _check_version(model: str, version: Any) -> None:
         raise errors.InvalidInput(
             f"model '{model}': version {version!r} is not a version number; use an int >= 0"
         )
-
-
-def _validate_traffic(model: str, traffic: Iterable[TrafficShare | tuple[int, int]]) -> tuple[TrafficShare, ...]:
-    try:
-        shares = traffic_of(traffic)
-    except (TypeError, ValueError) as exc:
-        raise errors.InvalidInput(
-            f"model '{model}': traffic must be [(version, weight_bp), ...]: {exc}"
-        ) from None
-    if not shares:
-        raise errors.InvalidInput(f"model '{model}': traffic is empty; give the champion 10000 bp")
-    versions = [t.version for t in shares]
-    for t in shares:
-        _check_version(model, t.version)
-        if not 0 <= t.weight_bp <= BASIS_POINTS:
-            raise errors.InvalidInput(
-                f"model '{model}': version {t.version} has weight {t.weight_bp} bp; weights are "
-                f"basis points between 0 and {BASIS_POINTS}"
-            )
-    dupes = sorted({v for v in versions if versions.count(v) > 1})
-    if dupes:
-        raise errors.InvalidInput(
-            f"model '{model}': traffic lists version(s) {dupes} more than once; give each "
-            "version one weight"
-        )
-    total = sum(t.weight_bp for t in shares)
-    if total != BASIS_POINTS:
-        raise errors.InvalidInput(
-            f"model '{model}': traffic weights sum to {total} bp, not {BASIS_POINTS}; "
-            "adjust them so they add up to 100% (10000 basis points)"
-        )
-    return shares
 
 
 def _version_row(s: Session, model: str, version: int) -> ModelVersion | None:

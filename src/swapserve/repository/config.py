@@ -115,6 +115,10 @@ def _warmup(config: mc.ModelConfig, spec_inputs: dict[str, TensorSpec], model_di
             if name not in spec_inputs:
                 raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' names unknown input '{name}'")
             dtype = dtypes.numpy_dtype(dtypes.from_config(mc.DataType.Name(inp.data_type)))
+            if dtype != dtypes.numpy_dtype(spec_inputs[name].datatype):
+                raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' gives input '{name}' "
+                                  f"{mc.DataType.Name(inp.data_type)}, but the input is "
+                                  f"{dtypes.to_config(spec_inputs[name].datatype)}")
             shape = ((batch,) if config.max_batch_size > 0 else ()) + tuple(inp.dims)
             source = inp.WhichOneof("input_data_type")
             if source == "random_data":

@@ -46,9 +46,21 @@ class ModelRepository:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"model repository {self.root} does not exist or is not a directory")
+        self._listed: frozenset[str] | None = None
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """The model directories now (lists the repository: control path only)."""
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._listed = frozenset(names)
+        return names
+
+    def listed(self, name: str) -> bool:
+        """Whether ``name`` was a model directory when the repository was last listed (start, poll,
+        index, load). No I/O after the first listing, so the request path may ask."""
+        if self._listed is None:
+            self.names()
+        assert self._listed is not None
+        return name in self._listed
 
     def entry(self, name: str) -> ModelEntry:
         """Read one model; an invalid config yields an entry with ``error`` set, never an exception."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from swapserve.rollout.gates import OVERALL, Decision, GateResult, Verdict, evaluate
 from swapserve.rollout.plan import (
-    BASIS_POINTS,
     BUILTIN_PLANS,
     CohortMatch,
     Gates,
@@ -16,13 +15,10 @@ from swapserve.rollout.plan import (
     Stage,
     builtin_plan,
     load_plan,
-    parse_duration,
     parse_plan,
-    percent_to_bp,
 )
 
 __all__ = [
-    "BASIS_POINTS", "BUILTIN_PLANS", "OVERALL", "CohortMatch", "Decision", "GateResult", "Gates",
-    "RolloutPlan", "Stage", "Verdict", "builtin_plan", "evaluate", "load_plan", "parse_duration",
-    "parse_plan", "percent_to_bp",
+    "BUILTIN_PLANS", "OVERALL", "CohortMatch", "Decision", "GateResult", "Gates",
+    "RolloutPlan", "Stage", "Verdict", "builtin_plan", "evaluate", "load_plan", "parse_plan",
 ]

@@ -3,7 +3,8 @@
 One controller per server drives every active rollout (at most one per model). State lives in
 the registry (``RolloutRecord``: plan, stage, state, evidence), so a restarted server resumes a
 rollout at its stage; what is live is restored by the lifecycle manager from the deployment
-records, which every stage change writes through the control plane.
+records, which every stage change writes through the control plane (``ControlPlane.publish``
+with a ``RoutingPolicy.for_stage`` transition: the controller never builds a policy itself).
 
 Timeline of a rollout::
 
@@ -38,7 +39,7 @@ from swapserve.monitoring.metrics import Metrics
 from swapserve.monitoring.slices import SliceStats
 from swapserve.registry.records import RolloutRecord
 from swapserve.rollout.gates import OVERALL, Decision, evaluate
-from swapserve.rollout.plan import BASIS_POINTS, RolloutPlan, Stage
+from swapserve.rollout.plan import RolloutPlan, Stage
 from swapserve.routing.policy import RoutingPolicy
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,13 @@ class RolloutController:
         return new
 
     def _release(self, r: RolloutRecord) -> None:
-        m = self.manager.models.get(r.model)
+        self._guard(r.model, frozenset())
+
+    def _guard(self, model: str, versions: frozenset[int]) -> None:
+        """Keep ``versions`` resident (never evicted) while the rollout relies on them."""
+        m = self.manager.models.get(model)
         if m is not None:
-            m.rollout_versions = frozenset()
+            m.rollout_versions = versions
 
     def _export(self, r: RolloutRecord) -> None:
         active = r.active or r.evidence.get("phase") == "watch"
@@ -124,9 +129,7 @@ class RolloutController:
                 r = recent[0] if recent and recent[0].state == "running" else None
             if r is not None:
                 self._active[model] = r
-                m = self.manager.models.get(model)
-                if m is not None:
-                    m.rollout_versions = frozenset({r.champion, r.challenger})
+                self._guard(model, frozenset({r.champion, r.challenger}))
                 self._export(r)
                 log.info("rollout %d of model '%s' resumed at stage %d (%s)", r.id, model, r.stage_index, r.state)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -173,11 +176,11 @@ class RolloutController:
         The challenger is preloaded and warmed before stage 0 publishes any traffic to it.
         """
         async with self._lock(model):
-            m = self.control._model(model)
-            if m.policy is None:
+            policy = self.control.policy(model)
+            if policy is None:
                 raise FailedPrecondition(f"model '{model}' has no champion to compare against; "
                                          f"`swapserve promote {model} VERSION` first")
-            champion = m.policy.champion
+            champion = policy.champion
             if version == champion:
                 raise InvalidInput(f"model '{model}' version {version} is already the champion")
             active = await self._db(self.registry.active_rollout, model)
@@ -205,7 +208,7 @@ class RolloutController:
             await self._db(lambda: self.registry.audit(
                 actor=actor, action="rollout.start", model=model, version=version, before=None,
                 after=record.to_dict(), reason=note + reason))
-            m.rollout_versions = frozenset({champion, version})
+            self._guard(model, frozenset({champion, version}))
             self._active[model] = record
             record = await self._enter_stage(record, 0, f"rollout started: {reason or 'no reason given'}")
             return record
@@ -270,35 +273,24 @@ class RolloutController:
             return plan.watch_stage()
         return plan.stages[r.stage_index]
 
-    async def _publish(self, r: RolloutRecord, policy: RoutingPolicy, reason: str) -> None:
-        m = self.control._model(r.model)
-        async with m.lock:
-            await self.control._publish(m, policy, action="rollout", actor="rollout-controller",
-                                        reason=f"rollout {r.id}: {reason}")
+    async def _publish(self, r: RolloutRecord, reason: str, *, traffic_bp: int = 0, shadow: bool = False,
+                       cohorts: tuple[tuple[str, str], ...] = ()) -> None:
+        """Route the rollout's stage (challenger share, shadow, cohorts); the defaults return all traffic
+        to the champion. Computed from the live policy under the model's lock (``RoutingPolicy.for_stage``)."""
+        def stage(current: RoutingPolicy | None) -> RoutingPolicy:
+            return (current or RoutingPolicy.single(r.champion)).for_stage(
+                r.champion, r.challenger, traffic_bp=traffic_bp, shadow=shadow, cohorts=cohorts)
 
-    def _policy_for(self, r: RolloutRecord, stage: Stage) -> RoutingPolicy:
-        m = self.control._model(r.model)
-        current = m.policy
-        key = current.key_attribute if current else "routing_key"
-        history = list(current.previous_champions) if current else []
-        if current is not None and current.champion == r.challenger:  # already promoted (resumed)
-            history = [v for v in history if v != r.champion]
-        if stage.traffic_bp >= BASIS_POINTS:
-            return RoutingPolicy(champion=r.challenger, traffic=((r.challenger, BASIS_POINTS),), key_attribute=key,
-                                 previous_champions=tuple(history + [r.champion]))
-        traffic: tuple[tuple[int, int], ...] = ((r.champion, BASIS_POINTS - stage.traffic_bp),)
-        if stage.traffic_bp > 0:
-            traffic += ((r.challenger, stage.traffic_bp),)
-        return RoutingPolicy(
-            champion=r.champion, traffic=traffic, shadows=(r.challenger,) if stage.shadow else (),
-            cohorts=tuple((c.attribute, c.value, r.challenger) for c in stage.cohorts), key_attribute=key,
-            previous_champions=tuple(history))
+        await self.control.publish(r.model, stage, action="rollout", actor="rollout-controller",
+                                   reason=f"rollout {r.id}: {reason}")
 
     async def _enter_stage(self, r: RolloutRecord, index: int, reason: str) -> RolloutRecord:
         plan = self.plan_of(r)
         stage = plan.stages[index]
-        await self._publish(r, self._policy_for(r, stage), f"stage '{stage.name}' ({stage.traffic:g}%"
-                            f"{', shadow' if stage.shadow else ''}{', cohorts' if stage.cohorts else ''})")
+        await self._publish(r, f"stage '{stage.name}' ({stage.traffic:g}%"
+                            f"{', shadow' if stage.shadow else ''}{', cohorts' if stage.cohorts else ''})",
+                            traffic_bp=stage.traffic_bp, shadow=stage.shadow,
+                            cohorts=tuple((c.attribute, c.value) for c in stage.cohorts))
         mark = self.slices.mark(r.model)
         history = list(r.evidence.get("history", [])) + [
             {"at": self.clock(), "event": "stage", "stage": stage.name, "traffic": stage.traffic, "reason": reason}]
@@ -378,28 +370,13 @@ class RolloutController:
                                                            reason=f"rollout {r.id} promoted"))
             log.info("rollout %d of model '%s': version %d promoted", r.id, r.model, r.challenger)
         else:
-            await self._publish(r, RoutingPolicy(champion=r.champion, traffic=((r.champion, BASIS_POINTS),),
-                                                 key_attribute=self._key(r), previous_champions=self._history(r)),
-                                "A/B test finished; traffic back on the champion")
+            await self._publish(r, "A/B test finished; traffic back on the champion")
             await self._save(r, state="completed", evidence=ev)
-
-    def _key(self, r: RolloutRecord) -> str:
-        policy = self.control._model(r.model).policy
-        return policy.key_attribute if policy else "routing_key"
-
-    def _history(self, r: RolloutRecord) -> tuple[int, ...]:
-        m = self.control._model(r.model)
-        history = list(m.policy.previous_champions) if m.policy else []
-        if m.policy is not None and m.policy.champion == r.challenger and history and history[-1] == r.champion:
-            history.pop()  # the challenger had been promoted: undo that step of the history
-        return tuple(history)
 
     async def _return_to_champion(self, r: RolloutRecord, state: str, why: str,
                                   decision: Decision | None) -> RolloutRecord:
-        policy = RoutingPolicy(champion=r.champion, traffic=((r.champion, BASIS_POINTS),), key_attribute=self._key(r),
-                               previous_champions=self._history(r))
         t0 = time.perf_counter()
-        await self._publish(r, policy, why)
+        await self._publish(r, why)
         published = time.perf_counter()
         ev = dict(r.evidence, phase="done")
         ev["history"] = list(r.evidence.get("history", [])) + [{"at": self.clock(), "event": state, "reason": why}]

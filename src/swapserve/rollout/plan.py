@@ -26,7 +26,7 @@ Schema (every key optional unless marked; unknown keys are refused with a sugges
                             the value are served by the challenger (sticky), on top of ``traffic``.
                             Quote values YAML would read as booleans (``value: 'NO'``).
     ``min_duration``        seconds before the stage may advance: ``90``, ``90s``, ``10m``,
-                            ``1h``, ``1h30m``, ``1.5h``. Default 0.
+                            ``1h``, ``1h30m``, ``1.5h``, ``500ms`` (:mod:`swapserve.units`). Default 0.
     ``min_samples``         labelled outcomes on the challenger before the stage may advance.
                             Default 0.
     ``approve``             true: advancing past this stage waits for ``swapserve rollout
@@ -60,18 +60,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from swapserve import units
 from swapserve.errors import InvalidInput
 
 Strategy = Literal["staged", "ab"]
 
-#: Basis points in 100% (traffic is stored exactly in these units).
-BASIS_POINTS = 10_000
 DEFAULT_WATCH_S = 3600.0
 DEFAULT_ROLLBACK_APPROVAL_WINDOW_S = 24 * 3600.0
 
@@ -92,56 +90,21 @@ def _bad(path: str, problem: str) -> InvalidInput:
     return InvalidInput(f"rollout plan: {path}: {problem}")
 
 
-# -- durations, percentages -------------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# -- durations, percentages (the grammar is swapserve.units'; these name the plan's field) -----------
 
 
-def parse_duration(value: object, path: str = "duration") -> float:
-    """Seconds from ``90``, ``90.5``, ``"90"``, ``"90s"``, ``"10m"``, ``"1h30m"``, ``"1.5h"``.
-
-    Always returns a finite float >= 0; raises InvalidInput naming ``path`` otherwise.
-    """
-    fix = "use seconds or a number with s, m or h (e.g. 90, 90s, 10m, 1h30m)"
-    if isinstance(value, bool):
-        raise _bad(path, f"{value!r} is not a duration; {fix}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_PART.findall(text)
-            if not parts or _DURATION_PART.sub("", text).strip():
-                raise _bad(path, f"{value!r} is not a duration; {fix}") from None
-            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-    else:
-        raise _bad(path, f"{value!r} is not a duration; {fix}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise _bad(path, f"{value!r} must be a finite, non-negative duration; {fix}")
-    return seconds
-
-
-def percent_to_bp(value: object, path: str = "traffic") -> int:
-    """Exact basis points from a percent 0..100 with at most two decimals (12.34 -> 1234)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _bad(path, f"{value!r} is not a percent; give a number from 0 to 100")
+def _seconds(value: object, path: str) -> float:
     try:
-        d = Decimal(str(value).strip().rstrip("%"))
-    except InvalidOperation:
-        raise _bad(path, f"{value!r} is not a percent; give a number from 0 to 100") from None
-    if not d.is_finite() or d < 0 or d > 100:
-        raise _bad(path, f"{value!r} is outside 0..100; traffic is the challenger's percent")
-    bp = d * 100
-    if bp != bp.to_integral_value():
-        raise _bad(path, f"{value!r} has more than two decimals; round it to 0.01%")
-    return int(bp)
+        return units.parse_duration(value)
+    except units.UnitError as exc:
+        raise _bad(path, str(exc)) from None
 
 
-def _bp_to_percent(bp: int) -> int | float:
-    return bp // 100 if bp % 100 == 0 else bp / 100
+def _bp(value: object, path: str) -> int:
+    try:
+        return units.percent_to_bp(value)
+    except units.UnitError as exc:
+        raise _bad(path, str(exc)) from None
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -228,13 +191,13 @@ class RolloutPlan:
     def watch_stage(self) -> Stage:
         """The post-promotion watch as a stage (100%, ``min_duration`` = watch) so that the same
         :func:`swapserve.rollout.gates.evaluate` guards it; "advance" means the watch is over."""
-        return Stage(name="watch", traffic_bp=BASIS_POINTS, min_duration_s=self.watch_s)
+        return Stage(name="watch", traffic_bp=units.BASIS_POINTS, min_duration_s=self.watch_s)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict in the canonical (always full, ``stages``) form."""
         stages: list[dict[str, Any]] = []
         for s in self.stages:
-            d: dict[str, Any] = {"name": s.name, "traffic": _bp_to_percent(s.traffic_bp)}
+            d: dict[str, Any] = {"name": s.name, "traffic": units.bp_to_percent(s.traffic_bp)}
             if s.shadow:
                 d["shadow"] = True
             if s.cohorts:
@@ -378,10 +341,10 @@ def _stage(value: object, i: int) -> Stage:
         raise _bad(f"{path}.cohorts", "expected a list such as [{attribute: country, value: NL}]")
     stage = Stage(
         name=_text(d["name"], f"{path}.name"),
-        traffic_bp=percent_to_bp(d.get("traffic", 0), f"{path}.traffic"),
+        traffic_bp=_bp(d.get("traffic", 0), f"{path}.traffic"),
         shadow=_bool(d.get("shadow", False), f"{path}.shadow"),
         cohorts=tuple(_cohort(c, f"{path}.cohorts[{j}]") for j, c in enumerate(cohorts_raw)),
-        min_duration_s=parse_duration(d.get("min_duration", 0), f"{path}.min_duration"),
+        min_duration_s=_seconds(d.get("min_duration", 0), f"{path}.min_duration"),
         min_samples=_int(d.get("min_samples", 0), f"{path}.min_samples"),
         approve=_bool(d.get("approve", False), f"{path}.approve"),
     )
@@ -412,8 +375,8 @@ def _plan_from_mapping(data: object) -> RolloutPlan:
             stages_raw = [{"name": "ab", "traffic": d["split"], "min_duration": d.get("duration", BUILTIN_AB_S),
                            "approve": True}]
             if "duration" in d:
-                parse_duration(d["duration"], "duration")  # name the right field on error
-            percent_to_bp(d["split"], "split")
+                _seconds(d["duration"], "duration")  # name the right field on error
+            _bp(d["split"], "split")
     else:
         _check_keys(d, _PLAN_KEYS, "")
         if "stages" not in d:
@@ -439,9 +402,9 @@ def _plan_from_mapping(data: object) -> RolloutPlan:
     return RolloutPlan(
         stages=stages,
         gates=_gates(d.get("gates", {})),
-        watch_s=parse_duration(d.get("watch", DEFAULT_WATCH_S), "watch"),
+        watch_s=_seconds(d.get("watch", DEFAULT_WATCH_S), "watch"),
         require_offline_eval=_bool(d.get("require_offline_eval", False), "require_offline_eval"),
-        rollback_approval_window_s=parse_duration(
+        rollback_approval_window_s=_seconds(
             d.get("rollback_approval_window", DEFAULT_ROLLBACK_APPROVAL_WINDOW_S), "rollback_approval_window"),
         webhook=webhook,
         strategy="ab" if strategy == "ab" else "staged",
@@ -504,13 +467,13 @@ def builtin_plan(
     Defaults: ``BUILTIN_STAGE_S`` per stage, ``BUILTIN_MIN_SAMPLES`` labelled outcomes per gated
     stage before advancing, ``BUILTIN_WATCH_S`` watch, default :class:`Gates`.
     """
-    dur = BUILTIN_STAGE_S if stage_duration is None else parse_duration(stage_duration, "stage_duration")
+    dur = BUILTIN_STAGE_S if stage_duration is None else _seconds(stage_duration, "stage_duration")
     samples = BUILTIN_MIN_SAMPLES if min_samples is None else _int(min_samples, "min_samples")
-    watch_s = BUILTIN_WATCH_S if watch is None else parse_duration(watch, "watch")
+    watch_s = BUILTIN_WATCH_S if watch is None else _seconds(watch, "watch")
     g = gates if gates is not None else Gates()
 
     def st(stage_name: str, pct: float, **kw: Any) -> Stage:
-        return Stage(name=stage_name, traffic_bp=percent_to_bp(pct, "traffic"),
+        return Stage(name=stage_name, traffic_bp=_bp(pct, "traffic"),
                      min_duration_s=dur, min_samples=samples, **kw)
 
     if name == "shadow":
@@ -527,7 +490,7 @@ def builtin_plan(
         stages = (st("cohort", 0, cohorts=rules), st("full", 100))
     elif name == "ab":
         ab_dur = BUILTIN_AB_S if stage_duration is None else dur
-        stages = (Stage(name="ab", traffic_bp=percent_to_bp(split, "split"), min_duration_s=ab_dur,
+        stages = (Stage(name="ab", traffic_bp=_bp(split, "split"), min_duration_s=ab_dur,
                         min_samples=0, approve=True),)
         if stages[0].traffic_bp == 0:
             raise _bad("split", "must be above 0 for an A/B test")
@@ -541,6 +504,6 @@ def builtin_plan(
 
 
 __all__ = [
-    "BASIS_POINTS", "BUILTIN_PLANS", "CohortMatch", "Gates", "RolloutPlan", "Stage", "Strategy",
-    "builtin_plan", "load_plan", "parse_duration", "parse_plan", "percent_to_bp",
+    "BUILTIN_PLANS", "CohortMatch", "Gates", "RolloutPlan", "Stage", "Strategy",
+    "builtin_plan", "load_plan", "parse_plan",
 ]

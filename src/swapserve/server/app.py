@@ -34,6 +34,7 @@ from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackServicer
 from swapserve.server import native_frontend
 from swapserve.server.inference import InferenceServicer
+from swapserve.types import ModelSpec
 from swapserve._proto import control_pb2
 from swapserve._proto import control_pb2_grpc
 from swapserve._proto import feedback_pb2
@@ -144,6 +145,14 @@ class Server:
         await self.grpc_server.wait_for_termination()
 
 
+def _prepare_monitoring(monitor: MonitoringObserver, spec: ModelSpec, version: int) -> None:
+    """A broken monitoring.yaml turns monitoring off for the model (the observer logs it); it never fails a load."""
+    try:
+        monitor.prepare(spec, version)
+    except ConfigError:
+        pass
+
+
 async def create_server(settings: Settings, metrics: Metrics | None = None) -> Server:
     """Build, load models per the control mode, and start serving. Returns once the ports are bound
     and the start-up loads have finished (models that failed are UNAVAILABLE with their reason)."""
@@ -173,6 +182,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     feedback = FeedbackObserver(slices, PredictionLog())
     monitor = MonitoringObserver(repository_dir, metrics.registry,
                                  context_dir=settings.home.expanduser() / "retrain")
+    # Monitoring state is built and dropped on the lifecycle's load/unload workers, never per request.
+    manager.on_version_resident = lambda spec, version: _prepare_monitoring(monitor, spec, version)
+    manager.on_version_unloaded = monitor.forget
     control = ControlPlane(manager, registry, slices, drift_summary=lambda model: {
         str(r.version): {"state": r.state, "score": round(max((w.score for w in r.windows), default=0.0), 6),
                          "most_drifted": [f"{f} ({w})" for w, f, _ in r.most_drifted(3)]}
