@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from swapserve.errors import SwapserveError
 from swapserve.lifecycle.runtime import ARRIVALS
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ class NativeServer:
             selector.owner, self._selector = self, selector
         try:
             return int(self._native.start(polled=self._selector is not None))
-        except RuntimeError as exc:
+        except SwapserveError as exc:
             log.error("native front end: %s", exc)
             return 0
 
@@ -249,8 +250,7 @@ class NativeServer:
         self._loop.add_reader(self._native.fileno(), self._on_events)
         if self._selector is not None:
             assert self._loop.frontend_selector is self._selector  # type: ignore[attr-defined]
-            if not self._native.watch(self._selector.fileno()):
-                raise RuntimeError("native front end: could not watch the event loop's descriptors (epoll)")
+            self._native.watch(self._selector.fileno())  # raises SwapserveError (epoll) when it cannot
             self._selector.frontend = self._native
 
     async def stop(self, grace: float | None) -> None:
