@@ -208,11 +208,13 @@ _END = object()
 class NativeServer:
     """A grpc.aio-like server for the inference port on the native front end. Create, add, start, stop."""
 
-    def __init__(self, max_message_bytes: int) -> None:
-        if not frontend_available():
+    def __init__(self, max_message_bytes: int, *, frontend: Callable[[str, int], Frontend] = Frontend) -> None:
+        """``frontend(address, max_message_bytes)`` makes the transport (a fake in unit tests)."""
+        if frontend is Frontend and not frontend_available():
             raise RuntimeError("the native front end is not built (grpc++ was missing at install); "
                                "use --frontend python or install libgrpc++-dev and reinstall")
         self._max = max_message_bytes
+        self._make_frontend = frontend
         #: Made by add_insecure_port (the address is known only then), used only after it.
         self._native: Frontend
         self._address = ""
@@ -238,7 +240,7 @@ class NativeServer:
             self._methods[f"/{service}/{name}"] = handler
 
     def add_insecure_port(self, address: str) -> int:
-        self._native = Frontend(address, self._max)
+        self._native = self._make_frontend(address, self._max)
         self._address = address
         try:
             loop = asyncio.get_running_loop()
