@@ -3,11 +3,20 @@
 setuptools is the real build here (see shared/STYLE.md): csrc/ has no third-party
 C++ dependencies, so Pybind11Extension compiles it directly. The protos are
 compiled by the pinned grpcio-tools before build_py and build_ext run, so wheels,
-sdists and editable installs all see the generated modules (never committed).
+sdists and editable installs all see the generated modules (never committed);
+``swapserve._proto`` is listed as a package explicitly because it does not exist yet
+when a clean checkout or an sdist is first read.
 
-csrc/loadgen/loadgen.cc is a standalone executable (``swapserve bench``'s native client),
-linked against the system's grpc++ found through pkg-config; it is optional: without
-grpc++ the build warns once and the harness falls back to its Python client.
+The native gRPC front end (``swapserve._frontend``) and csrc/loadgen/loadgen.cc, a
+standalone executable (``swapserve bench``'s native client), link the system's grpc++
+found through pkg-config; both are optional: without grpc++ the build says so once and
+the server falls back to grpc.aio, the harness to its Python client. A wheel built here
+links the system's grpc++ shared libraries; ``scripts/build-dist.sh`` repairs it with
+auditwheel so that those libraries travel inside it (``swapserve.libs/``).
+
+The example configs (``model_repository/*/config.pbtxt``, ``monitoring.yaml``) are copied
+into the package as ``swapserve/examples/repository/`` so that an installed
+``swapserve serve`` can write the example repository (``swapserve.examples``).
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import sys
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -49,10 +58,23 @@ def generate_protos() -> None:
     (OUT / "swapserve" / "_proto" / "__init__.py").touch()
 
 
+EXAMPLE_CONFIGS = ("config.pbtxt", "monitoring.yaml")
+
+
 class BuildPy(build_py):
     def run(self) -> None:
         generate_protos()
         super().run()
+        self.copy_example_configs()
+
+    def copy_example_configs(self) -> None:
+        """Ship the committed example configs as package data (the weights are built at run time)."""
+        target = Path(self.build_lib, "swapserve", "examples", "repository")
+        for model_dir in sorted((ROOT / "model_repository").glob("*/")):
+            for name in EXAMPLE_CONFIGS:
+                if (model_dir / name).is_file():
+                    (target / model_dir.name).mkdir(parents=True, exist_ok=True)
+                    self.copy_file(str(model_dir / name), str(target / model_dir.name / name))
 
 
 LOADGEN_SOURCE = "csrc/loadgen/loadgen.cc"
@@ -72,6 +94,13 @@ def grpcpp_flags() -> list[str] | None:
     return shlex.split(out.stdout)
 
 
+NO_GRPCPP = ("WARNING: grpc++ not found (pkg-config --exists grpc++ failed): building swapserve WITHOUT its native "
+             "gRPC front end and swapserve-loadgen. The server will serve the inference port with grpc.aio (about "
+             "half the throughput) and `swapserve bench` will use its Python client. To get them, install grpc++ "
+             "(Debian/Ubuntu: apt-get install libgrpc++-dev pkg-config, or scripts/ensure-build-deps.sh) and "
+             "reinstall, or install swapserve's wheel, which carries them.")
+
+
 class BuildExt(build_ext):
     def run(self) -> None:
         generate_protos()
@@ -82,9 +111,7 @@ class BuildExt(build_ext):
         """Compile swapserve-loadgen into build_lib (wheels) and, for editable installs, next to the sources."""
         flags = grpcpp_flags()
         if flags is None:
-            print("WARNING: grpc++ not found (pkg-config --exists grpc++ failed): not building swapserve-loadgen; "
-                  "`swapserve bench` will use its Python client. Install it with scripts/ensure-build-deps.sh "
-                  "(Debian/Ubuntu: libgrpc++-dev pkg-config) and reinstall.", file=sys.stderr)
+            print(NO_GRPCPP, file=sys.stderr)  # the one notice: build_ext runs once per build, setup.py several times
             return
         target = Path(self.build_lib, *LOADGEN_TARGET)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +155,14 @@ if GRPCPP is not None and not os.environ.get("SWAPSERVE_SANITIZE"):
         extra_compile_args=["-O2", "-Wall", "-Wextra", *[f for f in GRPCPP if f.startswith(("-I", "-D"))]],
         extra_link_args=["-pthread", *[f for f in GRPCPP if not f.startswith(("-I", "-D"))]],
     ))
-elif GRPCPP is None:
-    print("WARNING: grpc++ not found: not building the native gRPC front end; the server will serve the "
-          "inference port with grpc.aio (slower). Install it with scripts/ensure-build-deps.sh and reinstall.",
-          file=sys.stderr)
 
-setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPy, "build_ext": BuildExt})
+# swapserve._proto is generated by build_py and build_ext: list it even when find_packages cannot see it
+# yet, and give it its directory now (egg_info, which runs first, checks that every package's exists).
+# Alembic's migration scripts are directories of modules without __init__.py.
+(OUT / "swapserve" / "_proto").mkdir(exist_ok=True)
+(OUT / "swapserve" / "_proto" / "__init__.py").touch()
+packages = sorted({*find_packages("src"), "swapserve._proto", "swapserve.registry.migrations",
+                   "swapserve.registry.migrations.versions"})
+
+setup(packages=packages, package_dir={"": "src"}, ext_modules=ext_modules,
+      cmdclass={"build_py": BuildPy, "build_ext": BuildExt})

@@ -20,7 +20,6 @@ On ``digits``-shaped requests (one row of 64 FP32 pixels, probabilities [1, 10])
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -39,14 +38,6 @@ SPEC = ModelSpec("digits", "pytorch_libtorch", 64, (TensorSpec("pixels", "FP32",
                  (TensorSpec("probabilities", "FP32", (10,)),))
 NOMINAL_GRPC_US = 300.0
 CALLS = 20_000
-
-
-def load_make_examples() -> Any:
-    spec = importlib.util.spec_from_file_location("make_examples", ROOT / "scripts" / "make_examples.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def shift_right(x: np.ndarray) -> np.ndarray:
@@ -166,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    mk = load_make_examples()
+    from swapserve import examples as mk
+
     data = mk.digits_data()
     model_path = ROOT / "model_repository" / "digits" / "2" / "model.pt"
     if model_path.exists():
         net = torch.jit.load(str(model_path), map_location="cpu")
         source = str(model_path.relative_to(ROOT))
     else:
-        net = mk._trace(mk.train_digits(mk.DIGITS_VERSIONS[2], data), (torch.from_numpy(data["x"][:2]),))
+        net = mk.trace(mk.train_digits(mk.DIGITS_VERSIONS[2], data), (torch.from_numpy(data["x"][:2]),))
         source = "trained in-process (DIGITS_VERSIONS[2])"
     net.eval()
 

@@ -10,7 +10,7 @@
 
 Reads the JSON context the trigger wrote (model, version, reason, next_version, repository,
 drift_report; the path also arrives as $SWAPSERVE_RETRAIN_CONTEXT), retrains the digits MLP
-(the recipe of version 2 from scripts/make_examples.py) on the training split *plus* a
+(the recipe of version 2 from swapserve.examples) on the training split *plus* a
 shifted copy of it (images moved one pixel right: the "camera moved" drift the demo
 injects), and writes ``<repository>/digits/<next>/`` with ``model.pt`` and a
 ``reference.npz`` (1000 rows of its training inputs as ``pixels`` [n, 64] with the model's
@@ -24,7 +24,6 @@ Prints one JSON line with the new version and its holdout accuracy (plain and sh
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -35,14 +34,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_make_examples() -> Any:
-    spec = importlib.util.spec_from_file_location("make_examples", ROOT / "scripts" / "make_examples.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def shift_right(x: np.ndarray, pixels: int = 1) -> np.ndarray:
@@ -75,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    mk = load_make_examples()
+    from swapserve import examples as mk
+
     data = mk.digits_data()
     aug = dict(data)
     aug["x_train"] = np.ascontiguousarray(np.concatenate([data["x_train"], shift_right(data["x_train"], args.shift)]))
@@ -83,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     base = mk.DIGITS_VERSIONS[2]
     net = mk.train_digits(mk.DigitsRecipe(hidden=base.hidden, epochs=base.epochs, lr=base.lr, seed=args.seed), aug)
     with mk.deterministic(0):
-        traced = mk._trace(net, (torch.from_numpy(data["x"][:2]),))
+        traced = mk.trace(net, (torch.from_numpy(data["x"][:2]),))
 
     tmp = model_dir / f".retrain-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    mk._save(traced, tmp / "model.pt")
+    mk.save(traced, tmp / "model.pt")
     rng = np.random.default_rng(args.seed)
     ref = aug["x_train"][rng.choice(len(aug["x_train"]), size=min(1000, len(aug["x_train"])), replace=False)]
     with torch.inference_mode():

@@ -11,7 +11,9 @@ from swapserve import __version__
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="serve a model repository over KServe v2 / Triton gRPC")
-    p.add_argument("--model-repository", type=Path, required=True, help="Triton-style model repository directory")
+    p.add_argument("--model-repository", type=Path, default=None,
+                   help="Triton-style model repository directory (default: $SWAPSERVE_HOME/model_repository, "
+                        "where the example models are written on first start)")
     p.add_argument("--host", default=None, help="address to bind the gRPC and metrics servers (default 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC inference port (default 8001; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 8002; -1 = off)")
@@ -47,7 +49,63 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model_repository is None:
+        settings.model_repository = _example_repository(settings.home.expanduser() / "model_repository")
     return native_frontend.run(serve(settings))
+
+
+def _example_repository(path: Path) -> Path:
+    """``path``, with the example models written into it first if it holds none (a fresh install)."""
+    from swapserve import examples
+
+    log = logging.getLogger("swapserve.examples")
+    log.info("no --model-repository: serving %s", path)
+    try:
+        built = examples.ensure(path)
+    except ValueError as e:
+        raise SystemExit(f"swapserve serve: {e}") from None
+    if built:
+        log.info("wrote the example models %s to %s", ", ".join(built), path)
+        if skipped := [m for m in examples.MODELS if m not in built]:
+            log.info("left out the examples %s (they need %s): pip install 'swapserve[examples]', then empty %s",
+                     ", ".join(skipped), ", ".join(sorted({r for m in skipped for r in examples.missing_requirements(m)})),
+                     path)
+    return path
+
+
+def _examples_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from swapserve import examples
+
+    p = sub.add_parser("examples", help="write the example model repository (configs and deterministic weights)")
+    p.add_argument("directory", type=Path, help="repository directory to write (created if missing)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated subset of {','.join(examples.MODELS)} (default: every one this "
+                        "environment can build)")
+    p.add_argument("--json", action="store_true", help="print the build summary (versions, accuracies) as JSON")
+    p.set_defaults(func=_cmd_examples)
+
+
+def _cmd_examples(args: argparse.Namespace) -> int:
+    import json
+
+    from swapserve import examples
+
+    models = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None
+              else examples.buildable())
+    try:
+        summary = examples.make(args.directory, models)
+    except ValueError as e:
+        print(f"swapserve examples: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        for name, info in summary.items():
+            versions = ", ".join(str(v) for v in info["versions"])
+            print(f"{args.directory / name}: version{'s' if len(info['versions']) > 1 else ''} {versions}")
+        if skipped := [m for m in examples.MODELS if m not in summary and args.models is None]:
+            print(f"left out {', '.join(skipped)}: pip install 'swapserve[examples]' to build them", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swapserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _examples_parser(sub)
     # Each verb family registers its own sub-parsers and sets ``func``.
     from swapserve.bench.cli import add_parser as add_bench
     from swapserve.control_cli import add_parsers as add_control

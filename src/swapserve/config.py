@@ -40,8 +40,9 @@ class Frontend(str, enum.Enum):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWAPSERVE_", extra="ignore")
 
-    model_repository: Path = Path("model_repository")
-    """Triton-style repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/<file>."""
+    model_repository: Path | None = None
+    """Triton-style repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/<file>.
+    ``swapserve serve`` without one serves ``<home>/model_repository`` (the examples on a fresh install)."""
 
     host: str = "0.0.0.0"
     """Address the inference gRPC and metrics HTTP servers bind to."""

@@ -326,7 +326,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("action", choices=("start", *ROLLOUT_ACTIONS))
     p.add_argument("model")
     p.add_argument("version", nargs="?", type=parse_version, default=None)
-    p.add_argument("--plan", metavar="FILE", help="rollout plan, YAML or JSON (see README)")
+    p.add_argument("--plan", metavar="FILE", help="rollout plan, YAML or JSON (see docs/rollouts.md)")
     p.add_argument("--strategy", metavar="NAME", help="built-in plan: shadow, canary, blue-green, cohort, ab")
     p.add_argument("--cohort", action="append", default=[], metavar="ATTR=VALUE",
                    help="cohort strategy: requests with this attribute go to the challenger; repeatable")

@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The ``swapserve`` entry point installed beside this interpreter: the command users run. In CI the
+#: suite also runs from virtualenvs holding only the built wheel or sdist (scripts/test-dist.sh),
+#: so every server and CLI call goes through the installed package, never the source tree.
+SWAPSERVE = [str(Path(sys.executable).with_name("swapserve"))]
 READY = re.compile(r"swapserve ready: grpc=(?P<host>[^:]+):(?P<grpc>\d+) metrics=(?P<metrics>\S+)"
                    r"(?: control=(?P<control>\S+))?")
 
@@ -23,11 +27,15 @@ READY = re.compile(r"swapserve ready: grpc=(?P<host>[^:]+):(?P<grpc>\d+) metrics
 class ServerProcess:
     """A swapserve server subprocess. Use as a context manager; ``url`` is host:port for tritonclient."""
 
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+    def __init__(self, repository: Path | None, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> None:
+        """``repository`` None runs ``swapserve serve`` without ``--model-repository`` (pass SWAPSERVE_HOME in env)."""
         self.repository = repository
         self.args = list(args)
+        self.command = list(SWAPSERVE)  #: what runs ``serve`` (a test may prefix it, e.g. with unshare)
         # Each server gets its own state directory (SQLite registry) unless the test shares one.
-        self.env = {**os.environ, "SWAPSERVE_HOME": str(Path(repository).parent / "swapserve-home"), **(env or {})}
+        home = {"SWAPSERVE_HOME": str(Path(repository).parent / "swapserve-home")} if repository else {}
+        self.env = {**os.environ, **home, **(env or {})}
         self.timeout = timeout
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
@@ -40,8 +48,8 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "swapserve.cli", "serve", "--model-repository", str(self.repository),
-               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        repository = ["--model-repository", str(self.repository)] if self.repository else []
+        cmd = [*self.command, "serve", *repository, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
                "--control-address", "127.0.0.1:0", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
                                      cwd=ROOT)
@@ -101,7 +109,7 @@ def build_example_repo(scratch: Path) -> Path:
     repo = ROOT / "model_repository"
     if all(any((repo / m).glob("[0-9]*/model.*")) for m in EXAMPLE_MODELS):
         return repo
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_examples.py"), "--out", str(scratch)], check=True)
+    subprocess.run([*SWAPSERVE, "examples", str(scratch), "--models", ",".join(EXAMPLE_MODELS)], check=True)
     return scratch
 
 

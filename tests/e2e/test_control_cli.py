@@ -1,6 +1,6 @@
 """The operator CLI against a real ``swapserve serve``: every verb in --json, checked in the server's behaviour.
 
-The CLI runs as a subprocess (``python -m swapserve.cli VERB ... --url HOST:PORT``), the way
+The CLI runs as a subprocess (the installed ``swapserve VERB ... --url HOST:PORT``), the way
 operators run it; tritonclient checks what the server then does. This module never imports
 swapserve's protos (tritonclient's cannot share a process with them).
 """
@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.serverproc import ROOT, ServerProcess, copy_models
+from tests.e2e.serverproc import ROOT, SWAPSERVE, ServerProcess, copy_models
 
 CONTROL = re.compile(r"swapserve ready: .*\bcontrol=(?P<host>\S+):(?P<port>\d+)")
 TOKEN = "e2e-s3cret"
@@ -48,7 +47,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*argv: str, url: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     verb, *rest = argv
-    cmd = [sys.executable, "-m", "swapserve.cli", verb, *rest, *(["--url", url] if url else [])]
+    cmd = [*SWAPSERVE, verb, *rest, *(["--url", url] if url else [])]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env or cli_env())
 
 
@@ -196,7 +195,7 @@ def test_events_and_audit(ctl: Cli) -> None:
     last = max((e["id"] for e in before), default=0)
 
     follow = subprocess.Popen(
-        [sys.executable, "-m", "swapserve.cli", "events", "digits", "--follow", "--json", "--after", str(last),
+        [*SWAPSERVE, "events", "digits", "--follow", "--json", "--after", str(last),
          "--url", ctl.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
     try:
         time.sleep(1.0)  # subscribed before the change

@@ -5,7 +5,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,12 +14,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.serverproc import ROOT, ServerProcess, copy_models, wait_until
+from tests.e2e.serverproc import ROOT, SWAPSERVE, ServerProcess, copy_models, wait_until
 
 
 def cli(srv: ServerProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     verb, *rest = args
-    cmd = [sys.executable, "-m", "swapserve.cli", verb, *rest, "--url", srv.control_url, "--json"]
+    cmd = [*SWAPSERVE, verb, *rest, "--url", srv.control_url, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}\n{srv.log()[-3000:]}")

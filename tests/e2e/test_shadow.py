@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.serverproc import ROOT, ServerProcess, copy_models, wait_until
+from tests.e2e.serverproc import ROOT, SWAPSERVE, ServerProcess, copy_models, wait_until
 
 
 def metric(srv: ServerProcess, prefix: str) -> float:
@@ -29,7 +28,7 @@ def test_shadow_never_changes_a_response(example_repo: Path, tmp_path: Path) -> 
         expected = v2(torch.from_numpy(x)).numpy()
         disagree = int((v1(torch.from_numpy(x)).argmax(1) != torch.from_numpy(expected).argmax(1)).sum())
     with ServerProcess(repo) as srv:
-        out = subprocess.run([sys.executable, "-m", "swapserve.cli", "traffic", "digits", "2=100", "--shadow", "1",
+        out = subprocess.run([*SWAPSERVE, "traffic", "digits", "2=100", "--shadow", "1",
                               "--url", srv.control_url, "--json", "--reason", "shadow v1"],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stderr

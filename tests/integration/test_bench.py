@@ -93,8 +93,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     src = ROOT / "model_repository"
     if not all(any((src / m).glob("[0-9]*/model.pt")) for m in ("digits", "simple")):
         src = tmp_path_factory.mktemp("examples")
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_examples.py"), "--out", str(src),
-                        "--models", "simple,digits"], check=True)
+        subprocess.run([sys.executable, "-m", "swapserve.cli", "examples", str(src), "--models", "simple,digits"],
+                       check=True)
     repo = copy_models(src, tmp_path_factory.mktemp("repo"), ["digits", "simple"])
     _build_slow(repo)
     with ServerProcess(repo) as proc:

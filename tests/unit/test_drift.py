@@ -10,18 +10,11 @@ from prometheus_client import CollectorRegistry
 from swapserve.errors import ModelNotFound
 from swapserve.monitoring.drift_observer import MonitoringObserver
 from swapserve.types import InferRequest, ModelSpec, TensorSpec
+from tests.fakes import FakeClock
 
 SPEC = ModelSpec("digits", "pytorch_libtorch", 64, (TensorSpec("pixels", "FP32", (64,)),),
                  (TensorSpec("probabilities", "FP32", (10,)),))
 W = np.random.default_rng(99).normal(size=(64, 10)).astype(np.float32)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def model(x: np.ndarray) -> np.ndarray:

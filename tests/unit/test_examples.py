@@ -1,4 +1,4 @@
-"""scripts/make_examples.py: the example repository builds, is deterministic, and serves.
+"""swapserve.examples: the example repository builds, is deterministic (byte for byte), and serves.
 
 Builds every example model once per module into a temporary directory (~10 s on two
 cores) and runs them through the real backends with specs read from the committed
@@ -6,7 +6,6 @@ config.pbtxt files.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,16 +18,7 @@ from swapserve.backends import backend_class
 from swapserve.types import ModelSpec, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "make_examples.py"
 MODELS = ("simple", "digits", "convnet", "digits_onnx")
-
-
-def _import_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_examples_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_spec(config: Path) -> ModelSpec:
@@ -63,7 +53,9 @@ def backend(repo: Path, model: str, version: int) -> Any:
 
 @pytest.fixture(scope="module")
 def mk() -> ModuleType:
-    return _import_script()
+    from swapserve import examples
+
+    return examples
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +175,83 @@ def test_reference_outputs_reproduce(built: tuple[Path, dict[str, Any]], model: 
 def test_unknown_model_is_refused(mk: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resnet"):
         mk.make(tmp_path, ["resnet"])
+
+
+BUILD_FROM = """
+import importlib.util, sys
+from pathlib import Path
+from swapserve import examples as installed  # the configs: wherever this install keeps them
+source, out = Path(sys.argv[1]), Path(sys.argv[2])
+spec = importlib.util.spec_from_file_location("swapserve.examples", source)
+module = importlib.util.module_from_spec(spec)
+sys.modules["swapserve.examples"] = module
+spec.loader.exec_module(module)
+module.config_root = installed.config_root
+module.make(out, ["simple", "digits"])
+"""
+
+
+def test_byte_identical_wherever_built(tmp_path: Path) -> None:
+    """Two fresh builds, from the package and from a copy of its source elsewhere, write the same bytes.
+
+    (Another checkout or virtualenv puts the traced sources at other paths; the registry
+    compares model files by sha256, so the bytes must not depend on them.) Each build runs in
+    its own process, as ``swapserve examples`` and ``swapserve serve`` do: TorchScript numbers
+    the types it sees within a process.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from swapserve import examples
+
+    copy = tmp_path / "elsewhere" / "checkout" / "examples_copy.py"
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(examples.__file__, copy)
+    builds = {}
+    for name, source in (("here", Path(examples.__file__)), ("elsewhere", copy)):
+        out = tmp_path / f"build-{name}"
+        subprocess.run([sys.executable, "-c", BUILD_FROM, str(source), str(out)], check=True, timeout=300)
+        builds[name] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert Path("simple/1/model.pt") in builds["here"] and Path("digits/2/reference.npz") in builds["here"]
+    assert sorted(builds["here"]) == sorted(builds["elsewhere"])
+    for rel, data in builds["here"].items():
+        assert builds["elsewhere"][rel] == data, f"{rel} differs between the two builds"
+
+
+def test_torchscript_files_name_no_source_path(built: tuple[Path, dict[str, Any]]) -> None:
+    import zipfile
+
+    repo, _ = built
+    with zipfile.ZipFile(repo / "digits" / "2" / "model.pt") as z:
+        assert not [n for n in z.namelist() if n.endswith(".debug_pkl")]
+        blob = b"".join(z.read(n) for n in z.namelist())
+    assert b"site-packages" not in blob and str(ROOT).encode() not in blob
+
+
+def test_missing_requirements_are_named(mk: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # find_spec then reports it absent
+    assert mk.buildable() == ["simple", "convnet"]
+    with pytest.raises(ValueError, match=r"example 'digits' needs sklearn.*swapserve\[examples\]"):
+        mk.make(tmp_path, ["simple", "digits"])
+    assert not (tmp_path / "simple").exists()  # refused before anything is written
+
+
+def test_ensure_writes_once_and_leaves_repositories_alone(mk: ModuleType, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mk, "buildable", lambda: ["simple"])  # keep it fast: one tiny model
+    repo = tmp_path / "home" / "model_repository"
+    assert mk.ensure(repo) == ["simple"]
+    assert (repo / "simple" / "config.pbtxt").is_file() and (repo / "simple" / "1" / "model.pt").is_file()
+    assert not list(repo.parent.glob(".*building"))
+    model = (repo / "simple" / "1" / "model.pt").read_bytes()
+    assert mk.ensure(repo) == []  # already a repository: untouched
+    assert (repo / "simple" / "1" / "model.pt").read_bytes() == model
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty but holds no model"):
+        mk.ensure(other)
+    assert (other / "todo.txt").read_text() == "mine"

@@ -10,14 +10,7 @@ import pytest
 
 from swapserve.monitoring.predictions import MAX_ID_CHARS, PredictionLog, PredictionRule, Task
 from swapserve.types import ModelSpec, TensorSpec
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fakes import FakeClock
 
 
 def test_capacity_holds_under_a_flood_of_ids_oldest_evicted_first() -> None:

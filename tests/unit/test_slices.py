@@ -12,18 +12,13 @@ from swapserve.monitoring.feedback import MAX_OUTCOMES_PER_REPORT, FeedbackObser
 from swapserve.monitoring.predictions import PredictionLog
 from swapserve.monitoring.slices import LATENCY_BOUNDS, SliceStats, p99_from_histogram
 from swapserve.types import InferRequest, ModelSpec, SliceCounts, TensorSpec
+from tests.fakes import FakeClock
 
-
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+T0 = 1_000_000.0
 
 
 def test_slices_are_capped_per_model_and_the_rest_is_other() -> None:
-    stats = SliceStats(max_slices=64, clock=FakeClock())
+    stats = SliceStats(max_slices=64, clock=FakeClock(T0))
     names = [stats.resolve_slice("m", f"s{i}") for i in range(100)]
     assert names[:64] == [f"s{i}" for i in range(64)]
     assert set(names[64:]) == {"other"}
@@ -43,7 +38,7 @@ def test_slices_are_capped_per_model_and_the_rest_is_other() -> None:
 
 
 def test_accuracy_error_rate_and_mae() -> None:
-    stats = SliceStats(clock=FakeClock())
+    stats = SliceStats(clock=FakeClock(T0))
     for i in range(10):
         stats.record_request("m", 2, "a", 0.01, error=(i == 0))
     for ok in (True, True, True, False):
@@ -60,7 +55,7 @@ def test_accuracy_error_rate_and_mae() -> None:
 
 
 def test_p99_from_the_histogram_is_within_a_bucket() -> None:
-    stats = SliceStats(clock=FakeClock())
+    stats = SliceStats(clock=FakeClock(T0))
     rng = np.random.default_rng(0)
     latencies = rng.lognormal(mean=np.log(0.005), sigma=0.6, size=20_000)
     for lat in latencies:
@@ -73,7 +68,7 @@ def test_p99_from_the_histogram_is_within_a_bucket() -> None:
 
 
 def test_since_counts_only_what_happened_after() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     stats = SliceStats(clock=clock)
     for _ in range(5):
         stats.record_request("m", 1, "a", 0.002)
@@ -100,7 +95,7 @@ def test_since_counts_only_what_happened_after() -> None:
 
 
 def test_since_far_back_is_clamped_to_the_horizon() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     stats = SliceStats(clock=clock, horizon_s=3600)
     stats.record_request("m", 1, "a", 0.002)
     for _ in range(200):  # 200 min of traffic, one request a minute
@@ -111,7 +106,7 @@ def test_since_far_back_is_clamped_to_the_horizon() -> None:
 
 
 def test_subscribers_hear_every_joined_outcome() -> None:
-    stats = SliceStats(clock=FakeClock())
+    stats = SliceStats(clock=FakeClock(T0))
     heard: list[tuple[str, int, str, str]] = []
     unsubscribe = stats.subscribe(lambda *a: heard.append(a))
     stats.subscribe(lambda *a: 1 / 0)  # a broken subscriber does not stop the others
@@ -123,7 +118,7 @@ def test_subscribers_hear_every_joined_outcome() -> None:
 
 def test_prometheus_series_per_slice_read_live() -> None:
     registry = CollectorRegistry()
-    clock = FakeClock()
+    clock = FakeClock(T0)
     stats = SliceStats(registry, clock=clock)
     for _ in range(4):
         stats.record_request("digits", 2, "round", 0.003)
@@ -167,7 +162,7 @@ def probs(*classes: int) -> dict[str, np.ndarray]:
 
 
 def observer() -> FeedbackObserver:
-    return FeedbackObserver(SliceStats(clock=FakeClock()), PredictionLog(capacity=1000, clock=FakeClock()))
+    return FeedbackObserver(SliceStats(clock=FakeClock(T0)), PredictionLog(capacity=1000, clock=FakeClock(T0)))
 
 
 def respond(fb: FeedbackObserver, spec: ModelSpec, rid: str, version: int, outputs: dict[str, np.ndarray],
@@ -202,7 +197,7 @@ def test_observer_joins_labels_flags_and_rows() -> None:
 
 
 def test_observer_regression_values_and_expiry() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     fb = FeedbackObserver(SliceStats(clock=clock), PredictionLog(capacity=10, window_s=60, clock=clock))
     fb.on_response(InferRequest("price", id="p", parameters={"region": "eu"}), REGRESSOR, 1, [],
                    {"y": np.array([10.0], dtype=np.float32)}, 0.001)

@@ -12,14 +12,7 @@ from swapserve.monitoring.drift_observer import MonitoringObserver
 from swapserve.monitoring.monitor_config import TriggerConfig
 from swapserve.monitoring.trigger import RetrainingTrigger
 from swapserve.types import InferRequest, ModelSpec, TensorSpec
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fakes import FakeClock
 
 
 def trigger(tmp_path: Path, clock: FakeClock, **kw: object) -> RetrainingTrigger:
@@ -29,7 +22,7 @@ def trigger(tmp_path: Path, clock: FakeClock, **kw: object) -> RetrainingTrigger
 
 
 def test_fires_once_per_alert_episode_and_respects_min_interval(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     trig = trigger(tmp_path, clock)
     fired = []
     # episode 1: alert on for 100 ticks -> one firing
@@ -54,7 +47,7 @@ def test_fires_once_per_alert_episode_and_respects_min_interval(tmp_path: Path) 
 
 
 def test_episode_delayed_by_min_interval_fires_once_when_allowed(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     trig = trigger(tmp_path, clock, schedule_s=None)
     assert trig.evaluate(0.0, 1, drift_alert=True) is not None
     assert trig.evaluate(1.0, 1, drift_alert=False) is None
@@ -65,7 +58,7 @@ def test_episode_delayed_by_min_interval_fires_once_when_allowed(tmp_path: Path)
 
 
 def test_accuracy_floor_and_schedule(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     trig = trigger(tmp_path, clock, accuracy_floor=0.9, min_labelled=50, schedule_s=1000.0, min_interval_s=10.0)
     assert trig.evaluate(0.0, 2, accuracy=0.5, labelled=10) is None  # too few labels
     rec = trig.evaluate(1.0, 2, accuracy=0.85, labelled=200)
@@ -80,7 +73,7 @@ def test_runs_a_real_command_with_context(tmp_path: Path) -> None:
     out = tmp_path / "ran.json"
     code = ("import json, os, sys; ctx = json.load(open(sys.argv[1])); "
             f"json.dump({{'env': os.environ['SWAPSERVE_RETRAIN_CONTEXT'], 'ctx': ctx}}, open({str(out)!r}, 'w'))")
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     trig = trigger(tmp_path, clock, command=(sys.executable, "-c", code, "{context}"))
     rec = trig.evaluate(5.0, 1, drift_alert=True, drift_report={"state": "alert"})
     assert rec is not None and rec.status == "started" and rec.pid > 0 and rec.action == "command"
@@ -94,7 +87,7 @@ def test_runs_a_real_command_with_context(tmp_path: Path) -> None:
 
 
 def test_failing_command_is_reported_and_no_overlap(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     trig = trigger(tmp_path, clock, command=(sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"),
                    min_interval_s=0.0)
     first = trig.evaluate(0.0, 1, drift_alert=True)
@@ -116,7 +109,7 @@ def test_observer_tick_fires_trigger_on_drift(tmp_path: Path) -> None:
     cfg = {"windows": ["10s"], "trigger": {"command": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
                                            "min_interval": "1m"}}
     (tmp_path / "digits" / "monitoring.yaml").write_text(yaml.safe_dump(cfg))
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     obs = MonitoringObserver(tmp_path, None, clock, context_dir=tmp_path / "ctx")
     kinds: list[str] = []
     for step in range(60):  # 60 s of strongly shifted traffic, ticking every second

@@ -147,12 +147,20 @@ class RolloutController:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            for model in list(self._active):
-                try:
-                    async with self._lock(model):
-                        await self._step(model)
-                except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
-                    log.exception("rollout of model '%s': step failed", model)
+            await self.tick()
+
+    async def tick(self) -> None:
+        """Check every active rollout once: advance, hold or roll back.
+
+        What the loop runs every ``tick_s`` and after joined labels; callable directly (tests
+        drive it on a fake clock). One broken rollout is logged and never stops the others.
+        """
+        for model in list(self._active):
+            try:
+                async with self._lock(model):
+                    await self._step(model)
+            except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
+                log.exception("rollout of model '%s': step failed", model)
 
     # -- operator actions --------------------------------------------------------------------
 

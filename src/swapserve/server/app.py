@@ -152,7 +152,11 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     torch.set_num_threads(max(1, settings.torch_threads))
     metrics = metrics or Metrics()
     device = resolve_device(settings.device)
-    repository = ModelRepository(settings.model_repository)
+    if settings.model_repository is None:
+        raise ConfigError("no model repository: pass --model-repository DIR (or SWAPSERVE_MODEL_REPOSITORY); "
+                          "`swapserve serve` on the command line defaults to $SWAPSERVE_HOME/model_repository")
+    repository_dir = settings.model_repository
+    repository = ModelRepository(repository_dir)
     control_host, _, control_port_text = settings.control_address.rpartition(":")
     if control_host not in LOOPBACK_HOSTS and not settings.control_token:
         raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
@@ -167,7 +171,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                            backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
     slices = SliceStats(metrics.registry)
     feedback = FeedbackObserver(slices, PredictionLog())
-    monitor = MonitoringObserver(settings.model_repository, metrics.registry,
+    monitor = MonitoringObserver(repository_dir, metrics.registry,
                                  context_dir=settings.home.expanduser() / "retrain")
     control = ControlPlane(manager, registry, slices, drift_summary=lambda model: {
         str(r.version): {"state": r.state, "score": round(max((w.score for w in r.windows), default=0.0), 6),
@@ -180,6 +184,10 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     frontend = settings.frontend
     if frontend is Frontend.AUTO:
         frontend = Frontend.NATIVE if native_frontend.available() else Frontend.PYTHON
+        if frontend is Frontend.PYTHON:
+            log.warning("the native gRPC front end is not in this install (it was built without grpc++): the "
+                        "inference port runs on grpc.aio, about half as fast; install swapserve's wheel, or "
+                        "install grpc++ (Debian/Ubuntu: libgrpc++-dev pkg-config) and reinstall from source")
     grpc_server: Any
     if frontend is Frontend.NATIVE:
         grpc_server = native_frontend.NativeServer(limit)
@@ -231,7 +239,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     if settings.model_control_mode is ControlMode.EXPLICIT:
         wanted = names if "*" in settings.load_model else [n for n in settings.load_model if n not in restored]
         for n in [n for n in wanted if n not in names]:
-            log.error("--load-model %s: no such model in %s", n, settings.model_repository)
+            log.error("--load-model %s: no such model in %s", n, repository_dir)
         await manager.load_all([n for n in wanted if n in names])
     else:
         await manager.load_all(names)

@@ -1,8 +1,12 @@
-#!/usr/bin/env python
-"""Build the example models of ``model_repository/`` (weights are not committed).
+"""The example model repository: configs shipped with the package, weights built here (deterministically).
 
-    python scripts/make_examples.py --out model_repository
-    python scripts/make_examples.py --out /tmp/repo --models simple,digits
+    swapserve examples DIR                      # every example this install can build
+    swapserve examples DIR --models simple,digits
+
+``swapserve serve`` without ``--model-repository`` serves ``$SWAPSERVE_HOME/model_repository``
+and writes the examples there first when it holds none. In a checkout ``scripts/dev setup``
+builds them into ``model_repository/``, where their configs are committed; a wheel carries
+those configs as package data (``swapserve/examples/repository/``, copied by ``setup.py``).
 
 Writes, under ``DIR/<model>/``: the version directories with the model file and a
 ``reference.npz`` (inputs and the outputs this build produced, keyed by the config's
@@ -10,29 +14,38 @@ tensor names, with the batch dimension: for ``digits`` and ``digits_onnx`` a see
 of 1000 training rows, which drift monitoring uses as the version's reference profile;
 a few rows for the others), plus ``DIR/digits/holdout.npz``
 (``x`` float32 [n, 64], ``y`` int64 [n], ``slice`` str [n]: the digit group "round"
-{0,6,8,9}, "straight" {1,4,7} or "curved" {2,3,5}). When ``DIR`` is not the repository's
-own ``model_repository/``, each model's committed ``config.pbtxt`` is copied there too.
+{0,6,8,9}, "straight" {1,4,7} or "curved" {2,3,5}), and each model's config files
+(``config.pbtxt``, ``monitoring.yaml``) unless ``DIR`` is where they come from.
 
-Everything is seeded and trained on one thread, so two runs give identical weights,
-accuracies and predictions. Models are exported with ``torch.jit.trace`` (no source
-access needed, so the functions here work when this file is imported by path).
+Everything is seeded and trained on one thread, and every file is written byte for byte
+the same wherever it is built: TorchScript archives are saved without their debug records
+(which hold the paths of the Python sources that were traced, e.g. the virtualenv's torch)
+and with a serialization id derived from their contents; ``.npz`` archives carry a fixed
+timestamp. Two builds on two machines or checkouts give files with the same sha256, so
+a registry that recorded one accepts the other. Models are exported with
+``torch.jit.trace`` (no source access needed).
 
 Models:
   simple       TorchScript, INPUT0/INPUT1 INT32 [16] -> OUTPUT0 = sum, OUTPUT1 = difference
-  digits       TorchScript MLP on sklearn's 8x8 digits; v1 weak (~88%), v2 strong (~97%)
+  digits       TorchScript MLP on scikit-learn's bundled 8x8 digits; v1 weak (~88%), v2 strong (~97%)
   convnet      TorchScript CNN + dense head, image FP32 [1,32,32] -> logits FP32 [10], random
                init, ~2.3 ms per image alone but ~0.5 ms per image in a batch of 32 on one
                thread: the batching benchmark model
   digits_onnx  digits v2 as ONNX (built with onnx.helper from the same weights)
+
+``simple`` and ``convnet`` need only torch. ``digits`` needs scikit-learn (its data set);
+``digits_onnx`` also needs onnx to build and onnxruntime to serve: ``pip install
+'swapserve[examples]'`` brings them. :func:`buildable` says which this install can build.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
+import hashlib
+import importlib.util
+import io
 import shutil
-import sys
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,9 +54,44 @@ import numpy as np
 import torch
 from torch import nn
 
-#: The repository's committed configs live here.
-REPO_MODELS = Path(__file__).resolve().parent.parent / "model_repository"
 MODELS: tuple[str, ...] = ("simple", "digits", "convnet", "digits_onnx")
+
+#: What each example needs beyond torch and numpy, to build it and to serve it.
+REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "simple": (),
+    "digits": ("sklearn",),
+    "convnet": (),
+    "digits_onnx": ("sklearn", "onnx", "onnxruntime"),
+}
+
+#: The files of a model directory that are committed (and shipped), as opposed to built.
+CONFIG_FILES: tuple[str, ...] = ("config.pbtxt", "monitoring.yaml")
+
+
+def config_root() -> Path:
+    """Where the example configs come from: the installed package's copy, else the checkout's.
+
+    A wheel or sdist install carries them under ``swapserve/examples/repository/``; an editable
+    install of a checkout reads the committed ``model_repository/`` directly.
+    """
+    shipped = Path(__file__).resolve().parent / "repository"
+    if (shipped / "simple" / "config.pbtxt").is_file():
+        return shipped
+    checkout = Path(__file__).resolve().parents[3] / "model_repository"
+    if (checkout / "simple" / "config.pbtxt").is_file():
+        return checkout
+    raise FileNotFoundError(f"the example configs are missing: neither {shipped} nor {checkout} holds them; "
+                            "reinstall swapserve")
+
+
+def missing_requirements(model: str) -> list[str]:
+    """The Python modules ``model`` needs that this environment lacks (empty: it can be built and served)."""
+    return [m for m in REQUIREMENTS[model] if importlib.util.find_spec(m) is None]
+
+
+def buildable() -> list[str]:
+    """The examples this environment can build and serve, in :data:`MODELS` order."""
+    return [m for m in MODELS if not missing_requirements(m)]
 
 SPLIT_SEED = 20240601
 HOLDOUT_FRACTION = 0.3
@@ -90,7 +138,8 @@ def deterministic(seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+def trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``module`` in eval mode, without torch's deprecation notices."""
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.* deprecation notices
@@ -98,16 +147,50 @@ def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.Sc
     return traced
 
 
-def _save(module: torch.jit.ScriptModule, path: Path) -> None:
+#: Zip timestamp of every archive written here (zip's own epoch): builds differ in time, not in bytes.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _write_zip(path: Path, records: Sequence[tuple[str, bytes]]) -> None:
+    """Write ``records`` (name, data) uncompressed with a fixed timestamp, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for name, data in records:
+            z.writestr(zipfile.ZipInfo(name, date_time=_ZIP_EPOCH), data)
+    tmp.replace(path)
+
+
+def save(module: torch.jit.ScriptModule, path: Path) -> None:
+    """Save a TorchScript module so that the same module gives the same bytes wherever it is saved.
+
+    ``torch.jit.save`` also writes ``*.debug_pkl`` records (source ranges naming the files that
+    were traced, e.g. torch inside this virtualenv) and a serialization id hashed from every
+    record. The debug records are dropped (TorchScript loads without them; errors inside the
+    model then name no Python line) and the id is recomputed from the records that are kept.
+    """
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(module, str(path))
+        torch.jit.save(module, buf)
+    with zipfile.ZipFile(buf) as z:
+        records = [(i.filename, z.read(i)) for i in z.infolist() if not i.filename.endswith(".debug_pkl")]
+    digest = hashlib.sha256()
+    for name, data in records:
+        if not name.endswith("/.data/serialization_id"):
+            digest.update(name.encode() + b"\0" + data)
+    sid = str(int.from_bytes(digest.digest()[:16], "big")).zfill(40)[:40].encode()
+    _write_zip(path, [(n, sid if n.endswith("/.data/serialization_id") else d) for n, d in records])
 
 
-def _reference(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` with the same bytes on every build (numpy's own stamps the current time)."""
+    records = []
+    for name, array in arrays.items():
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=False)
+        records.append((f"{name}.npy", buf.getvalue()))
+    _write_zip(path, records)
 
 
 def _version_dir(out: Path, model: str, version: int) -> Path:
@@ -117,13 +200,15 @@ def _version_dir(out: Path, model: str, version: int) -> Path:
 
 
 def copy_config(out: Path, model: str) -> None:
-    """Copy the committed config.pbtxt of ``model`` into ``out`` unless it is the repo itself."""
-    src = REPO_MODELS / model / "config.pbtxt"
-    dst = out / model / "config.pbtxt"
-    if dst.resolve() == src.resolve():
+    """Copy the shipped config files of ``model`` into ``out`` unless ``out`` is where they come from."""
+    src_dir = config_root() / model
+    dst_dir = out / model
+    if dst_dir.resolve() == src_dir.resolve():
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst_dir / name)
 
 
 # --------------------------------------------------------------------------- simple
@@ -138,13 +223,13 @@ class AddSub(nn.Module):
 
 def build_simple(out: Path) -> dict[str, Any]:
     example = (torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32))
-    traced = _trace(AddSub(), example)
+    traced = trace(AddSub(), example)
     vdir = _version_dir(out, "simple", 1)
-    _save(traced, vdir / "model.pt")
+    save(traced, vdir / "model.pt")
     rng = np.random.default_rng(1)
     a = rng.integers(-1000, 1000, size=(4, 16), dtype=np.int32)
     b = rng.integers(-1000, 1000, size=(4, 16), dtype=np.int32)
-    _reference(vdir / "reference.npz", INPUT0=a, INPUT1=b, OUTPUT0=a + b, OUTPUT1=a - b)
+    save_npz(vdir / "reference.npz", INPUT0=a, INPUT1=b, OUTPUT0=a + b, OUTPUT1=a - b)
     return {"versions": [1]}
 
 
@@ -234,18 +319,18 @@ def training_sample(data: dict[str, np.ndarray], seed: int) -> np.ndarray:
 def build_digits(out: Path, data: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     data = data if data is not None else digits_data()
     (out / "digits").mkdir(parents=True, exist_ok=True)
-    np.savez(out / "digits" / "holdout.npz", x=data["x"], y=data["y"], slice=data["slice"])
+    save_npz(out / "digits" / "holdout.npz", x=data["x"], y=data["y"], slice=data["slice"])
     acc: dict[str, float] = {}
     for version, recipe in DIGITS_VERSIONS.items():
         net = train_digits(recipe, data)
         with deterministic(0):
-            traced = _trace(net, (torch.from_numpy(data["x"][:2]),))
+            traced = trace(net, (torch.from_numpy(data["x"][:2]),))
         vdir = _version_dir(out, "digits", version)
-        _save(traced, vdir / "model.pt")
+        save(traced, vdir / "model.pt")
         x_ref = training_sample(data, recipe.seed)
         with torch.inference_mode():
             probs = traced(torch.from_numpy(x_ref)).numpy()
-        _reference(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
+        save_npz(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
         acc[str(version)] = accuracy(traced, data["x"], data["y"])
     return {"versions": sorted(DIGITS_VERSIONS), "holdout_accuracy": acc, "holdout_size": len(data["y"])}
 
@@ -286,14 +371,14 @@ CONVNET_SEED = 7
 def build_convnet(out: Path) -> dict[str, Any]:
     with deterministic(CONVNET_SEED):
         net = ConvNet().eval()
-        traced = _trace(net, (torch.zeros(2, 1, 32, 32),))
+        traced = trace(net, (torch.zeros(2, 1, 32, 32),))
     vdir = _version_dir(out, "convnet", 1)
-    _save(traced, vdir / "model.pt")
+    save(traced, vdir / "model.pt")
     rng = np.random.default_rng(CONVNET_SEED)
     images = rng.random((4, 1, 32, 32), dtype=np.float32)
     with deterministic(0), torch.inference_mode():
         logits = traced(torch.from_numpy(images)).numpy()
-    _reference(vdir / "reference.npz", image=images, logits=logits)
+    save_npz(vdir / "reference.npz", image=images, logits=logits)
     return {"versions": [1]}
 
 
@@ -342,7 +427,7 @@ def build_digits_onnx(out: Path, data: dict[str, np.ndarray] | None = None) -> d
     x_ref = training_sample(data, DIGITS_VERSIONS[2].seed)
     with torch.inference_mode():
         probs = net(torch.from_numpy(x_ref)).numpy()
-    _reference(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
+    save_npz(vdir / "reference.npz", pixels=x_ref, probabilities=probs)
     return {"versions": [1], "holdout_accuracy": {"1": accuracy(net, data["x"], data["y"])}}
 
 
@@ -354,6 +439,10 @@ def make(out: Path, models: Sequence[str] = MODELS) -> dict[str, Any]:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown example model(s) {unknown}; choose from {list(MODELS)}")
+    for name in models:
+        if missing := missing_requirements(name):
+            raise ValueError(f"example '{name}' needs {', '.join(missing)}, which this environment lacks: "
+                             "pip install 'swapserve[examples]'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = digits_data() if {"digits", "digits_onnx"} & set(models) else None
@@ -371,21 +460,26 @@ def make(out: Path, models: Sequence[str] = MODELS) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO_MODELS, help="model repository to write")
-    parser.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
-    )
-    args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    try:
-        summary = make(args.out, models)
-    except ValueError as e:
-        parser.error(str(e))
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+def ensure(repository: Path) -> list[str]:
+    """Make ``repository`` an example repository unless it already holds a model; returns what was built.
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    Builds every example this environment can (:func:`buildable`) into a sibling temporary
+    directory and renames it into place, so an interrupted first start leaves no half-built
+    repository behind. Returns an empty list when ``repository`` already has a model
+    directory (anything with a ``config.pbtxt``): an operator's own repository is never touched.
+    """
+    repository = Path(repository)
+    if repository.is_dir() and any(repository.glob("*/config.pbtxt")):
+        return []
+    if repository.is_dir() and any(repository.iterdir()):
+        raise ValueError(f"{repository} is not empty but holds no model (no */config.pbtxt); pass "
+                         "--model-repository, or empty it to have the examples written there")
+    models = buildable()
+    repository.parent.mkdir(parents=True, exist_ok=True)
+    tmp = repository.with_name(f".{repository.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp, models)
+    if repository.is_dir():
+        repository.rmdir()  # empty: checked above
+    tmp.rename(repository)
+    return models

@@ -6,7 +6,7 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -26,20 +26,10 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 pytest_plugins = ["tests.pg"]
 
+from tests.fakes import FakeClock  # noqa: E402 - needs the path above
+
+REGISTRY_T0 = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
 SHA = {v: f"{v:02x}" * 32 for v in range(1, 10)}
-
-
-class FakeClock:
-    """Advances one millisecond per reading: distinct, ordered, deterministic times."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2025, 1, 1, tzinfo=timezone.utc)
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            self.now += timedelta(milliseconds=1)
-            return self.now
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -51,7 +41,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def reg(url: str) -> Iterator[Registry]:
-    r = Registry(url, clock=FakeClock())
+    # One millisecond per reading: distinct, ordered, deterministic times.
+    r = Registry(url, clock=FakeClock(REGISTRY_T0, step=0.001).utc)
     yield r
     r.close()
 
