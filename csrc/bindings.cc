@@ -1,9 +1,10 @@
-// The only file that includes pybind11: exposes the native core as swapserve._native.
+// The core's only file that includes pybind11 (beside py_status.h): exposes the native core as swapserve._native.
 //
 // Conventions: arguments are converted with the GIL held; the GIL is released
 // inside the body only around work that can block or scale with input size
 // (NextBatch, route_batch, large input copies), never for a single route().
-// A non-OK Status becomes the swapserve.errors class of the same code (RaiseStatus).
+// A non-OK Status becomes the swapserve.errors class of the same code (Check/RaiseStatus,
+// py_status.h: the one mapping, shared with the front end's bindings).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +15,7 @@
 #include <unordered_map>
 
 #include "batcher.h"
+#include "py_status.h"
 #include "router.h"
 #include "snapshot.h"
 #include "status.h"
@@ -22,36 +24,6 @@ namespace py = pybind11;
 using namespace swapserve;
 
 namespace {
-
-// The one Status -> Python exception mapping (see status.h). Sets the Python error.
-void SetStatusError(const Status& st) {
-  const char* name = "SwapserveError";
-  switch (st.code()) {
-    case StatusCode::kInvalidArgument: name = "InvalidInput"; break;
-    case StatusCode::kFailedPrecondition: name = "FailedPrecondition"; break;
-    case StatusCode::kNotFound: name = "ModelNotFound"; break;
-    case StatusCode::kResourceExhausted: name = "ResourceExhausted"; break;
-    case StatusCode::kUnavailable: name = "VersionNotReady"; break;
-    default: break;
-  }
-  PyObject* errors = PyImport_ImportModule("swapserve.errors");
-  PyObject* cls = errors ? PyObject_GetAttrString(errors, name) : nullptr;
-  Py_XDECREF(errors);
-  if (cls == nullptr) return;  // the import error stays set
-  PyObject* msg = PyUnicode_DecodeUTF8(st.message().data(), static_cast<Py_ssize_t>(st.message().size()), "replace");
-  PyErr_SetObject(cls, msg);
-  Py_XDECREF(msg);
-  Py_DECREF(cls);
-}
-
-[[noreturn]] void RaiseStatus(const Status& st) {
-  SetStatusError(st);
-  throw py::error_already_set();
-}
-
-void Check(const Status& st) {
-  if (!st.ok()) RaiseStatus(st);
-}
 
 // Canonical key text (router.h): str -> UTF-8, bool -> true/false, int -> decimal,
 // float -> float.__repr__. Anything else is refused. `what` names the value in errors

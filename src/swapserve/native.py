@@ -1,4 +1,5 @@
-"""Typed access to the native core (``swapserve._native``); the only module that imports it.
+"""Typed access to the native code: the core (``swapserve._native``) and the gRPC front end
+(``swapserve._frontend``); the only module that imports either.
 
 Routing (semantics in ``csrc/router.h``, mirrored by ``swapserve.routing.reference``):
 
@@ -17,12 +18,18 @@ may not be floats (write them as ``str``).
 
 Batching: :class:`Batcher` (rules in ``csrc/batcher.h``).
 
+The inference port's transport: :class:`Frontend` (``csrc/frontend/frontend.h``; built only
+where grpc++ is, see :func:`frontend_available`).
+
 Errors are the classes of :mod:`swapserve.errors`: stale publish -> ``FailedPrecondition``;
 invalid spec, oversize request, bad attribute type -> ``InvalidInput``; unknown model ->
 ``ModelNotFound``; queue full -> ``ResourceExhausted``; closed batcher -> ``VersionNotReady``.
 """
 from __future__ import annotations
 
+import enum
+import functools
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Union
@@ -31,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from swapserve import _native
-from swapserve.errors import InvalidInput
+from swapserve.errors import FailedPrecondition, InvalidInput
 
 #: A request attribute value (KServe v2 InferParameter kinds).
 AttrValue = Union[str, int, bool, float]
@@ -39,6 +46,8 @@ AttrValue = Union[str, int, bool, float]
 RuleValue = Union[str, int, bool]
 
 _INT64_MAX = (1 << 63) - 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -283,3 +292,130 @@ def bench_publish_visible(trials: int) -> tuple[list[int], list[int]]:
     """
     store, publish = _native.bench_publish_visible(trials)
     return store, publish
+
+
+# --------------------------------------------------------------------------- native gRPC front end
+
+class EventKind(enum.IntEnum):
+    """What happened to a call (``FrontendEvent.kind``); values as in csrc/frontend/frontend.h."""
+
+    MESSAGE = 0  #: a request message: the first of every call, every further one of a streamed call
+    HALF_CLOSE = 1  #: a streamed call's client is done sending (maybe without any message)
+    CANCELLED = 2  #: the client went away or the deadline passed before the call was finished
+
+
+class PollResult(enum.IntEnum):
+    """What :meth:`Frontend.poll` found."""
+
+    OFF = 0  #: the queue is shut down, or the front end is not polled: wait on the loop's descriptors alone
+    IDLE = 1  #: no event waits for :meth:`Frontend.drain`
+    PENDING = 2  #: events wait for :meth:`Frontend.drain`
+
+
+#: One event of :meth:`Frontend.drain`: (call id, :class:`EventKind` value, method path
+#: (``/package.Service/Method``), the serialized message (``MESSAGE`` only, else ``b""``),
+#: deadline as ``time.monotonic_ns()`` or 0 for none). A plain tuple: it is made per request.
+FrontendEvent = tuple[int, int, str, bytes, int]
+
+_NOT_BUILT = ("the native front end is not built (grpc++ was missing at install); "
+              "use --frontend python or install libgrpc++-dev and reinstall")
+
+
+@functools.cache
+def _frontend_problem() -> str:
+    """Why ``swapserve._frontend`` cannot be used ("" when it can). Imported on first use only:
+    it loads grpc++, which only a server needs."""
+    try:
+        from swapserve import _frontend
+    except ImportError as exc:
+        log.debug("swapserve._frontend: %s", exc)
+        return _NOT_BUILT
+    if ((_frontend.MESSAGE, _frontend.HALF_CLOSE, _frontend.CANCELLED) != tuple(EventKind)
+            or (_frontend.POLL_OFF, _frontend.POLL_IDLE, _frontend.POLL_PENDING) != tuple(PollResult)):
+        return "swapserve._frontend does not match swapserve.native (a stale build); reinstall: pip install -e ."
+    return ""
+
+
+def frontend_available() -> bool:
+    """Whether the native front end was built (it needs grpc++ at install) and can be loaded."""
+    return not _frontend_problem()
+
+
+class Frontend:
+    """The inference port's gRPC transport in C++ (grpc++); semantics in csrc/frontend/frontend.h.
+
+    Calls are accepted and their messages read in C++; Python learns of them through
+    :meth:`drain` and answers each call it was told about exactly once, with :meth:`finish`
+    (after any :meth:`write` of a streamed response). Calls cancelled before Python saw them
+    are answered in C++.
+
+    Threaded (``start(polled=False)``): a C++ thread runs the completion queue and makes
+    :meth:`fileno` readable when events wait. Polled: the event loop's selector calls
+    :meth:`poll`, which runs the queue on the loop's thread; :meth:`watch` lets a blocking
+    poll end when the loop's own descriptors become ready.
+
+    Raises FailedPrecondition when the front end is not built, ResourceExhausted when the
+    process is out of descriptors (the message says which limit to raise).
+    """
+
+    __slots__ = ("_native",)
+
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        problem = _frontend_problem()
+        if problem:
+            raise FailedPrecondition(problem)
+        from swapserve import _frontend
+
+        self._native = _frontend.Frontend(address, max_message_bytes)
+
+    def start(self, polled: bool = False) -> int:
+        """Bind and serve; returns the bound port.
+
+        Raises VersionNotReady (the address cannot be bound), FailedPrecondition (called twice).
+        """
+        return self._native.start(polled)
+
+    def poll(self, timeout_s: float) -> int:
+        """Run ready completions; unless ``timeout_s == 0`` then wait for an event (``< 0``: no
+        limit), the watched descriptors or the timeout. Returns a :class:`PollResult` value.
+
+        Only on the event loop's thread; never blocks with ``timeout_s == 0`` (and keeps the GIL then).
+        """
+        return self._native.poll(timeout_s)
+
+    def watch(self, fd: int) -> None:
+        """Polled mode: let a blocking :meth:`poll` end when epoll set ``fd`` (the loop's) is readable.
+
+        Raises FailedPrecondition (not polled, or already watching), SwapserveError (epoll).
+        """
+        self._native.watch(fd)
+
+    def fileno(self) -> int:
+        """Readable while events wait for :meth:`drain` (threaded mode, and polled once stopped)."""
+        return self._native.fileno()
+
+    def drain(self) -> list[FrontendEvent]:
+        """Every event since the last drain, oldest first."""
+        return self._native.drain()
+
+    def write(self, call: int, data: bytes) -> bool:
+        """Send one message of a streamed response. False when the call is gone or finished."""
+        return self._native.write(call, data)
+
+    def stream(self, call: int) -> bool:
+        """Report every further message of ``call`` and its half-close (client streaming)."""
+        return self._native.stream(call)
+
+    def finish(self, call: int, code: int, details: str, last: bytes | None = None) -> bool:
+        """End ``call`` with gRPC status ``code`` (its number) and ``details``, ``last`` as the final
+        message (dropped for an error status). False when the call is gone or already finished.
+        """
+        return self._native.finish(call, code, details, last)
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new calls, give in-flight ones ``grace_s`` seconds, then cancel them.
+
+        Blocks for up to the grace period (the GIL released): the event loop must keep running
+        (and answering) meanwhile, so call it from another thread. Idempotent.
+        """
+        self._native.stop(grace_s)

@@ -2,10 +2,14 @@
 
 Tensors are numpy arrays. BF16 has no numpy dtype: it travels as ``uint16`` holding the
 bfloat16 bit pattern, and backends reinterpret it (see ``swapserve.dtypes``).
+
+The request context that is not part of the request (``ARRIVALS``) lives here too, beside
+``InferRequest``: transports set it, the layers below read it, neither imports the other.
 """
 from __future__ import annotations
 
 import enum
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -124,6 +128,14 @@ class InferRequest:
     inputs: list[Tensor] = field(default_factory=list)
     #: Names of the outputs to return; None returns every output.
     outputs: list[str] | None = None
+
+
+#: Request context the transport sets and the layers below read, beside the request itself.
+#: How many calls the front end received together with the current one (0: it cannot tell).
+#: The native front end sets it for each burst it hands to the event loop (tasks copy it); an
+#: inline version that is idle runs a request that arrived alone at once instead of queueing it
+#: for a batch of one.
+ARRIVALS: ContextVar[int] = ContextVar("swapserve_arrivals", default=0)
 
 
 @dataclass

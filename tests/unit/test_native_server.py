@@ -14,9 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
-from swapserve.lifecycle.runtime import ARRIVALS
-from swapserve.server import native_frontend
 from swapserve.server.native_frontend import NativeServer
+from swapserve.types import ARRIVALS
 from tests.fakes import FakeFrontend, FakeFrontendModule, Finished
 from tests.unit.stack import run
 
@@ -101,15 +100,14 @@ def handlers(probe: Probe) -> dict[str, grpc.RpcMethodHandler]:
 
 
 @pytest.fixture()
-def module(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFrontendModule]:
+def module() -> Iterator[FakeFrontendModule]:
     fake = FakeFrontendModule()
-    monkeypatch.setattr(native_frontend, "_frontend", fake)
     yield fake
     fake.close()
 
 
 async def serve(module: FakeFrontendModule, probe: Probe, registered: bool = False) -> tuple[NativeServer, FakeFrontend]:
-    server = NativeServer(1 << 20)
+    server = NativeServer(1 << 20, frontend=module.Frontend)  # type: ignore[arg-type]
     if registered:
         server.add_registered_method_handlers(SERVICE, handlers(probe))
     else:

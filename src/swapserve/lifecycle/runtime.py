@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,14 +41,9 @@ from swapserve.config import DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
 from swapserve.errors import DeadlineExceeded, ModelExecutionError, SwapserveError, VersionNotReady
 from swapserve.monitoring.metrics import Metrics
 from swapserve.native import split_rows
-from swapserve.types import ModelSpec
+from swapserve.types import ARRIVALS, ModelSpec
 
 log = logging.getLogger(__name__)
-
-#: How many calls the front end received together with the current one (0: it cannot tell). The
-#: native front end sets it for each burst it hands to the event loop; an inline version that is
-#: idle runs a request that arrived alone at once instead of queueing it for a batch of one.
-ARRIVALS: ContextVar[int] = ContextVar("swapserve_arrivals", default=0)
 
 #: ``auto`` runs a version on the event loop when its largest warm batch takes at most this long.
 INLINE_MAX_US = 200

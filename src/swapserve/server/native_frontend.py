@@ -1,4 +1,4 @@
-"""The inference port on the native front end (``swapserve._frontend``, grpc++), hosting grpc.aio servicers.
+"""The inference port on the native front end (:class:`swapserve.native.Frontend`, grpc++), hosting grpc.aio servicers.
 
 ``NativeServer`` has the part of ``grpc.aio.Server``'s interface that generated
 ``add_*Servicer_to_server`` functions and ``swapserve.server.app`` use, so the same
@@ -26,26 +26,33 @@ import inspect
 import logging
 import selectors
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from swapserve.lifecycle.runtime import ARRIVALS
+from swapserve.errors import SwapserveError
+from swapserve.native import EventKind, Frontend, PollResult, frontend_available
+from swapserve.types import ARRIVALS
 
 log = logging.getLogger(__name__)
 
-try:  # built only where grpc++ is installed (see setup.py); the Python front end works everywhere
-    from swapserve import _frontend
-except ImportError:  # pragma: no cover - exercised on machines without grpc++
-    _frontend = None  # type: ignore[assignment]
+# Plain ints, compared per request and per turn of the loop.
+_MESSAGE, _HALF_CLOSE = int(EventKind.MESSAGE), int(EventKind.HALF_CLOSE)
+_POLL_OFF, _POLL_IDLE, _POLL_PENDING = int(PollResult.OFF), int(PollResult.IDLE), int(PollResult.PENDING)
 
 
 def available() -> bool:
-    return _frontend is not None
+    """Whether the native front end is built (grpc++ at install); else the server uses grpc.aio."""
+    return frontend_available()
 
 
 _T = TypeVar("_T")
+
+
+def _serialized(serializer: Callable[[Any], bytes] | None, message: Any) -> bytes:
+    """A response message as the front end sends it (a handler without a serializer yields bytes)."""
+    return serializer(message) if serializer else message
 
 
 class _Selector(selectors.EpollSelector):
@@ -58,7 +65,7 @@ class _Selector(selectors.EpollSelector):
 
     def __init__(self) -> None:
         super().__init__()
-        self.frontend: Any = None
+        self.frontend: Frontend | None = None
         #: The NativeServer whose front end this selector runs (one per loop; a second one keeps its thread).
         self.owner: NativeServer | None = None
 
@@ -67,13 +74,13 @@ class _Selector(selectors.EpollSelector):
         if native is None:
             return super().select(timeout)
         state = native.poll(0.0)
-        if state == _frontend.POLL_OFF:
+        if state == _POLL_OFF:
             return super().select(timeout)
         ready = super().select(0)
-        if state == _frontend.POLL_IDLE and not ready and (timeout is None or timeout > 0):
+        if state == _POLL_IDLE and not ready and (timeout is None or timeout > 0):
             state = native.poll(-1.0 if timeout is None else timeout)
             ready = super().select(0)
-        if state == _frontend.POLL_PENDING:  # the front end's events, as if its descriptor were readable
+        if state == _POLL_PENDING:  # the front end's events, as if its descriptor were readable
             ready.append((self.get_key(native.fileno()), selectors.EVENT_READ))
         return ready
 
@@ -112,7 +119,8 @@ class _Context:
 
     __slots__ = ("_server", "_id", "_deadline_ns", "_code", "_details", "_serializer", "_cancelled", "_done")
 
-    def __init__(self, server: NativeServer, call_id: int, deadline_ns: int, serializer: Any) -> None:
+    def __init__(self, server: NativeServer, call_id: int, deadline_ns: int,
+                 serializer: Callable[[Any], bytes] | None) -> None:
         self._server, self._id, self._deadline_ns, self._serializer = server, call_id, deadline_ns, serializer
         self._code: grpc.StatusCode | None = None
         self._details = ""
@@ -152,7 +160,7 @@ class _Context:
         return self._done
 
     async def write(self, message: Any) -> None:
-        self._server._native.write(self._id, self._serializer(message) if self._serializer else message)
+        self._server._native.write(self._id, _serialized(self._serializer, message))
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         return None
@@ -200,12 +208,15 @@ _END = object()
 class NativeServer:
     """A grpc.aio-like server for the inference port on the native front end. Create, add, start, stop."""
 
-    def __init__(self, max_message_bytes: int) -> None:
-        if _frontend is None:
+    def __init__(self, max_message_bytes: int, *, frontend: Callable[[str, int], Frontend] = Frontend) -> None:
+        """``frontend(address, max_message_bytes)`` makes the transport (a fake in unit tests)."""
+        if frontend is Frontend and not frontend_available():
             raise RuntimeError("the native front end is not built (grpc++ was missing at install); "
                                "use --frontend python or install libgrpc++-dev and reinstall")
         self._max = max_message_bytes
-        self._native: Any = None
+        self._make_frontend = frontend
+        #: Made by add_insecure_port (the address is known only then), used only after it.
+        self._native: Frontend
         self._address = ""
         self._generic: list[grpc.GenericRpcHandler] = []
         self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
@@ -229,8 +240,8 @@ class NativeServer:
             self._methods[f"/{service}/{name}"] = handler
 
     def add_insecure_port(self, address: str) -> int:
+        self._native = self._make_frontend(address, self._max)
         self._address = address
-        self._native = _frontend.Frontend(address, self._max)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -240,7 +251,7 @@ class NativeServer:
             selector.owner, self._selector = self, selector
         try:
             return int(self._native.start(polled=self._selector is not None))
-        except RuntimeError as exc:
+        except SwapserveError as exc:
             log.error("native front end: %s", exc)
             return 0
 
@@ -249,13 +260,12 @@ class NativeServer:
         self._loop.add_reader(self._native.fileno(), self._on_events)
         if self._selector is not None:
             assert self._loop.frontend_selector is self._selector  # type: ignore[attr-defined]
-            if not self._native.watch(self._selector.fileno()):
-                raise RuntimeError("native front end: could not watch the event loop's descriptors (epoll)")
+            self._native.watch(self._selector.fileno())  # raises SwapserveError (epoll) when it cannot
             self._selector.frontend = self._native
 
     async def stop(self, grace: float | None) -> None:
         """Refuse new calls; in-flight ones get ``grace`` seconds, then are cancelled."""
-        if self._native is None or self._stopped.is_set():
+        if not self._address or self._stopped.is_set():
             return
         await asyncio.to_thread(self._native.stop, float(grace or 0.0))
         if self._selector is not None:
@@ -290,12 +300,12 @@ class NativeServer:
     def _on_events(self) -> None:
         events = self._native.drain()
         # Tasks created below copy the context: each request learns how many arrived with it.
-        ARRIVALS.set(sum(1 for e in events if e[1] == _frontend.MESSAGE))
+        ARRIVALS.set(sum(1 for e in events if e[1] == _MESSAGE))
         for call_id, kind, method, payload, deadline_ns in events:
             try:
-                if kind == _frontend.MESSAGE:
+                if kind == _MESSAGE:
                     self._message(call_id, method, payload, deadline_ns)
-                elif kind == _frontend.HALF_CLOSE:
+                elif kind == _HALF_CLOSE:
                     call = self._calls.get(call_id)
                     if call is None:  # the client sent no message at all
                         self._begin(call_id, method, None, deadline_ns)
@@ -409,7 +419,7 @@ class NativeServer:
             if handler.response_streaming:
                 if inspect.isasyncgen(result):
                     async for message in result:
-                        self._native.write(call_id, serialize(message) if serialize else message)
+                        self._native.write(call_id, _serialized(serialize, message))
                 elif inspect.isawaitable(result):  # writes through context.write, returns None
                     await result
             else:

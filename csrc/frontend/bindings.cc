@@ -1,0 +1,107 @@
+// The front end's only file that includes pybind11 (beside ../py_status.h): exposes Frontend as
+// swapserve._frontend. Typed in src/swapserve/_frontend.pyi; imported only by swapserve.native.
+//
+// Conventions (the core's, see ../bindings.cc): arguments are converted with the GIL held; the
+// GIL is released inside the body around work that may block (Start, a waiting Poll, Stop) or
+// take a call's lock (Write, Stream, Finish), kept for what takes microseconds and touches no
+// contended lock for long (a look without waiting, Drain). A non-OK Status raises the
+// swapserve.errors class of its code. Frontend owns threads: its destructor (which joins them)
+// runs without the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../py_status.h"
+#include "frontend.h"
+
+namespace py = pybind11;
+using swapserve::Check;
+using swapserve::Status;
+using swapserve::frontend::Event;
+using swapserve::frontend::EventKind;
+using swapserve::frontend::Frontend;
+using swapserve::frontend::PollResult;
+
+PYBIND11_MODULE(_frontend, m) {
+  m.doc() = "Native gRPC front end (grpc++ generic async server); typed access through swapserve.native.";
+  m.attr("MESSAGE") = static_cast<int>(EventKind::kMessage);
+  m.attr("HALF_CLOSE") = static_cast<int>(EventKind::kHalfClose);
+  m.attr("CANCELLED") = static_cast<int>(EventKind::kCancelled);
+  m.attr("POLL_OFF") = static_cast<int>(PollResult::kOff);
+  m.attr("POLL_IDLE") = static_cast<int>(PollResult::kIdle);
+  m.attr("POLL_PENDING") = static_cast<int>(PollResult::kPending);
+
+  py::class_<Frontend>(m, "Frontend", py::release_gil_before_calling_cpp_dtor())
+      .def(py::init([](std::string address, int max_message_bytes) {
+             std::unique_ptr<Frontend> f;
+             Check(Frontend::Create(std::move(address), max_message_bytes, &f));
+             return f;
+           }),
+           py::arg("address"), py::arg("max_message_bytes"))
+      .def("start",
+           [](Frontend& f, bool polled) {
+             int port = 0;
+             Status st;
+             {
+               py::gil_scoped_release nogil;
+               st = f.Start(polled, &port);
+             }
+             Check(st);
+             return port;
+           },
+           py::arg("polled") = false)
+      .def("poll",
+           [](Frontend& f, double timeout_s) {
+             // A look without waiting takes microseconds and touches no Python object: keep the
+             // GIL, so a thread waiting for it (control-path work) does not get a turn every time
+             // the busy event loop looks for new requests.
+             if (timeout_s == 0) return static_cast<int>(f.Poll(0));
+             py::gil_scoped_release nogil;
+             return static_cast<int>(f.Poll(timeout_s));
+           },
+           py::arg("timeout_s"))
+      .def("watch", [](Frontend& f, int fd) { Check(f.Watch(fd)); }, py::arg("fd"))
+      .def("fileno", &Frontend::fd)
+      .def("drain",
+           [](Frontend& f) {
+             std::vector<Event> events = f.Drain();  // a swap under a mutex: the GIL stays held
+             py::list out(events.size());
+             for (size_t i = 0; i < events.size(); ++i) {
+               Event& e = events[i];
+               out[i] = py::make_tuple(e.call, static_cast<int>(e.kind), py::str(e.method), py::bytes(e.payload),
+                                       e.deadline_ns);
+             }
+             return out;
+           })
+      .def("write",
+           [](Frontend& f, uint64_t id, const py::bytes& data) {
+             std::string s = data;
+             py::gil_scoped_release nogil;
+             return f.Write(id, std::move(s));
+           },
+           py::arg("id"), py::arg("data"))
+      .def("stream",
+           [](Frontend& f, uint64_t id) {
+             py::gil_scoped_release nogil;
+             return f.Stream(id);
+           },
+           py::arg("id"))
+      .def("finish",
+           [](Frontend& f, uint64_t id, int code, std::string details, std::optional<py::bytes> last) {
+             std::optional<std::string> s;
+             if (last) s = std::string(*last);
+             py::gil_scoped_release nogil;
+             return f.Finish(id, code, std::move(details), std::move(s));
+           },
+           py::arg("id"), py::arg("code"), py::arg("details"), py::arg("last") = py::none())
+      .def("stop",
+           [](Frontend& f, double grace_s) {
+             py::gil_scoped_release nogil;
+             f.Stop(grace_s);
+           },
+           py::arg("grace_s"));
+}
