@@ -136,8 +136,8 @@ if os.environ.get("SWAPSERVE_SANITIZE"):
 ext_modules = [
     Pybind11Extension(
         "swapserve._native",
-        sorted(glob.glob("csrc/*.cc")),
-        include_dirs=["csrc"],
+        sorted(glob.glob("csrc/core/*.cc")),
+        include_dirs=["csrc/core"],
         cxx_std=17,
         extra_compile_args=extra,
         extra_link_args=["-pthread"],

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from swapserve.bench.runner import BenchConfig, run_bench  # noqa: E402
 from swapserve.bench.simulator import Simulator, build_oracle_model  # noqa: E402
-from swapserve.client import ControlClient  # noqa: E402
+from swapserve.cli.client import ControlClient  # noqa: E402
 from tests.e2e.serverproc import ServerProcess  # noqa: E402
 
 SLOW = "stages:\n  - {name: canary, traffic: 10, min_duration: 1h, min_samples: 1000000}\n  - {name: full, traffic: 100}\n"

@@ -40,8 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from swapserve.client import ControlClient  # noqa: E402
 from swapserve._proto import grpc_service_pb2 as pb  # noqa: E402
+from swapserve.cli.client import ControlClient  # noqa: E402
 from tests.e2e.serverproc import ServerProcess  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "../py_status.h"
+#include "../core/py_status.h"
 #include "frontend.h"
 
 namespace py = pybind11;

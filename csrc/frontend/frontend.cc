@@ -11,19 +11,13 @@
 #include <cstring>
 #include <system_error>
 
+#include "../core/clock.h"
 #include "call.h"
 
 namespace swapserve {
 namespace frontend {
 
 namespace {
-
-// CLOCK_MONOTONIC, the clock of Python's time.monotonic_ns().
-int64_t MonotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
 
 // Flatten a ByteBuffer (possibly several slices) into one string.
 std::string ToString(const grpc::ByteBuffer& buf) {
@@ -418,7 +412,7 @@ void Frontend::OnRequest(Call* c, bool ok) {
       if (dl != std::chrono::system_clock::time_point::max()) {
         auto left =
             std::chrono::duration_cast<std::chrono::nanoseconds>(dl - std::chrono::system_clock::now()).count();
-        c->deadline_ns = MonotonicNs() + left;
+        c->deadline_ns = MonotonicNowNs() + left;
       }
       if (!closed_) {
         c->outstanding |= kReadOutstanding;

@@ -65,7 +65,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "../status.h"
+#include "../core/status.h"
 
 namespace swapserve {
 namespace frontend {

@@ -58,6 +58,8 @@
 #include <string_view>
 #include <vector>
 
+#include "../core/clock.h"
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "PAYLOADS.bin and OUT.bin are little-endian and read/written in host order"
 #endif
@@ -80,11 +82,7 @@ constexpr int64_t kFineNs = 2000000;
 constexpr int64_t kStepNs = 250000;
 
 // CLOCK_MONOTONIC in ns: the clock of the start time the runner sends.
-int64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * kSecondNs + ts.tv_nsec;
-}
+int64_t NowNs() { return swapserve::MonotonicNowNs(); }
 
 void SleepUntil(int64_t ns) {
   if (ns <= 0) return;

@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
-from swapserve.config import Settings
-from swapserve.server import native_frontend
-from swapserve.server.app import Server, create_server
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
+from swapserve.config import Settings
+from swapserve.server.app import Server, create_server
+from swapserve.server.transport import native as native_frontend
 from tests.e2e.serverproc import build_example_repo
 
 

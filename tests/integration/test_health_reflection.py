@@ -12,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from swapserve.server import native_frontend
 from swapserve._proto import control_pb2, control_pb2_grpc
 from swapserve._proto import grpc_service_pb2 as pb
+from swapserve.server.transport import native as native_frontend
 from tests.e2e.serverproc import copy_models
 from tests.integration.test_batching_routing import make_slow, slow_request
 

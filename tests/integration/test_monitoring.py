@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from swapserve.client import ControlClient, ControlError
 from swapserve._proto import grpc_service_pb2 as pb
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
+from swapserve.cli.client import ControlClient, ControlError
 from tests.e2e.serverproc import ROOT, ServerProcess
 
 

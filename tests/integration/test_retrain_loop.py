@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from swapserve.client import ControlClient
 from swapserve._proto import feedback_pb2 as fpb
 from swapserve._proto import feedback_pb2_grpc as fpb_grpc
 from swapserve._proto import grpc_service_pb2 as pb
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
+from swapserve.cli.client import ControlClient
 from tests.e2e.serverproc import ROOT, ServerProcess
 
 PLAN = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from swapserve.bench.simulator import Simulator, build_oracle_model
-from swapserve.client import ControlClient, ControlError
+from swapserve.cli.client import ControlClient, ControlError
 from tests.e2e.serverproc import ServerProcess
 
 FAST_PLAN = """

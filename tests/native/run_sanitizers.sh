@@ -18,8 +18,8 @@ REQUESTS="${2:-20000}"
 CALLS="${3:-0}"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
-SRCS=("$ROOT/csrc/snapshot.cc" "$ROOT/csrc/router.cc" "$ROOT/csrc/batcher.cc" "$ROOT/tests/native/stress.cc")
-COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Werror -I"$ROOT/csrc" -pthread)
+SRCS=("$ROOT/csrc/core/snapshot.cc" "$ROOT/csrc/core/router.cc" "$ROOT/csrc/core/batcher.cc" "$ROOT/tests/native/stress.cc")
+COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Werror -I"$ROOT/csrc/core" -pthread)
 
 echo "== build (tsan, asan) in parallel"
 g++ "${COMMON[@]}" -fsanitize=thread "${SRCS[@]}" -o "$OUT/stress_tsan" &

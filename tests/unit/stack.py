@@ -12,12 +12,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from swapserve.controlplane import ControlPlane
+from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ModelManager
-from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.slices import SliceStats
 from swapserve.native import Batcher, Router
 from swapserve.registry import Registry
 from swapserve.repository import ModelRepository
+from swapserve.telemetry.metrics import Metrics
 from tests.fakes import FakeClock, FakeLoader, write_model
 
 #: Every fake model file is this big; ``memory_budget`` is counted in these.

@@ -15,15 +15,9 @@ import torch
 from torch import nn
 
 from swapserve import errors
-from swapserve.backends import (
-    OnnxRuntimeBackend,
-    TorchScriptBackend,
-    backend_class,
-    device_free_bytes,
-    resolve_device,
-)
+from swapserve.backends import OnnxRuntimeBackend, TorchScriptBackend, backend_class, device_free_bytes, resolve_device
+from swapserve.dataplane.validation import validate
 from swapserve.types import InferRequest, ModelSpec, Tensor, TensorSpec
-from swapserve.validation import validate
 
 # --------------------------------------------------------------------------- helpers
 

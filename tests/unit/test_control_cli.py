@@ -19,14 +19,14 @@ import grpc
 import pytest
 from rich.console import Console
 
-from swapserve import control_cli
-from swapserve.client import audit_to_dict, event_to_dict, status_to_dict, summary_to_dict, traffic_to_percent
-from swapserve.control_cli import UsageError, check_traffic, parse_cohort, parse_share, percent_to_bp
+from swapserve._proto import control_pb2 as pb
+from swapserve.cli import control as control_cli
+from swapserve.cli.client import audit_to_dict, event_to_dict, status_to_dict, summary_to_dict, traffic_to_percent
+from swapserve.cli.control import UsageError, check_traffic, parse_cohort, parse_share, percent_to_bp
 from swapserve.errors import InvalidInput, ModelNotFound
 from swapserve.registry.records import AuditEntry, Event
 from swapserve.server import control as server_control
 from swapserve.types import ModelSummaryView, ModelView, VersionView
-from swapserve._proto import control_pb2 as pb
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.statistics import LATENCY_BUCKETS, Buckets
+from swapserve.telemetry.metrics import Metrics
+from swapserve.telemetry.statistics import LATENCY_BUCKETS, Buckets
 
 
 def scrape(m: Metrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

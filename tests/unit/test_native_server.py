@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from swapserve.server.native_frontend import NativeServer
+from swapserve.server.transport.native import NativeServer
 from swapserve.types import ARRIVALS
 from tests.fakes import FakeFrontend, FakeFrontendModule, Finished
 from tests.unit.stack import run

@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from swapserve.monitoring.predictions import MAX_ID_CHARS, PredictionLog, PredictionRule, Task
+from swapserve.feedback.predictions import MAX_ID_CHARS, PredictionLog, PredictionRule, Task
 from swapserve.types import ModelSpec, TensorSpec
 from tests.fakes import FakeClock
 

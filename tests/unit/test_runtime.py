@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from swapserve.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, ResourceExhausted, VersionNotReady
 from swapserve.lifecycle.runtime import ARRIVALS, BatcherFactory, VersionRuntime
-from swapserve.monitoring.metrics import Metrics
 from swapserve.native import Batcher
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import DynamicBatching, ModelSpec, TensorSpec, WarmupSample
 from tests.fakes import FakeBackend, FakeBatcher, scaled_model
 

@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from swapserve.errors import InvalidInput, ModelExecutionError
-from swapserve.monitoring.feedback import MAX_OUTCOMES_PER_REPORT, FeedbackObserver, Outcome
-from swapserve.monitoring.predictions import PredictionLog
-from swapserve.monitoring.slices import LATENCY_BOUNDS, SliceStats, p99_from_histogram
+from swapserve.feedback.observer import MAX_OUTCOMES_PER_REPORT, FeedbackObserver, Outcome
+from swapserve.feedback.predictions import PredictionLog
+from swapserve.feedback.slices import LATENCY_BOUNDS, SliceStats, p99_from_histogram
 from swapserve.types import InferRequest, ModelSpec, SliceCounts, TensorSpec
 from tests.fakes import FakeClock
 

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swapserve import units
-from swapserve.control_cli import percent_to_bp as cli_percent
+from swapserve.cli.control import percent_to_bp as cli_percent
 from swapserve.errors import ConfigError, InvalidInput
 from swapserve.monitoring.monitor_config import parse_monitoring
 from swapserve.rollout import parse_plan

@@ -1,4 +1,4 @@
-"""The one request validator (swapserve.validation), and a version that trusts it end to end.
+"""The one request validator (swapserve.dataplane.validation), and a version that trusts it end to end.
 
 Config ``optional`` inputs are honoured as in Triton: a request may leave them out, and such a
 request never shares a batch with requests that carry them.
@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from swapserve.backends.torchscript import TorchScriptBackend
+from swapserve.dataplane.validation import validate
 from swapserve.errors import InvalidInput
 from swapserve.lifecycle.runtime import VersionRuntime
-from swapserve.monitoring.metrics import Metrics
 from swapserve.native import Batcher
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import DynamicBatching, InferRequest, ModelSpec, Tensor, TensorSpec
-from swapserve.validation import validate
 
 SPEC = ModelSpec(name="m", platform="pytorch_libtorch", max_batch_size=8,
                  inputs=(TensorSpec("x", "FP32", (4,)), TensorSpec("bias", "FP32", (4,), optional=True)),

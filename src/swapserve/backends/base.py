@@ -2,7 +2,7 @@
 
 A backend sees numpy arrays only, keyed by the names in config.pbtxt, in wire dtypes
 (``swapserve.dtypes``: BF16 travels as ``uint16`` bit patterns), exactly as
-``swapserve.validation.validate`` checked them: every required input present (an
+``swapserve.dataplane.validation.validate`` checked them: every required input present (an
 ``optional`` one may be absent), its configured dtype and shape, one batch size. Backends
 trust that and do not check requests again. It owns the
 translation to and from its framework, including ``TensorSpec.reshape``, and it checks

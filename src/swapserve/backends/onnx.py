@@ -178,7 +178,7 @@ class OnnxRuntimeBackend(base.Backend):
         spec = self._spec
         batch = base.batch_size(spec, inputs)
         feed: dict[str, np.ndarray] = {}
-        for t in spec.inputs:  # validated inputs (swapserve.validation): names, dtypes and shapes hold
+        for t in spec.inputs:  # validated inputs (swapserve.dataplane.validation): names, dtypes and shapes hold
             arr = inputs.get(t.name)
             if arr is None:
                 continue

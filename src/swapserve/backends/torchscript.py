@@ -224,7 +224,7 @@ class TorchScriptBackend(base.Backend):
         forward = self._forward
         if forward is None:
             raise errors.VersionNotReady(f"{self._where} is unloaded")
-        spec = self._spec  # validated inputs (swapserve.validation): names, dtypes and shapes hold
+        spec = self._spec  # validated inputs (swapserve.dataplane.validation): names, dtypes and shapes hold
         batch = base.batch_size(spec, inputs)
         kwargs: dict[str, torch.Tensor] = {}
         for t in spec.inputs:

@@ -28,13 +28,13 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 
 def promote_driver(control_url: str, reason: str = "swapserve bench swap scenario", timeout: float = 60) -> SwapDriver:
-    """Promote through swapserve's control service, in process (``swapserve.client.ControlClient``).
+    """Promote through swapserve's control service, in process (``swapserve.cli.client.ControlClient``).
 
     An in-process client, not a ``swapserve promote`` subprocess per swap: starting Python
     for each swap would spend client CPU that the run is measuring.
     """
     try:
-        from swapserve.client import ControlClient, ControlError
+        from swapserve.cli.client import ControlClient, ControlError
     except ImportError:  # an installation without the control client: its CLI
         return promote_cli_driver(control_url, reason, timeout)
     client = ControlClient(control_url)

@@ -23,19 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swapserve.errors import (
-    ConfigError,
-    FailedPrecondition,
-    ModelNotFound,
-    SwapserveError,
-    VersionNotReady,
-)
+from swapserve.errors import ConfigError, FailedPrecondition, ModelNotFound, SwapserveError, VersionNotReady
 from swapserve.lifecycle.budget import Resident, plan_eviction
 from swapserve.lifecycle.runtime import BackendLike, BatcherFactory, VersionRuntime
-from swapserve.monitoring.metrics import Metrics
 from swapserve.registry import Registry
 from swapserve.repository import ModelEntry, ModelRepository
 from swapserve.routing.policy import RoutingPolicy
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import ModelSpec
 from swapserve.units import BASIS_POINTS
 

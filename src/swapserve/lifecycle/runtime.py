@@ -39,8 +39,8 @@ import numpy as np
 from swapserve import dtypes
 from swapserve.config import DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
 from swapserve.errors import DeadlineExceeded, ModelExecutionError, SwapserveError, VersionNotReady
-from swapserve.monitoring.metrics import Metrics
 from swapserve.native import split_rows
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import ARRIVALS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class VersionRuntime:
 
     async def infer(self, inputs: list[np.ndarray | None], rows: int,
                     deadline_ns: int = 0) -> tuple[dict[str, np.ndarray], int]:
-        """Queue one request as ``swapserve.validation.validate`` returned it (inputs in config order,
+        """Queue one request as ``swapserve.dataplane.validation.validate`` returned it (inputs in config order,
         None for an optional input left out); returns (outputs, queue ns).
 
         Raises ResourceExhausted when the queue is at its bound, DeadlineExceeded when the

@@ -35,12 +35,12 @@ from typing import Any
 
 from swapserve.controlplane import ControlPlane
 from swapserve.errors import FailedPrecondition, InvalidInput
-from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.slices import SliceStats
+from swapserve.feedback.slices import SliceStats
 from swapserve.registry.records import RolloutRecord
 from swapserve.rollout.gates import OVERALL, Decision, evaluate
 from swapserve.rollout.plan import RolloutPlan, Stage
 from swapserve.routing.policy import RoutingPolicy
+from swapserve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -15,32 +15,29 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
+from swapserve._proto import control_pb2, control_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+from swapserve._proto import grpc_service_pb2 as pb
+from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.backends import backend_class, device_free_bytes, resolve_device
 from swapserve.config import ControlMode, Frontend, Settings, parse_bytes
 from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
 from swapserve.errors import ConfigError
+from swapserve.feedback.observer import FeedbackObserver
+from swapserve.feedback.predictions import PredictionLog
+from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.monitoring.drift_observer import MonitoringObserver
-from swapserve.monitoring.feedback import FeedbackObserver
-from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.predictions import PredictionLog
-from swapserve.monitoring.slices import SliceStats
 from swapserve.native import Batcher, Router
 from swapserve.registry import Registry
 from swapserve.repository import ModelRepository
 from swapserve.rollout.controller import RolloutController
 from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackServicer
-from swapserve.server import native_frontend
 from swapserve.server.inference import InferenceServicer
+from swapserve.server.transport import native as native_frontend
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import ModelSpec
-from swapserve._proto import control_pb2
-from swapserve._proto import control_pb2_grpc
-from swapserve._proto import feedback_pb2
-from swapserve._proto import feedback_pb2_grpc
-from swapserve._proto import grpc_service_pb2 as pb
-from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import grpc
 
-from swapserve.monitoring.feedback import FeedbackObserver, Outcome, ReportSummary
-from swapserve.server.errors import map_errors
 from swapserve._proto import feedback_pb2 as pb
 from swapserve._proto import feedback_pb2_grpc as pb_grpc
+from swapserve.feedback.observer import FeedbackObserver, Outcome, ReportSummary
+from swapserve.server.errors import map_errors
 
 FEEDBACK_SERVICE = pb.DESCRIPTOR.services_by_name["Feedback"].full_name
 

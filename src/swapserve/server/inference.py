@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from swapserve import __version__
+from swapserve._proto import grpc_service_pb2 as pb
+from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.config import ControlMode
 from swapserve.dataplane import DataPlane
 from swapserve.errors import FailedPrecondition, ModelNotFound, Unimplemented
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.server import converters
 from swapserve.server.errors import map_errors, status_of
-from swapserve._proto import grpc_service_pb2 as pb
-from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
 
 
 def _stats_pb(s: object) -> pb.ModelStatistics:
-    from swapserve.monitoring.statistics import StatsSnapshot
+    from swapserve.telemetry.statistics import StatsSnapshot
 
     assert isinstance(s, StatsSnapshot)
 

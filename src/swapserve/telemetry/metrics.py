@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from swapserve.monitoring.statistics import Buckets, StatsSnapshot, VersionStats
+from swapserve.telemetry.statistics import Buckets, StatsSnapshot, VersionStats
 
 #: Triton counter name -> (help, value from a snapshot). Durations are reported in µs.
 _COUNTERS: dict[str, tuple[str, Callable[[StatsSnapshot], float]]] = {

@@ -1,7 +1,7 @@
 """Per-version inference statistics: the one tally behind ModelStatistics and the Prometheus metrics.
 
 Counts are exact; durations are cumulative nanoseconds (Triton semantics). The request path
-only adds numbers here (no label lookups, no per-metric locks); ``swapserve.monitoring.metrics``
+only adds numbers here (no label lookups, no per-metric locks); ``swapserve.telemetry.metrics``
 turns a snapshot into Triton's counters and our histograms when Prometheus scrapes. Updated
 from worker threads and the event loop, so every update takes the lock (a few hundred ns).
 One ``VersionStats`` lives as long as the server, across unloads and reloads of its version,

@@ -1,7 +1,7 @@
 """Typed access to the native code: the core (``swapserve._native``) and the gRPC front end
 (``swapserve._frontend``); the only module that imports either.
 
-Routing (semantics in ``csrc/router.h``, mirrored by ``swapserve.routing.reference``):
+Routing (semantics in ``csrc/core/router.h``, mirrored by ``swapserve.routing.reference``):
 
 * ``Router.publish(model, spec)`` swaps in a whole new, immutable routing table with one
   atomic store. Readers never wait for it; a spec whose generation is not greater than the
@@ -16,7 +16,7 @@ Canonical key text: ``str`` -> UTF-8, ``int`` -> decimal, ``bool`` -> ``true``/`
 the same text, so the rule value ``42`` matches the attribute ``"42"``. Cohort rule values
 may not be floats (write them as ``str``).
 
-Batching: :class:`Batcher` (rules in ``csrc/batcher.h``).
+Batching: :class:`Batcher` (rules in ``csrc/core/batcher.h``).
 
 The inference port's transport: :class:`Frontend` (``csrc/frontend/frontend.h``; built only
 where grpc++ is, see :func:`frontend_available`).
@@ -165,7 +165,7 @@ class Router:
 
 
 def hash64(key: AttrValue) -> int:
-    """mix64(fnv1a64(canonical bytes)): the routing hash (exact definition in csrc/router.h)."""
+    """mix64(fnv1a64(canonical bytes)): the routing hash (exact definition in csrc/core/router.h)."""
     return _native.hash64(key)
 
 
@@ -210,7 +210,7 @@ class Batch:
 
 
 class Batcher:
-    """Dynamic batching queue of one serving version (rules in csrc/batcher.h).
+    """Dynamic batching queue of one serving version (rules in csrc/core/batcher.h).
 
     Thread-safe for any number of producers and consumers. ``max_batch_rows == 0`` disables
     batching (each request is its own batch); ``max_queue_delay_us == 0`` dispatches whatever

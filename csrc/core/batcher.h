@@ -29,11 +29,10 @@
 #include <string>
 #include <vector>
 
+#include "clock.h"
 #include "status.h"
 
 namespace swapserve {
-
-int64_t MonotonicNowNs();  // CLOCK_MONOTONIC, the clock of Python's time.monotonic_ns()
 
 struct BatcherOptions {
   int64_t max_batch_rows = 0;               // 0: no batching

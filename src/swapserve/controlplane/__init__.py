@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound
+from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
-from swapserve.monitoring.slices import SliceStats
 from swapserve.registry import Registry
 from swapserve.registry.records import AuditEntry, Event
 from swapserve.routing.policy import RoutingPolicy, check_split

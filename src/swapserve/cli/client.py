@@ -3,7 +3,7 @@
 It imports only the control protos (never the KServe inference ones), so it can live in
 a process that also imports ``tritonclient``::
 
-    from swapserve.client import ControlClient, ControlError
+    from swapserve.cli.client import ControlClient, ControlError
 
     with ControlClient("localhost:8003", token=None) as c:
         c.promote("digits", 2, reason="offline eval +3pp")

@@ -4,7 +4,7 @@
 ``traffic``, ``events`` and ``audit``. Every verb takes ``--url`` (default ``localhost:8003``
 or ``SWAPSERVE_URL``), ``--token`` (default ``SWAPSERVE_TOKEN``), ``--reason`` and ``--json``;
 the verbs that change something take ``--force``. ``--json`` prints exactly one JSON document
-(``events --follow``: one object per line); the schemas are in ``swapserve.client``.
+(``events --follow``: one object per line); the schemas are in ``swapserve.cli.client``.
 
 Exit codes: 0 success, 1 the server refused or failed (its status and message on stderr),
 2 bad usage (caught here, before anything is sent), 3 no server at ``--url``.
@@ -27,7 +27,7 @@ from swapserve.errors import InvalidInput
 from swapserve.routing.policy import check_split
 
 if TYPE_CHECKING:
-    from swapserve.client import ControlClient
+    from swapserve.cli.client import ControlClient
 
 #: The verbs this module adds to ``swapserve``.
 VERBS = ("models", "status", "register", "load", "unload", "promote", "rollback", "traffic", "events", "audit")
@@ -156,7 +156,7 @@ def _opt(value: object) -> str:
 
 
 def render_status(status: dict[str, Any], out: Console) -> None:
-    """The human view of a ``status`` dict (see swapserve.client): header, versions table."""
+    """The human view of a ``status`` dict (see swapserve.cli.client): header, versions table."""
     champion = status["champion"]
     head = Text()
     head.append(status["name"], style="bold")
@@ -267,7 +267,7 @@ def _print_warnings(status: dict[str, Any]) -> None:
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    from swapserve.client import DEFAULT_URL, ControlClient
+    from swapserve.cli.client import DEFAULT_URL, ControlClient
 
     url = args.url or os.environ.get("SWAPSERVE_URL") or DEFAULT_URL
     token = args.token if args.token is not None else os.environ.get("SWAPSERVE_TOKEN")
@@ -281,7 +281,7 @@ def _usage_error(args: argparse.Namespace, exc: UsageError) -> int:
 
 def _run(args: argparse.Namespace, action: Callable[[ControlClient], int]) -> int:
     """Run ``action`` with a client; map failures to exit codes and print the reason on stderr."""
-    from swapserve.client import ControlError, ServerUnreachable
+    from swapserve.cli.client import ControlError, ServerUnreachable
 
     try:
         with _client(args) as client:
@@ -410,7 +410,7 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="control service address (default: $SWAPSERVE_URL or localhost:8003)")
     p.add_argument("--token", default=None, help="control service token (default: $SWAPSERVE_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON (schemas: swapserve.client)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON (schemas: swapserve.cli.client)")
     p.add_argument("--reason", default="", metavar="TEXT", help="why: recorded in the audit log")
     return p
 
@@ -497,7 +497,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The operator verbs alone (``python -m swapserve.control_cli``); ``swapserve`` itself adds them too."""
+    """The operator verbs alone (``python -m swapserve.cli.control``); ``swapserve`` itself adds them too."""
     parser = argparse.ArgumentParser(prog="swapserve")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parsers(sub)

@@ -1,5 +1,5 @@
 // Status -> Python exception: the one mapping (see status.h), shared by the two extension
-// modules' bindings (csrc/bindings.cc for _native, csrc/frontend/bindings.cc for _frontend).
+// modules' bindings (csrc/core/bindings.cc for _native, csrc/frontend/bindings.cc for _frontend).
 // Only binding files include this header: it needs pybind11 and the GIL.
 #pragma once
 

@@ -42,8 +42,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from swapserve.config import Settings
-    from swapserve.server import native_frontend
     from swapserve.server.app import serve
+    from swapserve.server.transport import native as native_frontend
 
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in {"command", "func"}}
     settings = Settings(**overrides)
@@ -115,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _examples_parser(sub)
     # Each verb family registers its own sub-parsers and sets ``func``.
-    from swapserve.bench.cli import add_parser as add_bench
-    from swapserve.control_cli import add_parsers as add_control
-    from swapserve.feedback_cli import add_parsers as add_feedback
-    from swapserve.rollout_cli import add_parsers as add_rollout
+    from swapserve.cli.bench import add_parser as add_bench
+    from swapserve.cli.control import add_parsers as add_control
+    from swapserve.cli.feedback import add_parsers as add_feedback
+    from swapserve.cli.rollout import add_parsers as add_rollout
 
     add_control(sub)
     add_rollout(sub)

@@ -18,7 +18,7 @@ from swapserve.types import InferRequest, ModelSpec
 
 class RequestObserver(Protocol):
     def on_request(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray]) -> None:
-        """Before the request is queued; ``inputs`` are in config order as ``swapserve.validation.validate``
+        """Before the request is queued; ``inputs`` are in config order as ``swapserve.dataplane.validation.validate``
         returned them (None for an optional input the request left out). Raise InvalidInput to reject."""
 
     def on_response(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],

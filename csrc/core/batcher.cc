@@ -1,19 +1,11 @@
 #include "batcher.h"
 
-#include <time.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <limits>
 
 namespace swapserve {
-
-int64_t MonotonicNowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
-}
 
 namespace {
 constexpr int64_t kNever = std::numeric_limits<int64_t>::max();

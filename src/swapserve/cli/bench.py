@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--swap-every", type=float, default=0.0, metavar="S", help="make the next version live every S s")
     p.add_argument("--versions", type=_versions, default=[], help="versions to cycle through, e.g. 1,2")
     p.add_argument("--control-url", default="",
-                   help="swapserve control service HOST:PORT (swaps promote through swapserve.client)")
+                   help="swapserve control service HOST:PORT (swaps promote through swapserve.cli.client)")
     p.add_argument("--swap-command", default="",
                    help="swap with this command instead, {model} and {version} substituted (for other servers)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the summary as JSON")

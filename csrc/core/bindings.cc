@@ -259,7 +259,7 @@ PYBIND11_MODULE(_native, m) {
   m.attr("ABI_VERSION") = 2;
 
   m.def("hash64", [](py::handle key) { return Hash64(CanonicalOrRaise(key, "routing key")); },
-        "mix64(fnv1a64(canonical bytes of key)); see csrc/router.h");
+        "mix64(fnv1a64(canonical bytes of key)); see csrc/core/router.h");
   m.def("bucket_of", [](py::handle key) { return BucketOf(CanonicalOrRaise(key, "routing key")); });
   m.def("canonical", [](py::handle key) { return py::bytes(CanonicalOrRaise(key, "routing key")); });
   m.def("atomics_lock_free", &EpochDomain::AtomicsAreLockFree);

@@ -14,14 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from swapserve.dataplane.observer import RequestObserver
+from swapserve.dataplane.validation import validate
 from swapserve.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, SwapserveError
+from swapserve.feedback.predictions import PredictionRule
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.lifecycle.runtime import VersionRuntime
-from swapserve.monitoring.metrics import Metrics
-from swapserve.monitoring.observer import RequestObserver
-from swapserve.monitoring.predictions import PredictionRule
+from swapserve.telemetry.metrics import Metrics
 from swapserve.types import InferRequest, InferResponse, Tensor
-from swapserve.validation import validate
 
 log = logging.getLogger(__name__)
 

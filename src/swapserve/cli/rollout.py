@@ -23,7 +23,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from swapserve.control_cli import (
+from swapserve.cli.control import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
@@ -36,7 +36,7 @@ from swapserve.control_cli import (
 )
 
 if TYPE_CHECKING:
-    from swapserve.client import ControlClient
+    from swapserve.cli.client import ControlClient
 
 ROLLOUT_ACTIONS = ("status", "pause", "resume", "approve", "abort")
 DEFAULT_INFER_URL = "localhost:8001"

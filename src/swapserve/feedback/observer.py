@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from swapserve.errors import InvalidInput, SwapserveError
-from swapserve.monitoring.predictions import PredictionLog, PredictionRule, Task
-from swapserve.monitoring.slices import SliceStats
+from swapserve.feedback.predictions import PredictionLog, PredictionRule, Task
+from swapserve.feedback.slices import SliceStats
 from swapserve.types import InferRequest, ModelSpec
 
 #: Outcomes per ``report`` call: bounds the time one call holds the event loop (~5 ms per 1,000).

@@ -1,0 +1,1 @@
+"""feedback: see the README's layout table."""

@@ -1,0 +1,1 @@
+"""server.transport: see the README's layout table."""

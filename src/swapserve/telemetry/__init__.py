@@ -1,0 +1,1 @@
+"""telemetry: see the README's layout table."""
