@@ -92,7 +92,7 @@ def test_a_traffic_split_is_validated_before_anything_changes(tmp_path: Path) ->
     async def scenario() -> None:
         await resident(stack, 1, 2)
         before = await c.promote("m", 1, actor=ALICE)
-        with pytest.raises(InvalidInput, match="sum to 90%, they must sum to 100%"):
+        with pytest.raises(InvalidInput, match="must sum to 100%, these sum to 90%"):
             await c.set_traffic("m", [(1, 6000), (2, 3000)], actor=ALICE)
         with pytest.raises(InvalidInput, match=r"version\(s\) \[3\] are not resident"):
             await c.set_traffic("m", [(1, 9000), (3, 1000)], actor=ALICE)
