@@ -255,3 +255,16 @@ def test_ensure_writes_once_and_leaves_repositories_alone(mk: ModuleType, tmp_pa
     with pytest.raises(ValueError, match="not empty but holds no model"):
         mk.ensure(other)
     assert (other / "todo.txt").read_text() == "mine"
+
+
+def test_the_cli_parser_does_not_import_torch(mk: ModuleType) -> None:
+    """Every operator verb builds the whole parser: torch's import (seconds) must wait for the verbs that run models."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from swapserve.cli import build_parser; p = build_parser(); "
+             "print('torch' in sys.modules); p.parse_args(['examples', 'x', '--help'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    first, _, help_text = out.stdout.partition("\n")
+    assert first == "False", out.stderr
+    assert all(m in help_text for m in mk.MODELS), help_text

@@ -74,12 +74,12 @@ def _example_repository(path: Path) -> Path:
 
 
 def _examples_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from swapserve import examples
-
+    # swapserve.examples imports torch: only the verb itself loads it, never the parser (every
+    # operator verb builds this parser, and must not pay torch's import).
     p = sub.add_parser("examples", help="write the example model repository (configs and deterministic weights)")
     p.add_argument("directory", type=Path, help="repository directory to write (created if missing)")
     p.add_argument("--models", default=None,
-                   help=f"comma-separated subset of {','.join(examples.MODELS)} (default: every one this "
+                   help="comma-separated subset of simple,digits,convnet,digits_onnx (default: every one this "
                         "environment can build)")
     p.add_argument("--json", action="store_true", help="print the build summary (versions, accuracies) as JSON")
     p.set_defaults(func=_cmd_examples)

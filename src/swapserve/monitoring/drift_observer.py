@@ -334,13 +334,11 @@ class MonitoringObserver:
         """
         key = (spec.name, version)
         try:
-            cfg = self.config(spec.name)
-        except ConfigError as exc:
-            self._disable(spec.name, exc)
+            new = self._build(spec, version)
+        except ConfigError:
             with self._lock:
                 self._versions[key] = None
             raise
-        new = _Version(spec, version, cfg, self.root / spec.name / str(version)) if cfg.enabled else None
         with self._lock:
             self._versions[key] = new
             self._reports.pop(key, None)
@@ -371,15 +369,21 @@ class MonitoringObserver:
         if st is not False:
             return st  # type: ignore[return-value]
         try:
+            new = self._build(spec, version)
+        except ConfigError:
+            new = None  # monitoring is off for the model; _build logged why
+        with self._lock:
+            return self._versions.setdefault(key, new)
+
+    def _build(self, spec: ModelSpec, version: int) -> _Version | None:
+        """A version's fresh state (None when monitoring is off for its model); ConfigError, logged once,
+        when its monitoring.yaml is broken."""
+        try:
             cfg = self.config(spec.name)
         except ConfigError as exc:
             self._disable(spec.name, exc)
-            with self._lock:
-                self._versions[key] = None
-            return None
-        new = _Version(spec, version, cfg, self.root / spec.name / str(version)) if cfg.enabled else None
-        with self._lock:
-            return self._versions.setdefault(key, new)
+            raise
+        return _Version(spec, version, cfg, self.root / spec.name / str(version)) if cfg.enabled else None
 
     # -- hot path (RequestObserver) -----------------------------------------------------------
 
