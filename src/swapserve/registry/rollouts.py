@@ -1,0 +1,117 @@
+"""Registry tables of rollouts: one active per model, every stage change recorded."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from swapserve import errors
+from swapserve.registry.engine import RegistryBase
+from swapserve.registry.models import RolloutRow
+from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES, RolloutRecord
+from swapserve.registry.rows import active_rollout_query, check_model, check_version, rollout_record
+
+
+class RolloutTables(RegistryBase):
+    """Registry tables of rollouts: one active per model, every stage change recorded."""
+
+    def save_rollout(self, rollout: RolloutRecord, *, actor: str = "rollout") -> RolloutRecord:
+        """Insert (``id is None``) or update a rollout; returns the stored record.
+
+        At most one active rollout (running/paused/awaiting_approval) per model: starting
+        a second raises ``FailedPrecondition`` naming the active one. An update whose
+        ``updated_at`` differs from the stored one (someone else saved in between) raises
+        ``FailedPrecondition``. A new rollout or a change of state/stage emits a
+        ``rollout`` event.
+        """
+        r = rollout
+        check_model(r.model)
+        check_version(r.model, r.challenger)
+        check_version(r.model, r.champion)
+        if r.state not in ROLLOUT_STATES:
+            raise errors.InvalidInput(
+                f"model '{r.model}': unknown rollout state '{r.state}'; use one of {', '.join(ROLLOUT_STATES)}"
+            )
+        if isinstance(r.stage_index, bool) or not isinstance(r.stage_index, int) or r.stage_index < 0:
+            raise errors.InvalidInput(f"model '{r.model}': rollout stage_index must be an int >= 0, got {r.stage_index!r}")
+
+        def conflict(s: Session) -> errors.FailedPrecondition:
+            other = s.scalar(active_rollout_query(r.model))
+            desc = (f"rollout {other.id} (v{other.challenger} vs v{other.champion}, {other.state})"
+                    if other is not None else "another rollout")
+            return errors.FailedPrecondition(
+                f"model '{r.model}' already has an active {desc}; finish, abort or roll it back "
+                "before starting another"
+            )
+
+        def run(s: Session) -> RolloutRecord:
+            now = self._now()
+            if r.id is None:
+                if r.active and s.scalar(active_rollout_query(r.model)) is not None:
+                    raise conflict(s)
+                row = RolloutRow(
+                    model=r.model, challenger=r.challenger, champion=r.champion, plan=dict(r.plan),
+                    strategy=r.strategy, stage_index=r.stage_index, state=r.state,
+                    started_at=r.started_at or now, updated_at=now, evidence=dict(r.evidence),
+                )
+                s.add(row)
+                changed = True
+            else:
+                found = s.get(RolloutRow, r.id)
+                if found is None or found.model != r.model:
+                    raise errors.ModelNotFound(
+                        f"model '{r.model}': rollout {r.id} does not exist; save it with id=None to start one"
+                    )
+                row = found
+                if r.updated_at is not None and row.updated_at != r.updated_at:
+                    raise errors.FailedPrecondition(
+                        f"model '{r.model}': rollout {r.id} was saved by someone else at "
+                        f"{row.updated_at.isoformat()}; reload it and retry"
+                    )
+                if r.active and row.state not in ACTIVE_ROLLOUT_STATES:
+                    other = s.scalar(active_rollout_query(r.model))
+                    if other is not None and other.id != row.id:
+                        raise conflict(s)
+                changed = (row.state, row.stage_index) != (r.state, r.stage_index)
+                row.challenger, row.champion, row.plan = r.challenger, r.champion, dict(r.plan)
+                row.strategy, row.stage_index, row.state = r.strategy, r.stage_index, r.state
+                row.evidence, row.updated_at = dict(r.evidence), now
+            try:
+                s.flush()
+            except IntegrityError:
+                # Lost a race with another replica; the session is unusable, so no lookup.
+                raise errors.FailedPrecondition(
+                    f"model '{r.model}' already has an active rollout (started concurrently); "
+                    "finish, abort or roll it back before starting another"
+                ) from None
+            rec = rollout_record(row)
+            if changed:
+                self._event(s, "rollout", f"{r.model} rollout {rec.id} v{r.challenger} vs "
+                            f"v{r.champion}: {r.state}, stage {r.stage_index}", model=r.model,
+                            version=r.challenger, data={"rollout_id": rec.id, "state": r.state,
+                                                        "stage_index": r.stage_index, "actor": actor})
+            return rec
+
+        # A uniqueness violation here is a real conflict, reported above; no retry needed.
+        with self._write() as s:
+            return run(s)
+
+    def get_rollout(self, rollout_id: int) -> RolloutRecord | None:
+        with self._read() as s:
+            row = s.get(RolloutRow, rollout_id)
+            return rollout_record(row) if row is not None else None
+
+    def active_rollout(self, model: str) -> RolloutRecord | None:
+        """The model's running, paused or awaiting-approval rollout, if any."""
+        with self._read() as s:
+            row = s.scalar(active_rollout_query(model))
+            return rollout_record(row) if row is not None else None
+
+    def rollouts(self, model: str, limit: int = 20) -> list[RolloutRecord]:
+        """The model's rollouts, newest first."""
+        with self._read() as s:
+            rows = s.scalars(
+                sa.select(RolloutRow).where(RolloutRow.model == model)
+                .order_by(RolloutRow.id.desc()).limit(limit)
+            )
+            return [rollout_record(r) for r in rows]
