@@ -55,7 +55,6 @@ def generate_protos() -> None:
             raise SystemExit(f"protoc failed on {protos}")
     finally:
         os.chdir(cwd)
-    (OUT / "swapserve" / "_proto" / "__init__.py").touch()
 
 
 EXAMPLE_CONFIGS = ("config.pbtxt", "monitoring.yaml")

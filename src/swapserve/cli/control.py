@@ -474,19 +474,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming new events until interrupted")
     p.add_argument("--after", type=int, default=0, metavar="ID", help="only events with a larger id")
-    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="past events to show (default 100)")
+    p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="past events to show (default 100)")
     p.set_defaults(func=_cmd_events)
 
     p = sub.add_parser("audit", parents=common, help="the audit log: who changed what, when and why")
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="entries to show (default 100)")
+    p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="entries to show (default 100)")
     p.set_defaults(func=_cmd_audit)
 
     for name in VERBS:  # for error messages in argparse's own form: "swapserve traffic: error: ..."
         sub.choices[name].set_defaults(prog=sub.choices[name].prog)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (the verbs' --limit, --batch), else argparse's usage error."""
     try:
         value = int(text)
     except ValueError:

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from swapserve.cli.control import positive_int
+
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_URL = "localhost:8001"
 KINDS = ("label", "correct", "value")
@@ -174,16 +176,6 @@ def _render(totals: dict[str, Any]) -> None:
         print(f"... and {len(missed) - _SHOWN} more not joined (--json lists them all)", file=sys.stderr)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
-    return value
-
-
 def _cmd_feedback(args: argparse.Namespace) -> int:
     prog = getattr(args, "prog", "swapserve feedback")
     if args.batch > 10_000:
@@ -222,5 +214,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="inference gRPC address (default: $SWAPSERVE_INFER_URL or localhost:8001)")
     p.add_argument("--json", action="store_true", help="print the totals and non-joined outcomes as JSON")
-    p.add_argument("--batch", type=_positive, default=1000, metavar="N", help="outcomes per request (default 1000)")
+    p.add_argument("--batch", type=positive_int, default=1000, metavar="N", help="outcomes per request (default 1000)")
     p.set_defaults(func=_cmd_feedback, prog=p.prog)
