@@ -128,6 +128,10 @@ class InferRequest:
     inputs: list[Tensor] = field(default_factory=list)
     #: Names of the outputs to return; None returns every output.
     outputs: list[str] | None = None
+    #: How the serving version was chosen, set by the data plane: "" = assigned by the router (hash
+    #: of the routing key or id: rollout-gate evidence), "pinned" (model_version named), "cohort" (a
+    #: cohort rule matched a parameter the client set). Only "" counts in rollout gates.
+    assignment: str = ""
 
 
 #: Request context the transport sets and the layers below read, beside the request itself.

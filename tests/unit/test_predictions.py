@@ -67,18 +67,34 @@ def test_unknown_ids_are_rarely_mistaken_for_expired() -> None:
     assert false_expired / len(never) < 0.01
 
 
-def test_duplicate_ids_newest_wins_and_oversized_ids_are_not_logged() -> None:
+def test_a_logged_id_is_never_re_recorded_and_oversized_ids_are_not_logged() -> None:
     log = PredictionLog(capacity=3, clock=FakeClock())
-    log.record("x", "m", 1, "s", 1)
-    log.record("x", "m", 2, "s", 2)
+    assert log.record("x", "m", 1, "s", 1)
+    assert "x" in log
+    assert not log.record("x", "m", 2, "s", 2)  # refused: the first prediction stays joinable
     entry = log.join("x").entry
-    assert entry is not None and entry.version == 2
-    log.record("y", "m", 1, "s", 1)
-    log.record("z", "m", 1, "s", 1)  # evicts the first "x": the newer one stays joinable
-    entry = log.join("x").entry
-    assert entry is not None and entry.version == 2
+    assert entry is not None and entry.version == 1 and entry.prediction == 1
     assert not log.record("i" * (MAX_ID_CHARS + 1), "m", 1, "s", 1)
     assert not log.record("", "m", 1, "s", 1)
+
+
+def test_capacity_is_shared_fairly_per_version_and_evictions_before_a_label_are_reported() -> None:
+    evicted: list[str] = []
+    log = PredictionLog(capacity=100, clock=FakeClock(), on_evict=lambda e: evicted.append(e.id))
+    for i in range(10):
+        log.record(f"canary-{i}", "m", 2, "s", 1)
+    log.mark_labelled(log.join("canary-0").entry, 0)  # type: ignore[arg-type]
+    for i in range(10_000):  # a flood of large requests on the champion
+        log.record(f"flood-{i}", "m", 1, "s", (0,) * 8)
+    assert log.rows <= 100
+    assert all(log.join(f"canary-{i}").status == "found" for i in range(10))  # the small version kept its share
+    assert evicted and all(e.startswith("flood-") for e in evicted)
+    for i in range(100):  # once the canary holds the most rows, it gives way first
+        log.record(f"canary-more-{i}", "m", 2, "s", 1)
+    assert log.join("canary-0").status == "expired"
+    assert "canary-0" not in evicted  # it had its label: not reported as lost
+    assert "canary-1" in evicted
+    assert 40 <= log.rows_of("m", 2) <= 60 and 40 <= log.rows_of("m", 1) <= 60
 
 
 def test_memory_per_entry_is_bounded() -> None:

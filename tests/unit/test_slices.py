@@ -181,9 +181,10 @@ def test_observer_joins_labels_flags_and_rows() -> None:
         Outcome("a", "label", 3), Outcome("b", "label", 5, row=0), Outcome("b", "label", 1, row=1),
         Outcome("c", "correct", False), Outcome("zzz", "label", 1), Outcome("a", "label", 3),
         Outcome("b", "label", 1, row=2), Outcome("a", "value", 1.0), Outcome("", "label", 1), Outcome("c", "", None)])
-    assert [r.status for r in summary.results] == ["joined", "joined", "joined", "joined", "unknown", "invalid",
-                                                   "invalid", "invalid", "invalid", "invalid"]
-    assert (summary.joined, summary.unknown, summary.expired, summary.invalid) == (4, 1, 0, 5)
+    # A row labelled once is a duplicate whatever the second outcome carries: the first report stands.
+    assert [r.status for r in summary.results] == ["joined", "joined", "joined", "joined", "unknown", "duplicate",
+                                                   "invalid", "duplicate", "invalid", "invalid"]
+    assert (summary.joined, summary.unknown, summary.expired, summary.invalid, summary.duplicate) == (4, 1, 0, 3, 2)
     assert "already reported" in summary.results[5].message
     assert "row 2" in summary.results[6].message
     v2 = fb.slices.snapshot("digits", 2)
@@ -203,7 +204,7 @@ def test_observer_regression_values_and_expiry() -> None:
                    {"y": np.array([10.0], dtype=np.float32)}, 0.001)
     fb.on_response(InferRequest("price", id="q"), REGRESSOR, 1, [], {"y": np.array([4.0])}, 0.001)
     summary = fb.report("price", [Outcome("p", "value", 12.5), Outcome("p", "label", 1), Outcome("q", "value", float("nan"))])
-    assert [r.status for r in summary.results] == ["joined", "invalid", "invalid"]
+    assert [r.status for r in summary.results] == ["joined", "duplicate", "invalid"]
     eu = fb.slices.snapshot("price", 1)["eu"]
     assert eu.numeric == 1 and eu.abs_error_sum == 2.5
     clock.t += 61

@@ -6,7 +6,6 @@ between happens here, so other front ends (HTTP, in-process) reuse it unchanged.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ import numpy as np
 
 from swapserve.dataplane.observer import RequestObserver
 from swapserve.dataplane.validation import validate
-from swapserve.errors import DeadlineExceeded, InvalidInput, ModelExecutionError, SwapserveError
+from swapserve.errors import AlreadyExists, DeadlineExceeded, InvalidInput, ModelExecutionError, SwapserveError
 from swapserve.feedback.predictions import PredictionRule
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.lifecycle.runtime import VersionRuntime
@@ -25,17 +24,51 @@ from swapserve.types import InferRequest, InferResponse, Tensor
 
 log = logging.getLogger(__name__)
 
-#: Server-assigned request ids: a random per-process prefix plus a counter (unique, and far cheaper
-#: than uuid4 on the request path).
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNTER = itertools.count(1)
+#: Random bytes drawn per refill of the id buffer (512 ids).
+_ID_BUFFER_BYTES = 8192
+
+
+class _RequestIds:
+    """Server-assigned request ids: 128 bits from ``os.urandom`` (32 hex characters), so no client
+    can guess another's id and label its request. Drawn from a buffer refilled 512 ids at a time:
+    ~0.45 us per id on CPython 3.11 (``secrets.token_hex(16)`` is ~1.05 us, a prefix + counter
+    ~0.32 us). Event-loop only (no lock); the buffer is dropped in a forked child."""
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def __call__(self) -> str:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex, pos = os.urandom(_ID_BUFFER_BYTES).hex(), 0
+        self._pos = pos + 32
+        return self._hex[pos:pos + 32]
+
+    def reset(self) -> None:
+        self._hex, self._pos = "", 0
+
+
+new_request_id = _RequestIds()
+os.register_at_fork(after_in_child=new_request_id.reset)
+
+
+def _canonical(value: object) -> str:
+    """A parameter value as the router compares it with a cohort rule value (see swapserve.native)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 #: Shadow copies in flight per model beyond which new copies are shed (counted, never queued).
 MAX_SHADOW_IN_FLIGHT = 4
 
 
 def _failure_reason(exc: SwapserveError) -> str:
-    if isinstance(exc, InvalidInput):
+    if isinstance(exc, InvalidInput | AlreadyExists):
         return "REJECTED"
     if isinstance(exc, ModelExecutionError):
         return "BACKEND"
@@ -65,12 +98,18 @@ class DataPlane:
     async def infer(self, req: InferRequest, deadline_ns: int = 0) -> InferResponse:
         """Run one request. The response names the version that ran it (promise 2).
 
-        A request without an id gets one, so its prediction can later be joined with feedback.
+        A request without an id gets an unguessable one, so its prediction can later be joined
+        with feedback. ``req.assignment`` tells the observers whether the router chose the version
+        (only then is the request rollout evidence) or the client did (pinned, cohort).
         """
         start = time.perf_counter_ns()
         if not req.id:
-            req.id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+            req.id = new_request_id()
         runtime, shadows = self.manager.route(req.model_name, req.model_version, req.parameters, req.id)
+        if req.model_version:
+            req.assignment = "pinned"
+        elif req.parameters:
+            req.assignment = self._cohort_chosen(req)
         spec = runtime.spec
         arrays: list = []  # type: ignore[type-arg]
         try:
@@ -102,6 +141,19 @@ class DataPlane:
         for shadow in shadows:
             self._start_shadow(req, runtime, shadow, outputs)
         return InferResponse(spec.name, runtime.label, req.id, tensors)
+
+    def _cohort_chosen(self, req: InferRequest) -> str:
+        """"cohort" when one of the policy's cohort rules matches a parameter of ``req`` (the client
+        chose its version by setting it), else "". Only models with cohort rules pay for the check."""
+        m = self.manager.models.get(req.model_name)
+        policy = m.policy if m is not None else None
+        if policy is None or not policy.cohorts:
+            return ""
+        params = req.parameters
+        for attribute, value, _ in policy.cohorts:
+            if attribute in params and _canonical(params[attribute]) == value:
+                return "cohort"
+        return ""
 
     # -- shadow traffic ----------------------------------------------------------------------
 

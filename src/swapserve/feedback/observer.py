@@ -11,10 +11,19 @@ Outcomes (one per request row, keyed by the inference request's ``id``):
 - ``correct``: a correct/incorrect flag judged by the client; any model.
 - ``value``: the true number. Regression models only; adds |prediction - value| (and its square).
 - ``row``: which row of a multi-row request (default 0). Each row joins at most once: a second
-  outcome for the same row is ``invalid`` ("already reported"), so retries never double-count.
+  outcome for the same row is ``duplicate`` and never counts, so retries never double-count and
+  the first report of a row is the one that stands.
 
-Every outcome gets its own result (joined, unknown, expired, invalid) with a message; a bad
-outcome never fails the others.
+What counts as rollout evidence (see ``feedback.slices``): only requests the router assigned,
+and their labels while the reporter is within the stage's budget. A request that pinned a
+version or matched a cohort rule is served, logged and labelled as usual, but it and its labels
+are counted apart (``excluded``); so are the client's own bad requests (INVALID_ARGUMENT, and
+ALREADY_EXISTS for an id already in the log: ``on_request`` refuses to re-record an id).
+
+Every outcome gets its own result with a message: ``joined`` (counted), ``excluded`` (joined to its
+prediction but kept out of gates: pinned, cohort, over the reporter's cap), ``duplicate``,
+``unknown``, ``expired``, ``invalid``; a bad outcome never fails the others. Every joined label is
+booked under its ``reporter`` (the feedback credential's name, ``anonymous`` without one).
 """
 from __future__ import annotations
 
@@ -24,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from swapserve.errors import InvalidInput, SwapserveError
-from swapserve.feedback.predictions import PredictionLog, PredictionRule, Task
-from swapserve.feedback.slices import SliceStats
+from swapserve.errors import AlreadyExists, InvalidInput, SwapserveError
+from swapserve.feedback.predictions import Entry, PredictionLog, PredictionRule, Task
+from swapserve.feedback.slices import ANONYMOUS, SliceStats
 from swapserve.types import InferRequest, ModelSpec
 
 #: Outcomes per ``report`` call: bounds the time one call holds the event loop (~5 ms per 1,000).
@@ -50,7 +59,7 @@ class Outcome:
 @dataclass(frozen=True)
 class OutcomeResult:
     id: str
-    status: str  # joined | unknown | expired | invalid
+    status: str  # joined | excluded | duplicate | unknown | expired | invalid
     message: str = ""
 
 
@@ -61,6 +70,8 @@ class ReportSummary:
     expired: int
     invalid: int
     results: tuple[OutcomeResult, ...]
+    excluded: int = 0
+    duplicate: int = 0
 
 
 class FeedbackObserver:
@@ -80,7 +91,13 @@ class FeedbackObserver:
         #: stage gathers labelled evidence without serving anyone. A ``correct`` flag refers to the
         #: served answer, so it does not score the shadow.
         self.shadow_log = shadow_log if shadow_log is not None else PredictionLog(capacity=SHADOW_CAPACITY)
+        if self.log.on_evict is None:
+            self.log.on_evict = self._evicted
         self._rules: dict[str, tuple[ModelSpec, PredictionRule]] = {}
+
+    def _evicted(self, e: Entry) -> None:
+        """A prediction pushed out of the full log before any label: its label can no longer count."""
+        self.slices.exclude(e.model, e.version, e.slice, "outcome", "evicted")
 
     def _rule(self, spec: ModelSpec) -> PredictionRule:
         cached = self._rules.get(spec.name)
@@ -91,41 +108,65 @@ class FeedbackObserver:
         return rule
 
     def _slice(self, req: InferRequest, spec: ModelSpec, rule: PredictionRule) -> str:
-        return self.slices.resolve_slice(spec.name, req.parameters.get(rule.slice_parameter))
+        return self.slices.resolve_slice(spec.name, req.parameters.get(rule.slice_parameter), rule.slices)
 
     # -- RequestObserver ----------------------------------------------------------------------
 
     def on_request(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray]) -> None:
-        pass
+        """Refuses (AlreadyExists) a request whose id is already in the prediction log: a logged
+        prediction is never replaced, so nobody can re-send an id to take over its label."""
+        if req.id in self.log:
+            raise AlreadyExists(f"request id '{req.id}' was already used for a prediction on this server; ids "
+                                f"join predictions with their feedback, so each may be used once. Send a new id, "
+                                "or none and the server assigns one (returned in the response)")
 
     def on_response(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
                     outputs: dict[str, np.ndarray], latency_s: float) -> None:
         rule = self._rule(spec)
         slice_ = self._slice(req, spec, rule)
-        self.slices.record_request(spec.name, version, slice_, latency_s)
-        self.log.record(req.id, spec.name, version, slice_, rule.predictions(outputs, spec.batching))
+        if req.assignment:
+            self.slices.exclude(spec.name, version, slice_, "request", req.assignment)
+        else:
+            self.slices.record_request(spec.name, version, slice_, latency_s)
+        self.log.record(req.id, spec.name, version, slice_, rule.predictions(outputs, spec.batching), req.assignment)
 
     def on_error(self, req: InferRequest, spec: ModelSpec, version: int, error: SwapserveError,
                  latency_s: float) -> None:
         rule = self._rule(spec)
-        self.slices.record_request(spec.name, version, self._slice(req, spec, rule), latency_s, error=True)
+        slice_ = self._slice(req, spec, rule)
+        if req.assignment:
+            self.slices.exclude(spec.name, version, slice_, "request", req.assignment)
+        elif isinstance(error, InvalidInput | AlreadyExists):  # the client's own bad request
+            self.slices.exclude(spec.name, version, slice_, "request", "client_error")
+        else:
+            self.slices.record_request(spec.name, version, slice_, latency_s, error=True)
 
     def on_shadow(self, req: InferRequest, spec: ModelSpec, version: int, inputs: list[np.ndarray],
                   outputs: dict[str, np.ndarray], latency_s: float) -> None:
         rule = self._rule(spec)
         slice_ = self._slice(req, spec, rule)
-        self.slices.record_request(spec.name, version, slice_, latency_s)
-        self.shadow_log.record(req.id, spec.name, version, slice_, rule.predictions(outputs, spec.batching))
+        if req.assignment:
+            self.slices.exclude(spec.name, version, slice_, "request", req.assignment)
+        else:
+            self.slices.record_request(spec.name, version, slice_, latency_s)
+        self.shadow_log.record(req.id, spec.name, version, slice_, rule.predictions(outputs, spec.batching),
+                               req.assignment)
 
-    def _score_shadow(self, model: str, o: Outcome, task: Task | None) -> None:
-        """The same label scores a shadow's answer to that request, if one was logged."""
+    def _score_shadow(self, model: str, o: Outcome, task: Task | None, reporter: str) -> None:
+        """The same label scores a shadow's answer to that request, if one was logged (and the
+        reporter is within its budget on the shadow's version)."""
         if o.kind == CORRECT:
             return
         e = self.shadow_log.join(o.id).entry
         if e is None or e.model != model or o.row < 0 or o.row >= e.rows or e.labelled & (1 << o.row):
             return
         pred = e.row(o.row)
-        if pred is None:
+        if pred is None or e.exclude:
+            return
+        if not self.slices.admit(model, e.version, reporter):
+            self.slices.exclude(e.model, e.version, e.slice, "outcome", "reporter_cap")
+            self.slices.note_label(model, e.version, reporter, "reporter_cap")
+            self.shadow_log.mark_labelled(e, o.row)
             return
         if o.kind == LABEL and task is Task.CLASSIFICATION:
             self.slices.record_outcome(e.model, e.version, e.slice, LABEL, correct=int(pred) == int(o.value or 0))
@@ -133,30 +174,35 @@ class FeedbackObserver:
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
         else:
             return
+        self.slices.note_label(model, e.version, reporter, "counted")
         self.shadow_log.mark_labelled(e, o.row)
 
     # -- the feedback service -----------------------------------------------------------------
 
-    def report(self, model: str, outcomes: Sequence[Outcome]) -> ReportSummary:
+    def report(self, model: str, outcomes: Sequence[Outcome], reporter: str = ANONYMOUS) -> ReportSummary:
         """Join each outcome with its logged prediction and count it; one result per outcome, in order.
 
-        Raises InvalidInput only for the request as a whole (no model, too many outcomes).
+        ``reporter`` is who vouches for the outcomes (authenticated by the feedback service); every
+        joined label is booked under it, and its share of a rollout stage's evidence is capped
+        when the plan says so. Raises InvalidInput only for the request as a whole (no model, too
+        many outcomes).
         """
         if not model:
             raise InvalidInput("a feedback report needs the model name the requests were sent to")
         if len(outcomes) > MAX_OUTCOMES_PER_REPORT:
             raise InvalidInput(f"a feedback report may carry at most {MAX_OUTCOMES_PER_REPORT} outcomes, this one has "
                                f"{len(outcomes)}; send them in batches (`swapserve feedback --batch`)")
-        results = [self._join(model, o) for o in outcomes]
-        counts = {"joined": 0, "unknown": 0, "expired": 0, "invalid": 0}
+        results = [self._join(model, o, reporter) for o in outcomes]
+        counts = {"joined": 0, "excluded": 0, "duplicate": 0, "unknown": 0, "expired": 0, "invalid": 0}
         for r in results:
             counts[r.status] += 1
         for status, n in counts.items():
             if n:
                 self.slices.count_result(model, status, n)
-        return ReportSummary(counts["joined"], counts["unknown"], counts["expired"], counts["invalid"], tuple(results))
+        return ReportSummary(counts["joined"], counts["unknown"], counts["expired"], counts["invalid"], tuple(results),
+                             excluded=counts["excluded"], duplicate=counts["duplicate"])
 
-    def _join(self, model: str, o: Outcome) -> OutcomeResult:
+    def _join(self, model: str, o: Outcome, reporter: str) -> OutcomeResult:
         def invalid(message: str) -> OutcomeResult:
             return OutcomeResult(o.id, "invalid", message)
 
@@ -180,22 +226,42 @@ class FeedbackObserver:
             return invalid(f"request '{o.id}' had {e.rows} row(s); row {o.row} does not exist")
         bit = 1 << o.row
         if e.labelled & bit:
-            return invalid(f"an outcome for request '{o.id}' row {o.row} was already reported; it counts once")
+            self.slices.exclude(e.model, e.version, e.slice, "outcome", "duplicate")
+            self.slices.note_label(model, e.version, reporter, "duplicate")
+            return OutcomeResult(o.id, "duplicate", f"an outcome for request '{o.id}' row {o.row} was already "
+                                 "reported; the first report counts, this one does not")
         pred = e.row(o.row)
         rule = self._rules.get(model)
         task = rule[1].task if rule is not None else None
+        if o.kind == LABEL and (task is not Task.CLASSIFICATION or pred is None):
+            return invalid(f"model '{model}' is not a classification model (or has no class prediction); "
+                           "report `correct` or `value` instead of `label`")
+        if o.kind == VALUE and (task is not Task.REGRESSION or pred is None):
+            return invalid(f"model '{model}' does not predict a single number per row; report `label` or "
+                           "`correct` instead of `value`")
+        why = e.exclude or ("" if self.slices.admit(model, e.version, reporter) else "reporter_cap")
+        if why:
+            self.slices.exclude(e.model, e.version, e.slice, "outcome", why)
+            self.slices.note_label(model, e.version, reporter, why)
+            self.log.mark_labelled(e, o.row)
+            return OutcomeResult(o.id, "excluded", _EXCLUDED_MESSAGES[why].format(id=o.id, version=e.version,
+                                                                                   reporter=reporter))
         if o.kind == CORRECT:
             self.slices.record_outcome(e.model, e.version, e.slice, CORRECT, correct=bool(o.value))
         elif o.kind == LABEL:
-            if task is not Task.CLASSIFICATION or pred is None:
-                return invalid(f"model '{model}' is not a classification model (or has no class prediction); "
-                               "report `correct` or `value` instead of `label`")
             self.slices.record_outcome(e.model, e.version, e.slice, LABEL, correct=int(pred) == int(o.value or 0))
         else:
-            if task is not Task.REGRESSION or pred is None:
-                return invalid(f"model '{model}' does not predict a single number per row; report `label` or "
-                               "`correct` instead of `value`")
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
+        self.slices.note_label(model, e.version, reporter, "counted")
         self.log.mark_labelled(e, o.row)
-        self._score_shadow(model, o, task)
+        self._score_shadow(model, o, task, reporter)
         return OutcomeResult(o.id, "joined")
+
+
+_EXCLUDED_MESSAGES = {
+    "pinned": "recorded, not counted in rollout gates: request '{id}' pinned version {version} (model_version)",
+    "cohort": "recorded, not counted in rollout gates: request '{id}' chose version {version} through a cohort "
+              "parameter",
+    "reporter_cap": "recorded, not counted in rollout gates: reporter '{reporter}' is over the rollout plan's "
+                    "max_reporter_share on version {version} in this stage",
+}

@@ -8,8 +8,12 @@ Guarantees
 - ``record`` is O(1) amortised (one dict insert, one deque append, and at most as many
   evictions as it made room for), does no I/O and allocates only the entry itself.
 - Memory is bounded under any traffic. ``capacity`` counts *rows* (a request of n rows takes
-  n); when the log is full the oldest entries are evicted first, and entries older than the
-  join ``window`` (default 1 h) are dropped as newer ones arrive. Ids longer than
+  n). The capacity is shared fairly between (model, version) pairs: when the log is full, the
+  oldest entry of the pair holding the most rows is evicted (an entry already past the join
+  window goes first), so a flood of requests to one version, or of large requests, cannot push
+  out another version's pending predictions. ``on_evict`` is told of every entry evicted for
+  room before any of its rows was labelled (the feedback observer counts it as ``evicted``).
+  Entries older than the join ``window`` (default 1 h) are dropped as newer ones arrive. Ids longer than
   ``MAX_ID_CHARS`` are not logged (a client cannot grow an entry without bound), nor are
   requests with more rows than ``capacity``.
 - Measured on CPython 3.11 (``tracemalloc``, server-style 32-character hex ids, single-row
@@ -25,7 +29,9 @@ Guarantees
   ids are remembered in a generational Bloom filter covering the last 1-2x ``capacity``
   evictions (no false negatives there; about 0.5 % of never-seen ids are reported ``expired``
   instead of ``unknown``). Ids evicted longer ago than that are ``unknown``.
-- Duplicate request ids: the newest prediction wins (the older one can no longer be joined).
+- Duplicate request ids: an id already in the log is never re-recorded (``record`` returns
+  False and the first prediction stays joinable); ``__contains__`` lets the request path refuse
+  such a request before it runs.
 
 Threading: designed for one thread, the server's event loop, where both the request path
 (``record``) and the feedback RPC (``join``) run; it takes no locks.
@@ -56,6 +62,8 @@ Prediction = Union[int, float, None]
 PARAM_OUTPUT = "swapserve.prediction_output"
 PARAM_TASK = "swapserve.task"
 PARAM_SLICE = "swapserve.slice_parameter"
+#: The model's declared slices: a comma-separated allowlist (any other name counts as ``other``).
+PARAM_SLICES = "swapserve.slices"
 DEFAULT_SLICE_PARAMETER = "slice"
 
 
@@ -80,6 +88,8 @@ class Entry(NamedTuple):
     prediction: Prediction | tuple[Prediction, ...]
     time: float
     labelled: int = 0
+    #: Why the request's labels are not gate evidence ("" = they are): pinned | cohort.
+    exclude: str = ""
 
     @property
     def rows(self) -> int:
@@ -152,63 +162,94 @@ class PredictionLog:
     """Bounded map request id -> ``Entry`` (see the module docstring for the guarantees)."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, window_s: float = DEFAULT_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_evict: Callable[[Entry], None] | None = None) -> None:
         if capacity <= 0 or window_s <= 0:
             raise ValueError("PredictionLog needs a positive capacity and join window")
         self.capacity = capacity
         self.window_s = window_s
         self.clock = clock
+        self.on_evict = on_evict
         self._entries: dict[str, Entry] = {}
-        # Ids in arrival order, oldest first. An id recorded again appears twice; ``_stale``
-        # counts such older occurrences, which eviction skips (rare: clients reusing ids).
-        self._order: collections.deque[str] = collections.deque()
-        self._stale: dict[str, int] = {}
+        # Ids of each (model, version) in arrival order, oldest first, and the rows they hold.
+        self._queues: dict[tuple[str, int], collections.deque[str]] = {}
+        self._queue_rows: dict[tuple[str, int], int] = {}
         self._rows = 0
         self._evicted = _EvictedIds(capacity)
+        self._next_sweep = -float("inf")
 
     def __len__(self) -> int:
         """Requests currently logged (including some already past the window, dropped lazily)."""
         return len(self._entries)
+
+    def __contains__(self, request_id: object) -> bool:
+        """Whether ``request_id`` is logged (joinable or past the window but not yet dropped)."""
+        return request_id in self._entries
 
     @property
     def rows(self) -> int:
         """Rows currently held; never more than ``capacity``."""
         return self._rows
 
+    def rows_of(self, model: str, version: int) -> int:
+        """Rows held for one version."""
+        return self._queue_rows.get((model, version), 0)
+
     def record(self, request_id: str, model: str, version: int, slice: str,
-               prediction: Prediction | tuple[Prediction, ...]) -> bool:
-        """Log a prediction; False when it is not joinable (empty/oversized id, too many rows)."""
-        n = len(prediction) if isinstance(prediction, tuple) else 1
-        if not request_id or len(request_id) > MAX_ID_CHARS or n > self.capacity:
+               prediction: Prediction | tuple[Prediction, ...], exclude: str = "") -> bool:
+        """Log a prediction; False when it is not joinable (empty/oversized id, too many rows) or
+        the id is already logged (the first prediction stays)."""
+        n = max(1, len(prediction) if isinstance(prediction, tuple) else 1)
+        if not request_id or len(request_id) > MAX_ID_CHARS or n > self.capacity or request_id in self._entries:
             return False
         now = self.clock()
         cutoff = now - self.window_s
-        order, entries, stale = self._order, self._entries, self._stale
-        # Evict until the new rows fit (the deque is bounded by capacity too, whatever the ids).
-        # An id in ``stale`` at the head is an outdated occurrence: drop it first.
-        while order and (self._rows + n > self.capacity or len(order) >= self.capacity
-                         or order[0] in stale or entries[order[0]].time < cutoff):
-            self._evict(order.popleft())
-        previous = entries.get(request_id)
-        if previous is not None:  # the newest prediction wins
-            self._rows -= previous.rows
-            stale[request_id] = stale.get(request_id, 0) + 1
-        entries[request_id] = _new_entry(Entry, (request_id, model, version, slice, prediction, now, 0))
-        order.append(request_id)
+        key = (model, version)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._queue_rows[key] = 0
+        entries = self._entries
+        while queue and entries[queue[0]].time < cutoff:  # this version's expired head, first
+            self._evict(key, queue, False)
+        if now >= self._next_sweep:  # other versions' expired heads, at most once a second
+            self._next_sweep = now + 1.0
+            for other_key, other in self._queues.items():
+                while other and entries[other[0]].time < cutoff:
+                    self._evict(other_key, other, False)
+        while self._rows + n > self.capacity:
+            self._evict_fairly(cutoff)
+        entries[request_id] = _new_entry(Entry, (request_id, model, version, slice, prediction, now, 0, exclude))
+        queue.append(request_id)
+        self._queue_rows[key] += n
         self._rows += n
         return True
 
-    def _evict(self, request_id: str) -> None:
-        stale = self._stale.get(request_id)
-        if stale is not None:
-            if stale > 1:
-                self._stale[request_id] = stale - 1
-            else:
-                del self._stale[request_id]
-            return
-        entry = self._entries.pop(request_id)
-        self._rows -= entry.rows
-        self._evicted.add(request_id)
+    def _evict_fairly(self, cutoff: float) -> None:
+        """Evict one entry for room: an expired head of any version, else the oldest entry of the
+        version holding the most rows."""
+        victim = None
+        most = -1
+        for key, queue in self._queues.items():
+            if not queue:
+                continue
+            if self._entries[queue[0]].time < cutoff:
+                self._evict(key, queue, False)
+                return
+            rows = self._queue_rows[key]
+            if rows > most:
+                victim, most = key, rows
+        assert victim is not None  # rows > 0 means some queue holds them
+        self._evict(victim, self._queues[victim], True)
+
+    def _evict(self, key: tuple[str, int], queue: collections.deque[str], for_room: bool) -> None:
+        entry = self._entries.pop(queue.popleft())
+        rows = max(1, entry.rows)
+        self._rows -= rows
+        self._queue_rows[key] -= rows
+        self._evicted.add(entry.id)
+        if for_room and not entry.labelled and self.on_evict is not None:
+            self.on_evict(entry)
 
     def mark_labelled(self, entry: Entry, row: int) -> Entry:
         """Record that ``row`` of ``entry`` has been joined (so it joins once); returns the updated entry."""
@@ -245,11 +286,14 @@ class PredictionRule:
       one value per row is read as the class id itself.
     - regression: the row's single value; a row with several values has no prediction (None).
     - ``slice_parameter``: ``swapserve.slice_parameter``, default ``slice``.
+    - ``slices``: ``swapserve.slices`` (e.g. ``"round,straight,curved"``), the declared slices;
+      None when the model declares none (then the first names seen are slices, up to a cap).
     """
 
     output: str
     task: Task
     slice_parameter: str = DEFAULT_SLICE_PARAMETER
+    slices: frozenset[str] | None = None
 
     @classmethod
     def for_spec(cls, spec: ModelSpec) -> PredictionRule:
@@ -264,7 +308,12 @@ class PredictionRule:
             per_row = int(np.prod([d for d in dims])) if dims and all(d > 0 for d in dims) else None
             task = Task.REGRESSION if per_row == 1 or dims == () else Task.CLASSIFICATION
         slice_parameter = params.get(PARAM_SLICE) or DEFAULT_SLICE_PARAMETER
-        return cls(name, task, slice_parameter)
+        declared = params.get(PARAM_SLICES)
+        slices = None
+        if declared is not None:
+            names = {n.strip() for n in declared.split(",")} - {"", "overall", "other", "unlabelled"}
+            slices = frozenset(n for n in names if len(n) <= 128)
+        return cls(name, task, slice_parameter, slices)
 
     def predictions(self, outputs: Mapping[str, np.ndarray], batching: bool) -> Prediction | tuple[Prediction, ...]:
         """One prediction for an unbatched or single-row request, else a tuple of one per row.

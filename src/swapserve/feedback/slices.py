@@ -6,11 +6,33 @@ through a custom collector on the injected ``CollectorRegistry``.
 Slices
 ------
 A request's slice is the value of its slice parameter (``slice`` unless the model's
-config.pbtxt sets ``swapserve.slice_parameter``); absent or empty -> ``unlabelled``. Each model
-has at most ``max_slices`` (default 64) distinct named slices, first come first served; later
-names, names longer than ``MAX_SLICE_CHARS`` and the reserved names ``overall`` and ``other``
-count as ``other``. ``overall`` always holds every request of the version. So a model has at most
-``max_slices + 3`` series per version, and metric cardinality stays bounded.
+config.pbtxt sets ``swapserve.slice_parameter``); absent or empty -> ``unlabelled``. A model that
+declares its slices (config.pbtxt parameter ``swapserve.slices``, a comma-separated allowlist)
+has exactly those; any other name counts as ``other`` and can never displace a declared one.
+Without a declaration each model has at most ``max_slices`` (default 64) distinct named slices,
+first come first served. Either way, names longer than ``MAX_SLICE_CHARS`` and the reserved
+names ``overall`` and ``other`` count as ``other``, and every request folded into ``other`` that
+way is counted (``undeclared_slice``). ``overall`` always holds every counted request of the
+version. So a model has at most ``max_slices + 3`` series per version, and metric cardinality
+stays bounded.
+
+Evidence and what is excluded from it
+-------------------------------------
+The counters (requests, errors, outcomes, latency) are *gate evidence*: requests the router
+assigned (hash of the routing key or request id) and labels from an admitted reporter. What the
+client chose or cannot vouch for is counted apart, per reason, and never reaches ``snapshot``:
+``EXCLUDED`` lists the (kind, reason) pairs (requests that pinned a version or matched a cohort
+rule, client errors, labels of such requests, labels over a reporter's cap, repeated labels,
+predictions evicted before any label). ``exclusions`` reads them; Prometheus exports them as
+``swapserve_evidence_excluded_total{model, version, kind, reason}``.
+
+Reporters
+---------
+Every joined label names its reporter (the feedback credential's name, or ``anonymous``).
+``limit_reporters(model, share)`` (the rollout controller, at the start of each stage) starts a
+fresh per-reporter budget: from then on a reporter's labels on one version count only while
+they stay within ``share`` of that version's counted labels (``admit``); the first label of each
+reporter always counts, so a budget never starves a stage. ``reporters`` reads the book.
 
 Counting "since"
 ----------------
@@ -62,17 +84,48 @@ log = logging.getLogger(__name__)
 
 OVERALL = "overall"
 OTHER = "other"
+
+
+class _Folded(str):
+    """``resolve_slice``'s ``other`` for a name that is not a slice (undeclared, over the cap,
+    reserved or too long): compares equal to ``other``; ``record_request`` counts it apart."""
+
+
+#: The one instance ``resolve_slice`` returns for a folded name (recognised by identity).
+_FOLDED = _Folded(OTHER)
 UNLABELLED = "unlabelled"
 DEFAULT_MAX_SLICES = 64
 MAX_SLICE_CHARS = 128
-#: Feedback outcome results, the ``result`` label of ``swapserve_feedback_outcomes_total``.
-RESULTS = ("joined", "unknown", "expired", "invalid")
+#: Feedback outcome results, the ``result`` label of ``swapserve_feedback_outcomes_total``: joined and
+#: counted as evidence, joined but excluded from gates, a repeated report, no such id, too old, malformed.
+RESULTS = ("joined", "excluded", "duplicate", "unknown", "expired", "invalid")
+#: Reporter of a label sent without a feedback credential (open or loopback feedback).
+ANONYMOUS = "anonymous"
+
+#: What is kept out of gate evidence, as (kind, reason): ``request`` reasons are requests not
+#: counted (``undeclared_slice``: counted, but in ``other``); ``outcome`` reasons are labels not counted.
+EXCLUDED: tuple[tuple[str, str], ...] = (
+    ("request", "pinned"),  # the request named model_version
+    ("request", "cohort"),  # a cohort rule matched a parameter the client set
+    ("request", "client_error"),  # the client's own bad request (INVALID_ARGUMENT, ALREADY_EXISTS)
+    ("request", "undeclared_slice"),  # counted, in ``other``: the slice name is not declared
+    ("outcome", "pinned"),  # a label for a pinned request
+    ("outcome", "cohort"),  # a label for a cohort-routed request
+    ("outcome", "reporter_cap"),  # over the plan's max_reporter_share for its reporter
+    ("outcome", "duplicate"),  # a second label for the same request row
+    ("outcome", "evicted"),  # a prediction pushed out of the full log before any label
+)
+#: Request-side reasons a request path may pass to ``exclude_request``.
+REQUEST_REASONS = frozenset(r for k, r in EXCLUDED if k == "request")
 
 #: Upper bounds of the latency buckets in seconds: 10 us * 2^(i/4), up to ~60 s; plus +Inf.
 LATENCY_BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(91))
 
-# Columns of a series row.
-REQUESTS, ERRORS, LABELLED, CORRECT, NUMERIC, ABS_SUM, SQ_SUM, HIST = range(8)
+# Columns of a series row: the evidence, then one counter per EXCLUDED pair, then latency buckets.
+REQUESTS, ERRORS, LABELLED, CORRECT, NUMERIC, ABS_SUM, SQ_SUM = range(7)
+EXCLUDED_COL = {pair: 7 + i for i, pair in enumerate(EXCLUDED)}
+HIST = 7 + len(EXCLUDED)
+_UNDECLARED = EXCLUDED_COL[("request", "undeclared_slice")]
 COLUMNS = HIST + len(LATENCY_BOUNDS) + 1
 
 #: ``callback(model, version, slice, kind)`` after an outcome is joined; kind: label | correct | value.
@@ -128,6 +181,15 @@ class _ModelState:
     last_tick: float = -math.inf
     last_event: float = -math.inf
     outcomes: list[int] = field(default_factory=lambda: [0] * len(RESULTS))
+    #: The reporter budget of the current rollout stage: None = no cap.
+    max_reporter_share: float | None = None
+    #: (version, reporter, result) -> labels since the last ``limit_reporters``; result is
+    #: ``counted`` or an outcome reason of EXCLUDED. Bounded: reporters are credentials.
+    book: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    #: version -> labels counted since the last ``limit_reporters`` (the budget's denominator).
+    counted: dict[int, int] = field(default_factory=dict)
+    #: (reporter, result) -> labels since the server started (Prometheus).
+    by_reporter: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def row(self, version: int, slice_: str) -> list[float]:
         i = self.index.get((version, slice_))
@@ -169,21 +231,28 @@ class SliceStats:
                 state = self._models.setdefault(model, _ModelState(model, self.max_slices))
         return state
 
-    def resolve_slice(self, model: str, value: ParamValue | None) -> str:
-        """The canonical slice name for a request's slice parameter value (bounded per model)."""
+    def resolve_slice(self, model: str, value: ParamValue | None, declared: frozenset[str] | None = None) -> str:
+        """The canonical slice name for a request's slice parameter value (bounded per model).
+
+        With ``declared`` (the model's allowlist) only those names are slices; anything else is
+        ``other``. Without, the first ``max_slices`` names are. A name folded into ``other`` is
+        counted as ``undeclared_slice`` when the request is (``record_request``).
+        """
         if value is None or value == "":
             return UNLABELLED
         text = value if isinstance(value, str) else str(value)
+        if declared is not None:
+            return text if text in declared else (UNLABELLED if text == UNLABELLED else _FOLDED)
         state = self._model(model)
         name = state.slices.get(text)
         if name is not None:
             return name
         if text in (OVERALL, OTHER) or len(text) > MAX_SLICE_CHARS:
-            return OTHER
+            return _FOLDED
         if text == UNLABELLED:
             return UNLABELLED
         if len(state.slices) >= state.max_slices:
-            return OTHER
+            return _FOLDED
         with self._lock:
             return state.slices.setdefault(text, text)
 
@@ -207,10 +276,16 @@ class SliceStats:
         state.last_event = now
 
     def record_request(self, model: str, version: int, slice_: str, latency_s: float, error: bool = False) -> None:
-        """Count one request (and its latency when it succeeded) in its slice and in ``overall``."""
+        """Count one request (and its latency when it succeeded) in its slice and in ``overall``.
+
+        ``slice_`` is what ``resolve_slice`` returned: a request folded into ``other`` is counted
+        there and as ``undeclared_slice``."""
         state = self._model(model)
         self._tick(state, self.clock())
         bucket = HIST + bisect.bisect_left(LATENCY_BOUNDS, latency_s)
+        folded = slice_ is _FOLDED
+        if folded:
+            slice_ = OTHER
         rows = (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
             else (state.row(version, OVERALL),)
         for row in rows:
@@ -219,6 +294,19 @@ class SliceStats:
                 row[ERRORS] += 1
             else:
                 row[bucket] += 1
+            if folded:
+                row[_UNDECLARED] += 1
+
+    def exclude(self, model: str, version: int, slice_: str, kind: str, reason: str) -> None:
+        """Count one request or outcome kept out of gate evidence, as the (kind, reason) of EXCLUDED."""
+        col = EXCLUDED_COL[(kind, reason)]
+        state = self._model(model)
+        self._tick(state, self.clock())
+        if slice_ is _FOLDED:
+            slice_ = OTHER
+        for row in (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
+                else (state.row(version, OVERALL),):
+            row[col] += 1
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -227,6 +315,8 @@ class SliceStats:
         """Count one joined outcome: ``correct`` for a label or flag, ``error`` (prediction - truth) for a value."""
         state = self._model(model)
         self._tick(state, self.clock())
+        if slice_ is _FOLDED:
+            slice_ = OTHER
         for row in (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
                 else (state.row(version, OVERALL),):
             if correct is not None:
@@ -248,6 +338,60 @@ class SliceStats:
         state = self._models.get(model)
         if state is not None:
             state.outcomes[RESULTS.index(result)] += n
+
+    # -- reporters ----------------------------------------------------------------------------
+
+    def limit_reporters(self, model: str, max_share: float | None) -> None:
+        """Start a fresh reporter book for ``model`` (a new rollout stage) with this cap (None: none).
+
+        From now on ``admit`` counts a reporter's label on a version only while that reporter's
+        counted labels on it stay within ``max_share`` of all counted labels on it (its first one
+        always counts)."""
+        if max_share is not None and not 0.0 < max_share <= 1.0:
+            raise ValueError(f"max_reporter_share must be in (0, 1], got {max_share}")
+        state = self._model(model)
+        with self._lock:
+            state.max_reporter_share = max_share
+            state.book = {}
+            state.counted = {}
+
+    def admit(self, model: str, version: int, reporter: str) -> bool:
+        """Whether ``reporter``'s next label on ``version`` counts as evidence under the current cap.
+
+        Pure check: ``note_label`` records what happened to the label."""
+        state = self._model(model)
+        share = state.max_reporter_share
+        if share is None:
+            return True
+        mine = state.book.get((version, reporter, "counted"), 0)
+        return mine == 0 or mine + 1 <= share * (state.counted.get(version, 0) + 1)
+
+    def note_label(self, model: str, version: int, reporter: str, result: str) -> None:
+        """Record one label of ``reporter`` on ``version``: ``counted`` or an outcome reason of EXCLUDED."""
+        state = self._model(model)
+        with self._lock:
+            key = (version, reporter, result)
+            state.book[key] = state.book.get(key, 0) + 1
+            if result == "counted":
+                state.counted[version] = state.counted.get(version, 0) + 1
+            rk = (reporter, result)
+            state.by_reporter[rk] = state.by_reporter.get(rk, 0) + 1
+
+    def reporters(self, model: str) -> dict[str, dict[str, dict[str, int]]]:
+        """Labels per reporter since the current book started: reporter -> version -> result -> n."""
+        state = self._models.get(model)
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        if state is None:
+            return out
+        with self._lock:
+            for (version, reporter, result), n in sorted(state.book.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                out.setdefault(reporter, {}).setdefault(str(version), {})[result] = n
+        return out
+
+    def reporter_cap(self, model: str) -> float | None:
+        """The cap of the current book (None: none)."""
+        state = self._models.get(model)
+        return state.max_reporter_share if state is not None else None
 
     def subscribe(self, callback: OutcomeCallback) -> Callable[[], None]:
         """Call ``callback(model, version, slice, kind)`` on the event loop after each joined outcome
@@ -310,6 +454,26 @@ class SliceStats:
         out.setdefault(OVERALL, SliceCounts())
         return out
 
+    def exclusions(self, model: str, version: int, since: float | None = None) -> dict[str, dict[str, int]]:
+        """What was kept out of ``version``'s evidence since ``since`` (None: all), from ``overall``:
+        ``{"request": {reason: n}, "outcome": {reason: n}}`` with the nonzero reasons of EXCLUDED."""
+        state = self._models.get(model)
+        out: dict[str, dict[str, int]] = {"request": {}, "outcome": {}}
+        if state is None:
+            return out
+        with self._lock:
+            i = state.index.get((version, OVERALL))
+            if i is None:
+                return out
+            row = np.array(state.rows[i], dtype=np.float64)
+            base = self._base(state, since) if since is not None else None
+            if base is not None and i < base.keys:
+                row = row - base.data[i]
+        for (kind, reason), col in EXCLUDED_COL.items():
+            if row[col]:
+                out[kind][reason] = int(row[col])
+        return out
+
     def models(self) -> list[str]:
         return sorted(self._models)
 
@@ -335,6 +499,10 @@ class SliceStats:
         with self._lock:
             return [(s.name, list(s.outcomes)) for s in self._models.values()]
 
+    def _reporter_results(self) -> list[tuple[str, str, str, int]]:
+        with self._lock:
+            return [(s.name, r, res, n) for s in self._models.values() for (r, res), n in s.by_reporter.items()]
+
 
 class _SliceCollector(Collector):
     """Reads the live counters at scrape time: one series per (model, version, slice), bounded."""
@@ -354,7 +522,8 @@ class _SliceCollector(Collector):
         mae = GaugeMetricFamily("swapserve_slice_mae", "Mean absolute error of joined numeric targets", labels=labels)
         p99 = GaugeMetricFamily("swapserve_slice_latency_p99_seconds",
                                 "p99 latency of successful requests over about the last minute", labels=labels)
-        for model, version, slice_, row, old in self._stats._export():
+        exported = self._stats._export()
+        for model, version, slice_, row, old in exported:
             lv = [model, str(version), slice_]
             requests.add_metric(lv, row[REQUESTS])
             errors.add_metric(lv, row[ERRORS])
@@ -368,10 +537,29 @@ class _SliceCollector(Collector):
             if value is not None:
                 p99.add_metric(lv, value)
         yield from (requests, errors, labelled, accuracy, mae, p99)
+        excluded = CounterMetricFamily(
+            "swapserve_evidence_excluded",
+            "Requests and outcomes kept out of rollout-gate evidence (or folded into 'other'), by reason",
+            labels=["model", "version", "kind", "reason"])
+        totals: dict[tuple[str, str, str, str], float] = {}
+        for model, version, slice_, row, _ in exported:
+            if slice_ != OVERALL:
+                continue
+            for (kind, reason), col in EXCLUDED_COL.items():
+                totals[(model, str(version), kind, reason)] = row[col]
+        for lv, n in sorted(totals.items()):
+            excluded.add_metric(list(lv), n)
+        yield excluded
         outcomes = CounterMetricFamily("swapserve_feedback_outcomes",
-                                       "Reported outcomes by result (joined, unknown, expired, invalid)",
-                                       labels=["model", "result"])
+                                       "Reported outcomes by result (joined, excluded, duplicate, unknown, expired, "
+                                       "invalid)", labels=["model", "result"])
         for model, counts in self._stats._results():
             for result, n in zip(RESULTS, counts):
                 outcomes.add_metric([model, result], n)
         yield outcomes
+        reporters = CounterMetricFamily("swapserve_feedback_reporter_labels",
+                                        "Joined labels per reporter (feedback credential) by what became of them: "
+                                        "counted, or the reason it was excluded", labels=["model", "reporter", "result"])
+        for model, reporter, result, n in self._stats._reporter_results():
+            reporters.add_metric([model, reporter, result], n)
+        yield reporters
