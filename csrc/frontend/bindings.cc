@@ -77,6 +77,17 @@ PYBIND11_MODULE(_frontend, m) {
              }
              return out;
            })
+      .def("call_info",
+           [](Frontend& f, uint64_t id) -> py::object {
+             std::string peer;
+             std::vector<std::pair<std::string, std::string>> metadata;
+             if (!f.CallInfo(id, &peer, &metadata)) return py::none();
+             py::tuple md(metadata.size());
+             for (size_t i = 0; i < metadata.size(); ++i)
+               md[i] = py::make_tuple(py::str(metadata[i].first), py::str(metadata[i].second));
+             return py::make_tuple(py::str(peer), md);
+           },
+           py::arg("id"))
       .def("write",
            [](Frontend& f, uint64_t id, const py::bytes& data) {
              std::string s = data;

@@ -269,6 +269,22 @@ bool Frontend::Write(uint64_t id, std::string data) {
   return true;
 }
 
+bool Frontend::CallInfo(uint64_t id, std::string* peer,
+                        std::vector<std::pair<std::string, std::string>>* metadata) {
+  std::unique_lock<std::mutex> lock;
+  Call* c = Find(id, &lock);
+  if (c == nullptr) return false;
+  // client_metadata() is filled before the call arrives and never changes after: reading it
+  // under the call's mutex, while the queue runs other operations of the call, is safe.
+  *peer = c->ctx.peer();
+  for (const auto& kv : c->ctx.client_metadata()) {
+    std::string key(kv.first.data(), kv.first.size());
+    if (key.size() >= 4 && key.compare(key.size() - 4, 4, "-bin") == 0) continue;
+    metadata->emplace_back(std::move(key), std::string(kv.second.data(), kv.second.size()));
+  }
+  return true;
+}
+
 bool Frontend::Stream(uint64_t id) {
   std::shared_lock<std::shared_mutex> ops(ops_mu_);
   if (closed_) return false;

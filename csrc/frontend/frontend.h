@@ -63,6 +63,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "../core/status.h"
@@ -124,6 +125,11 @@ class Frontend {
   // Everything that happened since the last Drain, oldest first. Never waits for Python: the
   // completion queue takes events_mu_ only to push.
   std::vector<Event> Drain();
+
+  // The peer address ("ipv4:127.0.0.1:5555") and the client's metadata of a call Python was
+  // told about (binary "-bin" headers left out). Read on demand, so calls that never ask (the
+  // inference path) pay nothing. False when the call is gone.
+  bool CallInfo(uint64_t id, std::string* peer, std::vector<std::pair<std::string, std::string>>* metadata);
 
   // Send one response message (streaming responses). False when the call is gone or finished.
   bool Write(uint64_t id, std::string data);

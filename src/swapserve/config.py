@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     control_token: str | None = None
     """Bearer token the control service requires (SWAPSERVE_CONTROL_TOKEN)."""
 
+    feedback_token_file: Path | None = None
+    """Feedback credentials (SWAPSERVE_FEEDBACK_TOKEN_FILE): one ``NAME TOKEN`` per line (``#`` comments).
+    With any feedback token configured, reporting ground truth needs one; NAME is the reporter
+    every label records (see docs/feedback.md)."""
+
+    feedback_token: str | None = None
+    """One feedback credential, reporter ``default`` (SWAPSERVE_FEEDBACK_TOKEN)."""
+
+    feedback_open: bool = False
+    """Accept feedback without a credential from any peer (reporter ``anonymous``). Off: only
+    loopback peers may report without one, and only while no feedback token is configured."""
+
     device_memory_budget: str | None = None
     """Bytes of device memory resident versions may use ("8GiB", "512MiB", "1000000").
     Default: half of the available RAM on cpu, 80% of free memory on a GPU."""

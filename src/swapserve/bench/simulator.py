@@ -9,7 +9,8 @@ slice 3" is exactly that, and the simulator knows every ground truth.
 ``Simulator`` sends requests open-loop at a fixed rate (raw generic gRPC calls; each request
 gets a random ``routing_key`` so a canary's share of keys is its share of traffic, and a
 ``slice`` parameter), and reports every answer's true label through the Feedback service in
-small batches (labels arrive ``label_delay_s`` late). It runs in its own thread and counts
+small batches (labels arrive ``label_delay_s`` late; with ``token``, as that feedback
+credential's reporter). Request ids are left to the server (unguessable, unique). It runs in its own thread and counts
 requests, errors, labels and answers per version.
 """
 from __future__ import annotations
@@ -87,8 +88,10 @@ class Simulator:
     """Open-loop traffic plus labels against ``url`` for ``model``; start(), then stop()."""
 
     def __init__(self, url: str, model: str, *, rate: float = 200.0, label_delay_s: float = 0.05,
-                 slices: Sequence[str] = SLICES, seed: int = 0, concurrency_cap: int = 256) -> None:
+                 slices: Sequence[str] = SLICES, seed: int = 0, concurrency_cap: int = 256,
+                 token: str | None = None) -> None:
         self.url, self.model, self.rate, self.label_delay_s = url, model, rate, label_delay_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.slices = list(slices)
         self.rng = random.Random(seed)
         self.cap = concurrency_cap
@@ -108,7 +111,7 @@ class Simulator:
     def _request(self, i: int) -> tuple[bytes, int]:
         label = self.rng.randrange(10)
         s = self.rng.randrange(len(self.slices))
-        req = pb.ModelInferRequest(model_name=self.model, id=f"sim-{i}")
+        req = pb.ModelInferRequest(model_name=self.model)
         req.inputs.add(name="features", datatype="FP32", shape=[1, 3])
         req.raw_input_contents.append(np.array([[label, s, self.rng.random()]], np.float32).tobytes())
         req.parameters["slice"].string_param = self.slices[s]
@@ -148,7 +151,7 @@ class Simulator:
                     req = fpb.ReportRequest(model=self.model,
                                             outcomes=[fpb.Outcome(id=rid, label=lab) for _, rid, lab in due])
                     try:
-                        resp = await report(req, timeout=30)
+                        resp = await report(req, timeout=30, metadata=self.metadata)
                         self.stats.labels_sent += len(due)
                         self.stats.joined += resp.joined
                     except grpc.aio.AioRpcError as exc:

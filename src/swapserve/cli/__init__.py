@@ -34,6 +34,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--control-address", default=None,
                    help="control service HOST:PORT (default 127.0.0.1:8003; non-loopback needs --control-token)")
     p.add_argument("--control-token", default=None, help="bearer token the control service requires")
+    p.add_argument("--feedback-token-file", type=Path, default=None, metavar="FILE",
+                   help="feedback credentials, one 'NAME TOKEN' per line: reporting ground truth then needs one "
+                        "(metadata 'authorization: Bearer TOKEN'); NAME is the reporter every label records")
+    p.add_argument("--feedback-token", default=None,
+                   help="one feedback credential (reporter 'default'); SWAPSERVE_FEEDBACK_TOKEN")
+    p.add_argument("--feedback-open", action="store_const", const=True, default=None,
+                   help="accept feedback without a credential from any peer (reporter 'anonymous'); by default "
+                        "only loopback peers may, and only while no feedback token is configured")
     p.add_argument("--device-memory-budget", default=None,
                    help="memory resident versions may use, e.g. 4GiB (default: half the free RAM on cpu, "
                         "80%% of free GPU memory)")

@@ -5,14 +5,17 @@ exactly one of ``label`` (a class id), ``correct`` (true/false, 1/0, yes/no) or 
 number), optionally ``row`` (the row of a multi-row request, default 0); other columns are
 ignored. The whole file is checked before anything is sent. Outcomes go to the feedback
 service on the *inference* port (``--url``, default ``$SWAPSERVE_INFER_URL`` or
-``localhost:8001``) in batches of ``--batch`` (default 1000).
+``localhost:8001``) in batches of ``--batch`` (default 1000), with the feedback credential
+``--token`` (default ``$SWAPSERVE_FEEDBACK_TOKEN``; sent as ``authorization: Bearer TOKEN``) when
+the server requires one.
 
-Unknown, expired or invalid ids are counted and listed, not fatal. Exit codes: 0 sent (whatever
+Excluded (joined but not counted by rollout gates), duplicate, unknown, expired or invalid ids
+are counted and listed, not fatal. Exit codes: 0 sent (whatever
 joined), 1 the server refused a batch (earlier batches stay counted), 2 bad usage or a bad file
 (line number in the message), 3 no server at ``--url``.
 
-``--json`` prints ``{"model", "sent", "joined", "unknown", "expired", "invalid",
-"not_joined": [{"id", "row", "status", "message"}, ...]}``.
+``--json`` prints ``{"model", "sent", "joined", "excluded", "duplicate", "unknown", "expired",
+"invalid", "not_joined": [{"id", "row", "status", "message"}, ...]}``.
 
 Only ``swapserve._proto.feedback_pb2`` is imported (never the KServe inference protos), so this
 runs beside ``tritonclient``.
@@ -123,15 +126,20 @@ class _Refused(Exception):
         self.code, self.message, self.unreachable = code, message, unreachable
 
 
-def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float = 60) -> dict[str, Any]:
+#: What ``send`` totals, in the order the table shows them.
+_COUNTS = ("joined", "excluded", "duplicate", "unknown", "expired", "invalid")
+
+
+def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float = 60,
+         token: str | None = None) -> dict[str, Any]:
     """Send ``rows`` in batches; the totals document (see the module docstring). Raises _Refused."""
     import grpc
 
     from swapserve._proto import feedback_pb2 as pb
     from swapserve._proto import feedback_pb2_grpc as pb_grpc
 
-    totals: dict[str, Any] = {"model": model, "sent": 0, "joined": 0, "unknown": 0, "expired": 0, "invalid": 0,
-                              "not_joined": []}
+    totals: dict[str, Any] = {"model": model, "sent": 0, **{k: 0 for k in _COUNTS}, "not_joined": []}
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     with grpc.insecure_channel(url) as channel:
         stub = pb_grpc.FeedbackStub(channel)
         for chunk in _batches(rows, batch):
@@ -139,7 +147,7 @@ def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float =
             for rid, kind, value, row in chunk:
                 request.outcomes.add(id=rid, row=row, **{kind: value})
             try:
-                response = stub.Report(request, timeout=timeout)
+                response = stub.Report(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
                 detail = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
@@ -151,7 +159,7 @@ def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float =
                         unreachable = True
                 raise _Refused(code.name, detail, unreachable) from None
             totals["sent"] += len(chunk)
-            for key in ("joined", "unknown", "expired", "invalid"):
+            for key in _COUNTS:
                 totals[key] += getattr(response, key)
             for (rid, _, _, row), r in zip(chunk, response.results):
                 if r.status != "joined":
@@ -166,8 +174,8 @@ def _render(totals: dict[str, Any]) -> None:
 
     out = Console(markup=False, highlight=False, soft_wrap=False,
                   width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
-    table = Table("MODEL", "SENT", "JOINED", "UNKNOWN", "EXPIRED", "INVALID")
-    table.add_row(totals["model"], *(str(totals[k]) for k in ("sent", "joined", "unknown", "expired", "invalid")))
+    table = Table("MODEL", "SENT", *(k.upper() for k in _COUNTS))
+    table.add_row(totals["model"], *(str(totals[k]) for k in ("sent", *_COUNTS)))
     out.print(table)
     missed = totals["not_joined"]
     for m in missed[:_SHOWN]:
@@ -188,7 +196,7 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     url = args.url or os.environ.get("SWAPSERVE_INFER_URL") or DEFAULT_URL
     try:
-        totals = send(url, args.model, rows, args.batch)
+        totals = send(url, args.model, rows, args.batch, token=args.token or os.environ.get("SWAPSERVE_FEEDBACK_TOKEN"))
     except _Refused as exc:
         if exc.unreachable:
             print(f"error: cannot reach the swapserve inference service at {url} ({exc.message}); is `swapserve "
@@ -213,6 +221,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--file", required=True, metavar="LABELS.csv", help="CSV with id and label|correct|value [row]")
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="inference gRPC address (default: $SWAPSERVE_INFER_URL or localhost:8001)")
+    p.add_argument("--token", default=None, help="feedback credential (default: $SWAPSERVE_FEEDBACK_TOKEN)")
     p.add_argument("--json", action="store_true", help="print the totals and non-joined outcomes as JSON")
     p.add_argument("--batch", type=positive_int, default=1000, metavar="N", help="outcomes per request (default 1000)")
     p.set_defaults(func=_cmd_feedback, prog=p.prog)

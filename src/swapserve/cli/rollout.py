@@ -75,6 +75,8 @@ def render_rollout(doc: dict[str, Any]) -> None:
     if ev.get("rollback"):
         rb = ev["rollback"]
         out.print(Text(f"rolled back: {rb.get('reason')}", style="red"))
+    if r.get("sources"):
+        render_sources(out, r["sources"])
     if ev.get("report"):
         rep = Table("ARM", "VERSION", "SLICE", "REQUESTS", "LABELLED", "ACCURACY", "P99 MS")
         for arm in ("champion", "challenger"):
@@ -84,6 +86,36 @@ def render_rollout(doc: dict[str, Any]) -> None:
                 p99 = f"{c['latency_p99_s'] * 1e3:.1f}" if c.get("latency_p99_s") is not None else "-"
                 rep.add_row(arm, str(a["version"]), s, str(c["requests"]), str(c["labelled"]), acc, p99)
         out.print(rep)
+
+
+def render_sources(out: Any, sources: dict[str, Any]) -> None:
+    """Who the evidence came from (labels per reporter this stage) and what the gates left out, why."""
+    cap = sources.get("max_reporter_share")
+    reporters = sources.get("reporters") or {}
+    title = "labels this stage by reporter" + (f" (max_reporter_share {cap:g})" if cap else " (no reporter cap)")
+    table = Table("REPORTER", "VERSION", "COUNTED", "EXCLUDED", title=title, title_justify="left")
+    for reporter, by_version in sorted(reporters.items()):
+        for version, results in sorted(by_version.items()):
+            excluded = ", ".join(f"{k} {n}" for k, n in sorted(results.items()) if k != "counted") or "-"
+            table.add_row(reporter, version, str(results.get("counted", 0)), excluded)
+    if not reporters:
+        table.add_row("-", "-", "0", "no labels yet")
+    out.print(table)
+    excluded = Table("ARM", "VERSION", "KIND", "REASON", "COUNT",
+                     title="kept out of the gates since the rollout started", title_justify="left")
+    rows = 0
+    for arm in ("champion", "challenger"):
+        ex = (sources.get("excluded") or {}).get(arm) or {}
+        for kind in ("request", "outcome"):
+            for reason, n in sorted((ex.get(kind) or {}).items()):
+                note = " (counted in 'other')" if reason == "undeclared_slice" else ""
+                excluded.add_row(arm, str(ex.get("version", "")), kind, reason + note, str(n))
+                rows += 1
+    if rows:
+        out.print(excluded)
+    else:
+        out.print("nothing kept out of the gates (no pinned or cohort requests, client errors, capped, "
+                  "duplicate or evicted labels)")
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:

@@ -31,8 +31,10 @@ Reporters
 Every joined label names its reporter (the feedback credential's name, or ``anonymous``).
 ``limit_reporters(model, share)`` (the rollout controller, at the start of each stage) starts a
 fresh per-reporter budget: from then on a reporter's labels on one version count only while
-they stay within ``share`` of that version's counted labels (``admit``); the first label of each
-reporter always counts, so a budget never starves a stage. ``reporters`` reads the book.
+they stay within ``share`` of that version's counted labels (``admit``). The first
+``REPORTER_GRACE_LABELS`` (5) labels of each reporter on a version always count, so a stage can
+start; beyond them, all labels can count only when more than ``1 / share`` reporters share the
+work (a cap of 0.2 needs 6 or more). ``reporters`` reads the book.
 
 Counting "since"
 ----------------
@@ -101,6 +103,8 @@ MAX_SLICE_CHARS = 128
 RESULTS = ("joined", "excluded", "duplicate", "unknown", "expired", "invalid")
 #: Reporter of a label sent without a feedback credential (open or loopback feedback).
 ANONYMOUS = "anonymous"
+#: Labels of each reporter on a version that count in a stage whatever the cap (so a stage can start).
+REPORTER_GRACE_LABELS = 5
 
 #: What is kept out of gate evidence, as (kind, reason): ``request`` reasons are requests not
 #: counted (``undeclared_slice``: counted, but in ``other``); ``outcome`` reasons are labels not counted.
@@ -345,8 +349,8 @@ class SliceStats:
         """Start a fresh reporter book for ``model`` (a new rollout stage) with this cap (None: none).
 
         From now on ``admit`` counts a reporter's label on a version only while that reporter's
-        counted labels on it stay within ``max_share`` of all counted labels on it (its first one
-        always counts)."""
+        counted labels on it stay within ``max_share`` of all counted labels on it (its first
+        ``REPORTER_GRACE_LABELS`` always count)."""
         if max_share is not None and not 0.0 < max_share <= 1.0:
             raise ValueError(f"max_reporter_share must be in (0, 1], got {max_share}")
         state = self._model(model)
@@ -364,7 +368,7 @@ class SliceStats:
         if share is None:
             return True
         mine = state.book.get((version, reporter, "counted"), 0)
-        return mine == 0 or mine + 1 <= share * (state.counted.get(version, 0) + 1)
+        return mine < REPORTER_GRACE_LABELS or mine + 1 <= share * (state.counted.get(version, 0) + 1)
 
     def note_label(self, model: str, version: int, reporter: str, result: str) -> None:
         """Record one label of ``reporter`` on ``version``: ``counted`` or an outcome reason of EXCLUDED."""

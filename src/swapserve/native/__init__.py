@@ -398,6 +398,11 @@ class Frontend:
         """Every event since the last drain, oldest first."""
         return self._native.drain()
 
+    def call_info(self, call: int) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+        """``(peer, metadata)`` of a live call (grpc.aio's ``peer()`` and ``invocation_metadata()``,
+        binary headers left out); None when the call is gone. Read on demand: free for calls that never ask."""
+        return self._native.call_info(call)
+
     def write(self, call: int, data: bytes) -> bool:
         """Send one message of a streamed response. False when the call is gone or finished."""
         return self._native.write(call, data)

@@ -102,6 +102,7 @@ class RolloutController:
 
     def _release(self, r: RolloutRecord) -> None:
         self._guard(r.model, frozenset())
+        self.slices.limit_reporters(r.model, None)
 
     def _guard(self, model: str, versions: frozenset[int]) -> None:
         """Keep ``versions`` resident (never evicted) while the rollout relies on them."""
@@ -130,6 +131,7 @@ class RolloutController:
             if r is not None:
                 self._active[model] = r
                 self._guard(model, frozenset({r.champion, r.challenger}))
+                self.slices.limit_reporters(model, self.plan_of(r).gates.max_reporter_share)
                 self._export(r)
                 log.info("rollout %d of model '%s' resumed at stage %d (%s)", r.id, model, r.stage_index, r.state)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -292,6 +294,7 @@ class RolloutController:
                             traffic_bp=stage.traffic_bp, shadow=stage.shadow,
                             cohorts=tuple((c.attribute, c.value) for c in stage.cohorts))
         mark = self.slices.mark(r.model)
+        self.slices.limit_reporters(r.model, plan.gates.max_reporter_share)  # each stage: a fresh budget
         history = list(r.evidence.get("history", [])) + [
             {"at": self.clock(), "event": "stage", "stage": stage.name, "traffic": stage.traffic, "reason": reason}]
         ev = dict(r.evidence, stage_started_at=mark, history=history, phase="stages")
@@ -345,6 +348,7 @@ class RolloutController:
             await self._enter_stage(r, r.stage_index + 1, decision.reason)
             return
         mark = self.slices.mark(model)
+        self.slices.limit_reporters(model, plan.gates.max_reporter_share)
         history = list(r.evidence.get("history", [])) + [{"at": now, "event": "watch", "reason": decision.reason}]
         await self._save(r, evidence=dict(r.evidence, phase="watch", stage_started_at=mark, history=history))
 

@@ -148,6 +148,10 @@ class Gates:
     ``max_relative_mae_increase``: for numeric targets, fail when a slice's mean absolute error
     is higher than the champion's by more than this fraction of the champion's MAE.
     ``confidence``: 1 - the family-wise false-rollback rate over all slices and gates of a stage.
+    ``max_reporter_share``: the most of a stage's labels on one version that one reporter (feedback
+    credential) may contribute, a fraction in (0, 1]; its labels beyond that are recorded but kept
+    out of the gates (counted as ``reporter_cap``). A reporter within the cap can move a version's
+    observed accuracy by at most about this fraction. None (the default): no cap.
     """
 
     max_slice_accuracy_drop: float = 0.01
@@ -156,6 +160,7 @@ class Gates:
     confidence: float = 0.99
     max_relative_mae_increase: float = 0.05
     p99_min_requests: int = 100
+    max_reporter_share: float | None = None
 
     @property
     def alpha(self) -> float:
@@ -208,17 +213,20 @@ class RolloutPlan:
                 d["approve"] = True
             stages.append(d)
         g = self.gates
+        gates: dict[str, Any] = {
+            "max_slice_accuracy_drop": g.max_slice_accuracy_drop,
+            "max_error_rate_increase": g.max_error_rate_increase,
+            "p99_ms": g.p99_ms,
+            "confidence": g.confidence,
+            "max_relative_mae_increase": g.max_relative_mae_increase,
+            "p99_min_requests": g.p99_min_requests,
+        }
+        if g.max_reporter_share is not None:
+            gates["max_reporter_share"] = g.max_reporter_share
         return {
             "strategy": self.strategy,
             "stages": stages,
-            "gates": {
-                "max_slice_accuracy_drop": g.max_slice_accuracy_drop,
-                "max_error_rate_increase": g.max_error_rate_increase,
-                "p99_ms": g.p99_ms,
-                "confidence": g.confidence,
-                "max_relative_mae_increase": g.max_relative_mae_increase,
-                "p99_min_requests": g.p99_min_requests,
-            },
+            "gates": gates,
             "watch": self.watch_s,
             "require_offline_eval": self.require_offline_eval,
             "rollback_approval_window": self.rollback_approval_window_s,
@@ -238,7 +246,7 @@ _AB_KEYS = ("strategy", "split", "duration", "gates", "watch", "require_offline_
             "rollback_approval_window", "webhook", "stages")
 _STAGE_KEYS = ("name", "traffic", "shadow", "cohorts", "min_duration", "min_samples", "approve")
 _GATE_KEYS = ("max_slice_accuracy_drop", "max_error_rate_increase", "p99_ms", "confidence",
-              "max_relative_mae_increase", "p99_min_requests")
+              "max_relative_mae_increase", "p99_min_requests", "max_reporter_share")
 _COHORT_KEYS = ("attribute", "value")
 
 
@@ -311,6 +319,11 @@ def _gates(value: object) -> Gates:
     conf = d.get("confidence", g.confidence)
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf < 1:
         raise _bad("gates.confidence", f"{conf!r} must be in [0.5, 1), e.g. 0.99 for a 1% false-rollback rate")
+    share = d.get("max_reporter_share")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                              or not math.isfinite(share) or not 0 < share <= 1):
+        raise _bad("gates.max_reporter_share", f"{share!r} must be a fraction in (0, 1], e.g. 0.2: one reporter's "
+                   "labels count up to 20% of a stage's labels on a version; omit it for no cap")
     return Gates(
         max_slice_accuracy_drop=acc,
         max_error_rate_increase=err,
@@ -318,6 +331,7 @@ def _gates(value: object) -> Gates:
         confidence=float(conf),
         max_relative_mae_increase=float(mae),
         p99_min_requests=_int(d.get("p99_min_requests", g.p99_min_requests), "gates.p99_min_requests"),
+        max_reporter_share=None if share is None else float(share),
     )
 
 

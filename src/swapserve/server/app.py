@@ -33,7 +33,7 @@ from swapserve.registry import Registry
 from swapserve.repository import ModelRepository
 from swapserve.rollout.controller import RolloutController
 from swapserve.server.control import ControlServicer
-from swapserve.server.feedback import FeedbackServicer
+from swapserve.server.feedback import FeedbackAuth, FeedbackServicer
 from swapserve.server.inference import InferenceServicer
 from swapserve.server.transport import native as native_frontend
 from swapserve.telemetry.metrics import Metrics
@@ -207,7 +207,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
             ("grpc.so_reuseport", 0),
         ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
-    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback), grpc_server)
+    feedback_auth = FeedbackAuth.from_settings(settings.feedback_token_file, settings.feedback_token,
+                                               settings.feedback_open)
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback, feedback_auth), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     # The asyncio reflection servicer, added directly: enable_server_reflection() would pick the

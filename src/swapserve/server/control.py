@@ -26,6 +26,8 @@ from swapserve._proto import control_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # the control plane imports the whole server; the servicer needs only its API
     from swapserve.controlplane import ControlPlane
+    from swapserve.feedback.slices import SliceStats
+    from swapserve.registry.records import RolloutRecord
     from swapserve.rollout.controller import RolloutController
     from swapserve.registry.records import AuditEntry, Event
 
@@ -257,7 +259,10 @@ class ControlServicer(pb_grpc.ControlServicer):
         if r is None:
             past = await self._control.rollouts(model, 1)
             r = past[0] if past else None
-        return pb.RolloutStatus(rollout_json=_json(r.to_dict()) if r is not None else "",
+        doc = r.to_dict() if r is not None else None
+        if doc is not None and self._control.slices is not None:
+            doc["sources"] = evidence_sources(self._control.slices, r)  # type: ignore[arg-type]
+        return pb.RolloutStatus(rollout_json=_json(doc) if doc is not None else "",
                                 model=model_view_to_pb(await self._control.status(model)))
 
     @map_errors
@@ -301,6 +306,21 @@ class ControlServicer(pb_grpc.ControlServicer):
 
 
 # -- serving it ----------------------------------------------------------------------------------
+
+
+def evidence_sources(slices: SliceStats, r: RolloutRecord) -> dict[str, Any]:
+    """Where a rollout's evidence came from, live: labels per reporter in the current stage (what
+    counted, what was excluded and why) and, per arm since the rollout started, the requests and
+    labels kept out of the gates by reason (pinned, cohort, client_error, reporter_cap,
+    duplicate, evicted; undeclared_slice: counted, in ``other``)."""
+    since = r.evidence.get("started_at")
+    since_f = float(since) if since is not None else None
+    return {
+        "max_reporter_share": slices.reporter_cap(r.model),
+        "reporters": slices.reporters(r.model),
+        "excluded": {role: {"version": v, **slices.exclusions(r.model, v, since=since_f)}
+                     for role, v in (("champion", r.champion), ("challenger", r.challenger))},
+    }
 
 
 def is_loopback(address: str) -> bool:

@@ -148,10 +148,12 @@ class _Context:
         return max(0.0, (self._deadline_ns - time.monotonic_ns()) / 1e9)
 
     def invocation_metadata(self) -> tuple[Any, ...]:
-        return ()
+        info = self._server._native.call_info(self._id)
+        return info[1] if info is not None else ()
 
     def peer(self) -> str:
-        return ""
+        info = self._server._native.call_info(self._id)
+        return info[0] if info is not None else ""
 
     def cancelled(self) -> bool:
         return self._cancelled
