@@ -79,8 +79,9 @@ def test_labels_join_and_per_slice_accuracy_matches_offline(served: Any, example
     request.outcomes.add(id=seen[0][0], label=seen[0][2])  # already reported: counted once
     request.outcomes.add(id="multi-0", label=1, row=9)
     response = stub.Report(request, timeout=30)
-    assert (response.joined, response.unknown, response.expired, response.invalid) == (half, 1, 0, 2)
-    assert [r.status for r in response.results[-3:]] == ["unknown", "invalid", "invalid"]
+    assert (response.joined, response.unknown, response.expired, response.invalid, response.duplicate) == \
+        (half, 1, 0, 1, 1)
+    assert [r.status for r in response.results[-3:]] == ["unknown", "duplicate", "invalid"]
     assert "no-such-request" in response.results[-3].message
 
     # The other half through the CLI, with an unknown id again.
@@ -116,7 +117,10 @@ def test_labels_join_and_per_slice_accuracy_matches_offline(served: Any, example
                                                   "slice": "overall"}) == 0
     assert value("swapserve_feedback_outcomes_total", {"model": "digits", "result": "joined"}) == len(seen)
     assert value("swapserve_feedback_outcomes_total", {"model": "digits", "result": "unknown"}) == 2
-    assert value("swapserve_feedback_outcomes_total", {"model": "digits", "result": "invalid"}) == 2
+    assert value("swapserve_feedback_outcomes_total", {"model": "digits", "result": "invalid"}) == 1
+    assert value("swapserve_feedback_outcomes_total", {"model": "digits", "result": "duplicate"}) == 1
+    assert value("swapserve_feedback_reporter_labels_total", {"model": "digits", "reporter": "anonymous",
+                                                              "result": "counted"}) == len(seen)
 
 
 def test_cli_exit_codes(served: Any, tmp_path: Path) -> None:
@@ -133,3 +137,36 @@ def test_cli_exit_codes(served: Any, tmp_path: Path) -> None:
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr
     done = run_cli("digits", "--file", str(good), "--url", address)
     assert done.returncode == 0 and "unknown" in done.stderr  # not joined: listed, not fatal
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_a_configured_feedback_token_is_required_and_names_the_reporter(
+        example_repo: Path, tmp_path: Path, make_server: Any, frontend: str) -> None:
+    from swapserve.server.transport import native as native_frontend
+
+    if frontend == "native" and not native_frontend.available():
+        pytest.skip("the native front end is not built")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("labeller 0123456789abcdef0123\n")
+    srv = make_server(copy_models(example_repo, tmp_path / "repo", ["digits"]), feedback_token_file=tokens,
+                      frontend=frontend)
+    x = np.load(example_repo / "digits" / "holdout.npz")["x"][:2]
+    ids = [infer(srv, x[i:i + 1], "round").id for i in range(2)]
+    stub = fpb_grpc.FeedbackStub(grpc.insecure_channel(f"127.0.0.1:{srv.server.grpc_port}"))
+    request = fpb.ReportRequest(model="digits", outcomes=[fpb.Outcome(id=ids[0], correct=True)])
+    for metadata in ((), (("authorization", "Bearer wrong-token-000000"),)):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Report(request, timeout=30, metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = stub.Report(request, timeout=30, metadata=(("authorization", "Bearer 0123456789abcdef0123"),))
+    assert ok.joined == 1
+    ok = stub.Report(fpb.ReportRequest(model="digits", outcomes=[fpb.Outcome(id=ids[1], correct=True)]), timeout=30,
+                     metadata=(("x-swapserve-feedback-token", "0123456789abcdef0123"),))
+    assert ok.joined == 1
+    value = srv.server.metrics.registry.get_sample_value
+    assert value("swapserve_feedback_reporter_labels_total", {"model": "digits", "reporter": "labeller",
+                                                              "result": "counted"}) == 2
+    # Re-sending a logged id is refused, and the first prediction stays joinable only once.
+    with pytest.raises(grpc.RpcError) as again:
+        infer(srv, x[:1], "round", rid=ids[0])
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS and "already used" in again.value.details()
