@@ -10,7 +10,7 @@ slice 3" is exactly that, and the simulator knows every ground truth.
 gets a random ``routing_key`` so a canary's share of keys is its share of traffic, and a
 ``slice`` parameter), and reports every answer's true label through the Feedback service in
 small batches (labels arrive ``label_delay_s`` late; with ``token``, as that feedback
-credential's reporter). Request ids are left to the server (unguessable, unique). It runs in its own thread and counts
+credential's reporter; with several tokens, each report batch uses the next). Request ids are left to the server (unguessable, unique). It runs in its own thread and counts
 requests, errors, labels and answers per version.
 """
 from __future__ import annotations
@@ -89,9 +89,12 @@ class Simulator:
 
     def __init__(self, url: str, model: str, *, rate: float = 200.0, label_delay_s: float = 0.05,
                  slices: Sequence[str] = SLICES, seed: int = 0, concurrency_cap: int = 256,
-                 token: str | None = None) -> None:
+                 token: str | Sequence[str] | None = None) -> None:
         self.url, self.model, self.rate, self.label_delay_s = url, model, rate, label_delay_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        tokens = [token] if isinstance(token, str) else list(token or ())
+        #: Feedback metadata per report, in turn (a fleet of labellers, one credential each).
+        self.metadata = [(("authorization", f"Bearer {t}"),) for t in tokens] or [None]
+        self._reports = 0
         self.slices = list(slices)
         self.rng = random.Random(seed)
         self.cap = concurrency_cap
@@ -151,7 +154,9 @@ class Simulator:
                     req = fpb.ReportRequest(model=self.model,
                                             outcomes=[fpb.Outcome(id=rid, label=lab) for _, rid, lab in due])
                     try:
-                        resp = await report(req, timeout=30, metadata=self.metadata)
+                        metadata = self.metadata[self._reports % len(self.metadata)]
+                        self._reports += 1
+                        resp = await report(req, timeout=30, metadata=metadata)
                         self.stats.labels_sent += len(due)
                         self.stats.joined += resp.joined
                     except grpc.aio.AioRpcError as exc:
