@@ -185,6 +185,22 @@ def test_a_label_counts_once_and_names_its_reporter() -> None:
     assert fb.slices.exclusions("digits", 2)["outcome"] == {"duplicate": 1}
 
 
+def test_the_cap_holds_per_slice_so_a_share_cannot_be_concentrated() -> None:
+    stats = SliceStats(clock=FakeClock(T0))
+    stats.limit_reporters("m", 0.1)
+    for i in range(1000):  # ten honest reporters, spread over two slices
+        slice_ = "small" if (i // 10) % 10 == 0 else "big"  # all ten take turns on each slice
+        assert stats.admit("m", 2, slice_, f"h{i % 10}")
+        stats.note_label("m", 2, slice_, f"h{i % 10}", "counted")
+    small = 0
+    for _ in range(100):  # the liar puts everything on the small slice
+        if stats.admit("m", 2, "small", "liar"):
+            stats.note_label("m", 2, "small", "liar", "counted")
+            small += 1
+    assert small <= 0.1 * (100 + small) + 1  # a tenth of that slice, not a tenth of the version
+    assert stats.admit("m", 2, "big", "liar")
+
+
 def test_one_reporter_cannot_exceed_its_share_of_a_stage() -> None:
     ids = [(f"r{i}", 2) for i in range(400)]
     fb = fb_with(*ids)
@@ -192,7 +208,7 @@ def test_one_reporter_cannot_exceed_its_share_of_a_stage() -> None:
     honest = [Outcome(f"r{i}", "label", 3) for i in range(0, 400, 2)]  # 200, true labels
     liar = [Outcome(f"r{i}", "label", 0) for i in range(1, 400, 2)]  # 200, false labels
     s_liar_early = fb.report("digits", liar[:100], reporter="mallory")
-    assert s_liar_early.joined == 5 and s_liar_early.excluded == 95  # alone: only its grace labels count
+    assert s_liar_early.joined == 1 and s_liar_early.excluded == 99  # alone: only its first label counts
     for k in range(0, 200, 2):  # six honest labellers take turns; the liar keeps trying
         fb.report("digits", honest[k:k + 2], reporter=f"labeller-{k // 2 % 6}")
         fb.report("digits", liar[100 + k // 2:100 + k // 2 + 1], reporter="mallory")
@@ -207,7 +223,7 @@ def test_one_reporter_cannot_exceed_its_share_of_a_stage() -> None:
     capped = sum(v["2"].get("reporter_cap", 0) for v in book.values())
     assert fb.slices.exclusions("digits", 2)["outcome"]["reporter_cap"] == capped
     fb.slices.limit_reporters("digits", None)  # the rollout ended: no cap, a fresh book
-    assert fb.slices.reporters("digits") == {} and fb.slices.admit("digits", 2, "mallory")
+    assert fb.slices.reporters("digits") == {} and fb.slices.admit("digits", 2, "unlabelled", "mallory")
 
 
 @pytest.mark.parametrize("share", [0.0, 1.5, -0.1])
@@ -256,7 +272,7 @@ def test_exclusions_are_exported_to_prometheus() -> None:
     stats = SliceStats(registry, clock=FakeClock(T0))
     stats.exclude("m", 2, "a", "request", "pinned")
     stats.exclude("m", 2, "a", "outcome", "reporter_cap")
-    stats.note_label("m", 2, "mallory", "reporter_cap")
+    stats.note_label("m", 2, "a", "mallory", "reporter_cap")
     stats.count_result("m", "excluded")
     get = registry.get_sample_value
     assert get("swapserve_evidence_excluded_total", {"model": "m", "version": "2", "kind": "request",

@@ -163,9 +163,9 @@ class FeedbackObserver:
         pred = e.row(o.row)
         if pred is None or e.exclude:
             return
-        if not self.slices.admit(model, e.version, reporter):
+        if not self.slices.admit(model, e.version, e.slice, reporter):
             self.slices.exclude(e.model, e.version, e.slice, "outcome", "reporter_cap")
-            self.slices.note_label(model, e.version, reporter, "reporter_cap")
+            self.slices.note_label(model, e.version, e.slice, reporter, "reporter_cap")
             self.shadow_log.mark_labelled(e, o.row)
             return
         if o.kind == LABEL and task is Task.CLASSIFICATION:
@@ -174,7 +174,7 @@ class FeedbackObserver:
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
         else:
             return
-        self.slices.note_label(model, e.version, reporter, "counted")
+        self.slices.note_label(model, e.version, e.slice, reporter, "counted")
         self.shadow_log.mark_labelled(e, o.row)
 
     # -- the feedback service -----------------------------------------------------------------
@@ -227,7 +227,7 @@ class FeedbackObserver:
         bit = 1 << o.row
         if e.labelled & bit:
             self.slices.exclude(e.model, e.version, e.slice, "outcome", "duplicate")
-            self.slices.note_label(model, e.version, reporter, "duplicate")
+            self.slices.note_label(model, e.version, e.slice, reporter, "duplicate")
             return OutcomeResult(o.id, "duplicate", f"an outcome for request '{o.id}' row {o.row} was already "
                                  "reported; the first report counts, this one does not")
         pred = e.row(o.row)
@@ -239,10 +239,10 @@ class FeedbackObserver:
         if o.kind == VALUE and (task is not Task.REGRESSION or pred is None):
             return invalid(f"model '{model}' does not predict a single number per row; report `label` or "
                            "`correct` instead of `value`")
-        why = e.exclude or ("" if self.slices.admit(model, e.version, reporter) else "reporter_cap")
+        why = e.exclude or ("" if self.slices.admit(model, e.version, e.slice, reporter) else "reporter_cap")
         if why:
             self.slices.exclude(e.model, e.version, e.slice, "outcome", why)
-            self.slices.note_label(model, e.version, reporter, why)
+            self.slices.note_label(model, e.version, e.slice, reporter, why)
             self.log.mark_labelled(e, o.row)
             return OutcomeResult(o.id, "excluded", _EXCLUDED_MESSAGES[why].format(id=o.id, version=e.version,
                                                                                    reporter=reporter))
@@ -252,7 +252,7 @@ class FeedbackObserver:
             self.slices.record_outcome(e.model, e.version, e.slice, LABEL, correct=int(pred) == int(o.value or 0))
         else:
             self.slices.record_outcome(e.model, e.version, e.slice, VALUE, error=float(pred) - float(o.value or 0.0))
-        self.slices.note_label(model, e.version, reporter, "counted")
+        self.slices.note_label(model, e.version, e.slice, reporter, "counted")
         self.log.mark_labelled(e, o.row)
         self._score_shadow(model, o, task, reporter)
         return OutcomeResult(o.id, "joined")

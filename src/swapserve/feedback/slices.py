@@ -30,11 +30,13 @@ Reporters
 ---------
 Every joined label names its reporter (the feedback credential's name, or ``anonymous``).
 ``limit_reporters(model, share)`` (the rollout controller, at the start of each stage) starts a
-fresh per-reporter budget: from then on a reporter's labels on one version count only while
-they stay within ``share`` of that version's counted labels (``admit``). The first
-``REPORTER_GRACE_LABELS`` (5) labels of each reporter on a version always count, so a stage can
-start; beyond them, all labels can count only when more than ``1 / share`` reporters share the
-work (a cap of 0.2 needs 6 or more). ``reporters`` reads the book.
+fresh per-reporter budget: from then on a reporter's label on a (version, slice) counts only
+while the reporter's counted labels there stay within ``share`` of all counted labels there,
+plus one (``admit``: ``mine <= share * (all + 1)``; so the first label of a stage counts, and
+the excess over the share is at most one label per slice). Per slice, so that a reporter cannot
+concentrate its whole share on a small slice. Every label can count only when at least
+``1 / share`` reporters share the work; with fewer, each reporter stalls at its share and the
+rest is excluded (counted as ``reporter_cap``). ``reporters`` reads the book per version.
 
 Counting "since"
 ----------------
@@ -103,8 +105,6 @@ MAX_SLICE_CHARS = 128
 RESULTS = ("joined", "excluded", "duplicate", "unknown", "expired", "invalid")
 #: Reporter of a label sent without a feedback credential (open or loopback feedback).
 ANONYMOUS = "anonymous"
-#: Labels of each reporter on a version that count in a stage whatever the cap (so a stage can start).
-REPORTER_GRACE_LABELS = 5
 
 #: What is kept out of gate evidence, as (kind, reason): ``request`` reasons are requests not
 #: counted (``undeclared_slice``: counted, but in ``other``); ``outcome`` reasons are labels not counted.
@@ -190,8 +190,10 @@ class _ModelState:
     #: (version, reporter, result) -> labels since the last ``limit_reporters``; result is
     #: ``counted`` or an outcome reason of EXCLUDED. Bounded: reporters are credentials.
     book: dict[tuple[int, str, str], int] = field(default_factory=dict)
-    #: version -> labels counted since the last ``limit_reporters`` (the budget's denominator).
-    counted: dict[int, int] = field(default_factory=dict)
+    #: (version, slice) -> labels counted since the last ``limit_reporters`` (the budget's denominator).
+    counted: dict[tuple[int, str], int] = field(default_factory=dict)
+    #: (version, slice, reporter) -> that reporter's labels counted since then (the numerator).
+    mine: dict[tuple[int, str, str], int] = field(default_factory=dict)
     #: (reporter, result) -> labels since the server started (Prometheus).
     by_reporter: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -348,9 +350,8 @@ class SliceStats:
     def limit_reporters(self, model: str, max_share: float | None) -> None:
         """Start a fresh reporter book for ``model`` (a new rollout stage) with this cap (None: none).
 
-        From now on ``admit`` counts a reporter's label on a version only while that reporter's
-        counted labels on it stay within ``max_share`` of all counted labels on it (its first
-        ``REPORTER_GRACE_LABELS`` always count)."""
+        From now on ``admit`` counts a reporter's label on a (version, slice) only while that
+        reporter's counted labels there stay within ``max_share`` of all counted there, plus one."""
         if max_share is not None and not 0.0 < max_share <= 1.0:
             raise ValueError(f"max_reporter_share must be in (0, 1], got {max_share}")
         state = self._model(model)
@@ -358,26 +359,30 @@ class SliceStats:
             state.max_reporter_share = max_share
             state.book = {}
             state.counted = {}
+            state.mine = {}
 
-    def admit(self, model: str, version: int, reporter: str) -> bool:
-        """Whether ``reporter``'s next label on ``version`` counts as evidence under the current cap.
-
-        Pure check: ``note_label`` records what happened to the label."""
+    def admit(self, model: str, version: int, slice_: str, reporter: str) -> bool:
+        """Whether ``reporter``'s next label on (``version``, ``slice_``) counts as evidence under the
+        current cap. Pure check: ``note_label`` records what happened to the label."""
         state = self._model(model)
         share = state.max_reporter_share
         if share is None:
             return True
-        mine = state.book.get((version, reporter, "counted"), 0)
-        return mine < REPORTER_GRACE_LABELS or mine + 1 <= share * (state.counted.get(version, 0) + 1)
+        mine = state.mine.get((version, slice_, reporter), 0)
+        return mine <= share * (state.counted.get((version, slice_), 0) + 1)
 
-    def note_label(self, model: str, version: int, reporter: str, result: str) -> None:
-        """Record one label of ``reporter`` on ``version``: ``counted`` or an outcome reason of EXCLUDED."""
+    def note_label(self, model: str, version: int, slice_: str, reporter: str, result: str) -> None:
+        """Record one label of ``reporter`` on (``version``, ``slice_``): ``counted`` or an outcome
+        reason of EXCLUDED."""
         state = self._model(model)
         with self._lock:
             key = (version, reporter, result)
             state.book[key] = state.book.get(key, 0) + 1
             if result == "counted":
-                state.counted[version] = state.counted.get(version, 0) + 1
+                vs = (version, slice_)
+                state.counted[vs] = state.counted.get(vs, 0) + 1
+                mk = (version, slice_, reporter)
+                state.mine[mk] = state.mine.get(mk, 0) + 1
             rk = (reporter, result)
             state.by_reporter[rk] = state.by_reporter.get(rk, 0) + 1
 

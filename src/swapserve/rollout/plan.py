@@ -148,10 +148,13 @@ class Gates:
     ``max_relative_mae_increase``: for numeric targets, fail when a slice's mean absolute error
     is higher than the champion's by more than this fraction of the champion's MAE.
     ``confidence``: 1 - the family-wise false-rollback rate over all slices and gates of a stage.
-    ``max_reporter_share``: the most of a stage's labels on one version that one reporter (feedback
-    credential) may contribute, a fraction in (0, 1]; its labels beyond that are recorded but kept
-    out of the gates (counted as ``reporter_cap``). A reporter within the cap can move a version's
-    observed accuracy by at most about this fraction. None (the default): no cap.
+    ``max_reporter_share``: the most of a stage's labels on one version and slice that one reporter
+    (feedback credential) may contribute, a fraction in (0, 1]; its labels beyond that are
+    recorded but kept out of the gates (counted as ``reporter_cap``). A lying reporter within the
+    cap moves a slice's observed accuracy difference by at most about this fraction, so a cap at
+    or below ``max_slice_accuracy_drop`` keeps one liar alone from failing an A/A canary beyond the
+    gates' own error rate. It needs at least ``1 / share`` reporters for every label to count.
+    None (the default): no cap.
     """
 
     max_slice_accuracy_drop: float = 0.01
