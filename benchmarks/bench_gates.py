@@ -30,6 +30,19 @@ Simulation (in-process, numpy-vectorised; no server):
 - **Issue scenario (a)**: 10 points worse on one slice of five (equal shares, accuracy 0.9),
   10% canary at 500 labelled outcomes/s: median and p90 time from canary start to the failing
   evaluation (decision engine only; label delay and publish not included).
+- **Adversarial scenario** (issue 14): what a client can still do once the server's evidence rules
+  apply. Pinned requests, malformed requests, labels without a credential, guessed ids and
+  repeated labels never reach the gates (tests/e2e/test_adversary.py checks that on a real
+  server), so those streams are the A/A streams above. What remains is a *credentialed liar*
+  labelling its own router-assigned requests: against the challenger (its answers wrong, the
+  champion's right) on every slice, as much as the plan's ``max_reporter_share`` admits (the
+  server's rule: a reporter's label on a (version, slice) counts while ``mine <= share x (all +
+  1)``, so the liar holds ``floor(share (H + 1) / (1 - share)) + 1`` of a slice's labels when
+  honest reporters gave H). Reported: the A/A false-rollback rate with that liar at
+  ``--liar-share`` (default 0.01, the accuracy threshold) and at 5x it, and with no cap at all
+  (the liar's share is its traffic share, here 20%: what the issue measured before the rules);
+  and the detection delay of the 10-point regression when the liar vouches for the challenger
+  (its answers right, the champion's wrong), beside the fixed-sample horizon.
 """
 from __future__ import annotations
 
@@ -80,11 +93,24 @@ def _z(alpha: float) -> float:
     return statistics.NormalDist().inv_cdf(1 - alpha)
 
 
+def liar_labels(honest: NDArray[np.int64], share: float) -> NDArray[np.int64]:
+    """Labels a greedy liar holds on a (version, slice) under the server's cap, given the honest
+    labels counted there: ``mine <= share * (honest + mine + 1)`` before each admitted label
+    (swapserve.feedback.slices.SliceStats.admit). ``share`` >= 1: no cap (the liar's own volume
+    decides; callers pass it as a traffic share through ``liar_volume``)."""
+    return np.floor(share * (honest + 1) / (1 - share)).astype(np.int64) + 1
+
+
 def first_failures(rng: np.random.Generator, sc: Scenario, gates: Gates, streams: int, horizon: int, *,
                    acc_tau: float = ACCURACY_TAU, err_tau: float = ERROR_RATE_TAU, block: int = 3600,
-                   record: bool = False) -> tuple[IntArray, IntArray, list[NDArray[np.int64]]]:
+                   record: bool = False, liar: str = "", liar_share: float = 0.0,
+                   liar_volume: float = 0.0) -> tuple[IntArray, IntArray, list[NDArray[np.int64]]]:
     """First failing second (1-based; -1: never) per stream for the sequential gates and for the
-    naive every-second z-test. With ``record`` also returns the per-second counts (for --check)."""
+    naive every-second z-test. With ``record`` also returns the per-second counts (for --check).
+
+    ``liar`` "against" | "favour" adds one credentialed lying reporter on every slice of both arms:
+    capped at ``liar_share`` (``liar_labels``), or uncapped with ``liar_volume`` (its labels as a
+    fraction of the honest ones)."""
     r0, r1 = sc.rates()
     k = len(sc.mix)
     seq = np.full(streams, -1, dtype=np.int64)
@@ -129,6 +155,15 @@ def first_failures(rng: np.random.Generator, sc: Scenario, gates: Gates, streams
                                             E1[..., None]], axis=2))
         n0[active], c0[active], n1[active], c1[active] = N0[:, -1], C0[:, -1], N1[:, -1], C1[:, -1]
         q0[active], e0[active], q1[active], e1[active] = Q0[:, -1], E0[:, -1], Q1[:, -1], E1[:, -1]
+        if liar:  # the gates see honest counts plus the liar's admitted labels (state above stays honest)
+            if liar_volume:
+                L0, L1 = np.floor(liar_volume * N0).astype(np.int64), np.floor(liar_volume * N1).astype(np.int64)
+            else:
+                L0, L1 = liar_labels(N0, liar_share), liar_labels(N1, liar_share)
+            if liar == "against":  # the champion's answers "right", the challenger's "wrong"
+                N0, C0, N1 = N0 + L0, C0 + L0, N1 + L1
+            else:  # vouching for the challenger
+                N0, N1, C1 = N0 + L0, N1 + L1, C1 + L1
         # slices + overall as the last column
         A0 = np.concatenate([N0, N0.sum(-1, keepdims=True)], axis=2).astype(np.float64)
         K0 = np.concatenate([C0, C0.sum(-1, keepdims=True)], axis=2).astype(np.float64)
@@ -209,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--accuracy-tau", type=float, default=ACCURACY_TAU, help="mixture scale to explore")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", type=int, default=10, help="streams replayed through evaluate() (0: skip)")
+    ap.add_argument("--liar-share", type=float, default=0.01,
+                    help="max_reporter_share of the adversarial scenario (default 0.01, the accuracy threshold)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -282,6 +319,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["scenario_a"] = {"median_s": float(np.median(dd)), "p90_s": float(np.quantile(dd, 0.9)),
                          "max_s": float(dd.max()), "streams": args.delay_streams,
                          "seconds": time.perf_counter() - t}
+    # -- adversarial scenario (issue 14) ---------------------------------------------------------
+    adv: dict[str, Any] = {"liar_share": args.liar_share, "aa": []}
+    for label, kw in ((f"capped at {args.liar_share:g}", {"liar_share": args.liar_share}),
+                      (f"capped at {5 * args.liar_share:g}", {"liar_share": 5 * args.liar_share}),
+                      ("no cap, 20% of the labels", {"liar_volume": 0.25})):
+        t = time.perf_counter()
+        aseq, anaive, _ = first_failures(rng, aa, gates, args.streams, args.stage, acc_tau=args.accuracy_tau,
+                                         block=900, liar="against", **kw)  # type: ignore[arg-type]
+        ka = int((aseq > 0).sum())
+        alo, ahi = clopper_pearson(ka, args.streams)
+        fails = aseq[aseq > 0]
+        adv["aa"].append({"liar": label, **kw, "streams": args.streams, "false_rollbacks": ka,
+                          "rate": ka / args.streams, "ci95": [alo, ahi],
+                          "median_s_to_false_rollback": float(np.median(fails)) if fails.size else None,
+                          "naive_ztest_rate": float((anaive > 0).sum() / args.streams),
+                          "seconds": time.perf_counter() - t})
+    t = time.perf_counter()
+    drop = 0.10
+    acc1 = ACC.copy()
+    acc1[REGRESSED] -= drop
+    sc = Scenario(MIX, ACC, acc1, args.label_rate, canary)
+    p0, p1 = ACC[REGRESSED], acc1[REGRESSED]
+    v_star = fixed_sample_variance_needed(drop - gates.max_slice_accuracy_drop, alpha_test, 0.8)
+    t_fixed = (p0 * (1 - p0) / r0[REGRESSED] + p1 * (1 - p1) / r1[REGRESSED]) / v_star
+    horizon = int(max(4 * t_fixed, 600))
+    fav, _, _ = first_failures(rng, sc, gates, args.delay_streams, horizon, acc_tau=args.accuracy_tau, block=2048,
+                               liar="favour", liar_share=args.liar_share)
+    fd = np.where(fav > 0, fav, np.inf)
+    honest_row = next(r for r in rows if r["drop_points"] == 10)
+    adv["favour"] = {"drop_points": 10, "liar_share": args.liar_share, "t_fixed_s": t_fixed,
+                     "seq_median_s": float(np.median(fd)), "seq_p90_s": float(np.quantile(fd, 0.9)),
+                     "honest_seq_median_s": honest_row["seq_median_s"],
+                     "detected_by_horizon": float((fav > 0).sum() / fav.size), "horizon_s": horizon,
+                     "seconds": time.perf_counter() - t}
+    out["adversarial"] = adv
     out["total_seconds"] = time.perf_counter() - t_start
 
     a = out["aa"]
@@ -309,6 +381,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nIssue scenario (a), 10 pts worse on 1 of 5 equal slices, 10% canary, 500 labels/s: "
           f"time to fail median {s['median_s']:.0f} s, p90 {s['p90_s']:.0f} s, max {s['max_s']:.0f} s "
           f"over {s['streams']} streams")
+    print(f"\nAdversarial scenario: A/A plus one credentialed liar labelling its own routed requests against "
+          f"the challenger on every slice (pinned, malformed, unauthenticated, guessed and repeated labels never "
+          f"reach the gates: these streams are the A/A ones)\n")
+    print("| liar | streams | false rollbacks | rate (95% CI) | target | median time to the false rollback |")
+    print("|---|---|---|---|---|---|")
+    for r in adv["aa"]:
+        med = "-" if r["median_s_to_false_rollback"] is None else f"{r['median_s_to_false_rollback']:.0f} s"
+        print(f"| {r['liar']} | {r['streams']} | {r['false_rollbacks']} | {r['rate']:.2%} "
+              f"({r['ci95'][0]:.2%}..{r['ci95'][1]:.2%}) | <= {gates.alpha:.0%} | {med} |")
+    f = adv["favour"]
+    print(f"\nA 10-pt regression on the 15% slice with the liar (cap {f['liar_share']:g}) vouching for the "
+          f"challenger: sequential median {f['seq_median_s']:.0f} s, p90 {f['seq_p90_s']:.0f} s "
+          f"(honest labels only: median {f['honest_seq_median_s']:.0f} s; fixed-sample horizon {f['t_fixed_s']:.0f} s); "
+          f"detected by 4x that horizon: {f['detected_by_horizon']:.0%}")
     if args.check:
         print(f"\nevaluate() cross-check: {out['check_evaluate_seconds_compared']} per-second decisions identical")
     print(f"\ntotal {out['total_seconds']:.1f} s")
