@@ -144,9 +144,10 @@ class DataPlane:
 
     def _cohort_chosen(self, req: InferRequest) -> str:
         """"cohort" when one of the policy's cohort rules matches a parameter of ``req`` (the client
-        chose its version by setting it), else "". Only models with cohort rules pay for the check."""
-        m = self.manager.models.get(req.model_name)
-        policy = m.policy if m is not None else None
+        chose its version by setting it), else "". Only models with cohort rules pay for the check.
+        Reads the serving table's policy (never the control path's slots)."""
+        table = self.manager.tables.get(req.model_name)
+        policy = table.policy if table is not None else None
         if policy is None or not policy.cohorts:
             return ""
         params = req.parameters
