@@ -119,8 +119,6 @@ EXCLUDED: tuple[tuple[str, str], ...] = (
     ("outcome", "duplicate"),  # a second label for the same request row
     ("outcome", "evicted"),  # a prediction pushed out of the full log before any label
 )
-#: Request-side reasons a request path may pass to ``exclude_request``.
-REQUEST_REASONS = frozenset(r for k, r in EXCLUDED if k == "request")
 
 #: Upper bounds of the latency buckets in seconds: 10 us * 2^(i/4), up to ~60 s; plus +Inf.
 LATENCY_BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(91))

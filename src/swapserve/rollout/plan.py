@@ -478,7 +478,9 @@ def builtin_plan(
     - ``canary``: 5% -> 25% -> 50% -> 100%, each gated.
     - ``blue-green``: one stage at 100% (green preloaded and warmed by the controller before the
       switch); blue stays resident through ``watch`` for instant switch-back.
-    - ``cohort``: ``cohorts`` (required) go to the challenger first -> full 100%.
+    - ``cohort``: ``cohorts`` (required) go to the challenger first -> full 100%. The cohort stage
+      waits only for its duration: requests routed by a cohort rule chose their version through a
+      parameter the client sets, so they are never gate evidence (issue 14) and it gathers none.
     - ``ab``: ``split``% for ``stage_duration`` (default ``BUILTIN_AB_S``), ending in a report.
 
     Defaults: ``BUILTIN_STAGE_S`` per stage, ``BUILTIN_MIN_SAMPLES`` labelled outcomes per gated
@@ -504,7 +506,8 @@ def builtin_plan(
         if not rules:
             raise InvalidInput("rollout plan: cohorts: the cohort strategy needs at least one rule, "
                                "e.g. --cohort country=NL")
-        stages = (st("cohort", 0, cohorts=rules), st("full", 100))
+        exposure = Stage(name="cohort", traffic_bp=0, min_duration_s=dur, min_samples=0, cohorts=rules)
+        stages = (exposure, st("full", 100))
     elif name == "ab":
         ab_dur = BUILTIN_AB_S if stage_duration is None else dur
         stages = (Stage(name="ab", traffic_bp=_bp(split, "split"), min_duration_s=ab_dur,
