@@ -32,7 +32,7 @@ from swapserve.bench.simulator import INFER, REPORT, SLICES, Simulator, build_or
 
 MODEL = "oracle"
 ERRORS = (0.05, 0.05, 0.05, 0.05, 0.05)
-WORSE_ON_C = (0.05, 0.05, 0.45, 0.05, 0.05)
+WORSE_ON_C = (0.05, 0.05, 0.9, 0.05, 0.05)
 
 
 def build(repo: Path) -> None:

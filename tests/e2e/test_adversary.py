@@ -5,7 +5,7 @@ as separate processes (``tests/e2e/clients.py``), tritonclient for the id checks
   plus an adversary who pins the challenger, sends it malformed requests and reports false labels
   (without a credential; with one; with one under the plan's reporter cap, also lying about its
   own routed requests) is never rolled back: each run ends ``promoted``.
-- A canary worse on one slice plus an adversary reporting its answers correct is still rolled back,
+- A canary worse on one slice (85 points on slice c) plus an adversary reporting its answers correct is still rolled back,
   on that slice.
 - Guessed ids label nothing; re-sending an id is refused (ALREADY_EXISTS).
 """
@@ -144,7 +144,7 @@ def test_an_aa_canary_is_never_rolled_back_by_an_adversary(ctl: Ctl, tmp_path: P
 def test_a_worse_canary_is_rolled_back_although_an_adversary_vouches_for_it(ctl: Ctl, tmp_path: Path) -> None:
     r, adv = rollout_with_counts(ctl, tmp_path, 3, CAPPED, ["--token", MALLORY, "--pin", "3", "--favour", "3"],
                                  seed=77)
-    assert r["state"] == "rolled_back", r["state"]
+    assert r["state"] == "rolled_back", json.dumps({k: r[k] for k in ("state", "evidence", "sources")}, default=str)[:6000]
     rb = r["evidence"]["rollback"]
     assert rb["gate"] == "accuracy" and rb["slice"] == "c", rb
     assert rb["seconds_since_start"] < 30
