@@ -342,3 +342,27 @@ def test_token_file_and_bad_tokens(tmp_path: Path) -> None:
         FeedbackAuth([("anonymous", TOKEN)])
     with pytest.raises(ConfigError, match="may appear once"):
         FeedbackAuth([("a", TOKEN), ("b", TOKEN)])
+
+
+def test_an_ended_rollout_keeps_its_last_stages_reporters_and_exclusions_up_to_its_end() -> None:
+    clock = FakeClock(T0)
+    fb = FeedbackObserver(SliceStats(clock=clock), PredictionLog(capacity=1000, clock=clock))
+    for i in range(4):
+        fb.on_response(InferRequest("digits", id=f"p{i}", model_version="2", assignment="pinned"), DIGITS, 2, [],
+                       probs(3), 0.001)
+    fb.slices.limit_reporters("digits", 0.5)
+    fb.report("digits", [Outcome("p0", "label", 3)], reporter="labeller")
+    clock.advance(5)
+    end = clock.t
+    fb.slices.limit_reporters("digits", None, freeze=True)  # the rollout ended
+    clock.advance(5)
+    fb.on_response(InferRequest("digits", id="late", model_version="2", assignment="pinned"), DIGITS, 2, [],
+                   probs(3), 0.001)
+    fb.report("digits", [Outcome("p1", "label", 3)], reporter="late-reporter")
+    r = RolloutRecord(model="digits", challenger=2, champion=1, plan={}, strategy="staged", stage_index=0,
+                      state="rolled_back", evidence={"started_at": T0 - 1, "phase": "done",
+                                                     "history": [{"at": end, "event": "rolled_back"}]})
+    doc = evidence_sources(fb.slices, r)
+    assert doc["reporters"] == {"labeller": {"2": {"pinned": 1}}} and doc["max_reporter_share"] is None
+    assert doc["excluded"]["challenger"]["request"] == {"pinned": 4}  # not the late one
+    assert doc["excluded"]["challenger"]["outcome"] == {"pinned": 1}

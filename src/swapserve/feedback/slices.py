@@ -194,6 +194,8 @@ class _ModelState:
     mine: dict[tuple[int, str, str], int] = field(default_factory=dict)
     #: (reporter, result) -> labels since the server started (Prometheus).
     by_reporter: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: False once a rollout ended (``limit_reporters(freeze=True)``): the book keeps its last stage.
+    booking: bool = True
 
     def row(self, version: int, slice_: str) -> list[float]:
         i = self.index.get((version, slice_))
@@ -345,19 +347,23 @@ class SliceStats:
 
     # -- reporters ----------------------------------------------------------------------------
 
-    def limit_reporters(self, model: str, max_share: float | None) -> None:
+    def limit_reporters(self, model: str, max_share: float | None, *, freeze: bool = False) -> None:
         """Start a fresh reporter book for ``model`` (a new rollout stage) with this cap (None: none).
 
         From now on ``admit`` counts a reporter's label on a (version, slice) only while that
-        reporter's counted labels there stay within ``max_share`` of all counted there, plus one."""
+        reporter's counted labels there stay within ``max_share`` of all counted there, plus one.
+        ``freeze`` (a rollout ended): no cap, and the book keeps what it holds (``reporters``
+        shows the last stage's) and books nothing more until the next call."""
         if max_share is not None and not 0.0 < max_share <= 1.0:
             raise ValueError(f"max_reporter_share must be in (0, 1], got {max_share}")
         state = self._model(model)
         with self._lock:
             state.max_reporter_share = max_share
-            state.book = {}
-            state.counted = {}
-            state.mine = {}
+            state.booking = not freeze
+            if not freeze:
+                state.book = {}
+                state.counted = {}
+                state.mine = {}
 
     def admit(self, model: str, version: int, slice_: str, reporter: str) -> bool:
         """Whether ``reporter``'s next label on (``version``, ``slice_``) counts as evidence under the
@@ -374,6 +380,10 @@ class SliceStats:
         reason of EXCLUDED."""
         state = self._model(model)
         with self._lock:
+            rk = (reporter, result)
+            state.by_reporter[rk] = state.by_reporter.get(rk, 0) + 1
+            if not state.booking:
+                return
             key = (version, reporter, result)
             state.book[key] = state.book.get(key, 0) + 1
             if result == "counted":
@@ -381,8 +391,6 @@ class SliceStats:
                 state.counted[vs] = state.counted.get(vs, 0) + 1
                 mk = (version, slice_, reporter)
                 state.mine[mk] = state.mine.get(mk, 0) + 1
-            rk = (reporter, result)
-            state.by_reporter[rk] = state.by_reporter.get(rk, 0) + 1
 
     def reporters(self, model: str) -> dict[str, dict[str, dict[str, int]]]:
         """Labels per reporter since the current book started: reporter -> version -> result -> n."""
@@ -461,9 +469,12 @@ class SliceStats:
         out.setdefault(OVERALL, SliceCounts())
         return out
 
-    def exclusions(self, model: str, version: int, since: float | None = None) -> dict[str, dict[str, int]]:
-        """What was kept out of ``version``'s evidence since ``since`` (None: all), from ``overall``:
-        ``{"request": {reason: n}, "outcome": {reason: n}}`` with the nonzero reasons of EXCLUDED."""
+    def exclusions(self, model: str, version: int, since: float | None = None,
+                   until: float | None = None) -> dict[str, dict[str, int]]:
+        """What was kept out of ``version``'s evidence since ``since`` (None: all), up to ``until``
+        (None: now; else the checkpoint at or before it, within ``resolution_s``, ``coarse_s`` past
+        the last minute), from ``overall``: ``{"request": {reason: n}, "outcome": {reason: n}}``
+        with the nonzero reasons of EXCLUDED."""
         state = self._models.get(model)
         out: dict[str, dict[str, int]] = {"request": {}, "outcome": {}}
         if state is None:
@@ -473,6 +484,9 @@ class SliceStats:
             if i is None:
                 return out
             row = np.array(state.rows[i], dtype=np.float64)
+            end = self._base(state, until) if until is not None else None
+            if end is not None:
+                row = end.data[i].copy() if i < end.keys else np.zeros(COLUMNS)
             base = self._base(state, since) if since is not None else None
             if base is not None and i < base.keys:
                 row = row - base.data[i]

@@ -102,7 +102,7 @@ class RolloutController:
 
     def _release(self, r: RolloutRecord) -> None:
         self._guard(r.model, frozenset())
-        self.slices.limit_reporters(r.model, None)
+        self.slices.limit_reporters(r.model, None, freeze=True)  # `rollout status` keeps its last stage's reporters
 
     def _guard(self, model: str, versions: frozenset[int]) -> None:
         """Keep ``versions`` resident (never evicted) while the rollout relies on them."""

@@ -312,13 +312,18 @@ def evidence_sources(slices: SliceStats, r: RolloutRecord) -> dict[str, Any]:
     """Where a rollout's evidence came from, live: labels per reporter in the current stage (what
     counted, what was excluded and why) and, per arm since the rollout started, the requests and
     labels kept out of the gates by reason (pinned, cohort, client_error, reporter_cap,
-    duplicate, evicted; undeclared_slice: counted, in ``other``)."""
+    duplicate, evicted; undeclared_slice: counted, in ``other``). For an ended rollout: the
+    reporters of its last stage and the exclusions up to its end."""
     since = r.evidence.get("started_at")
     since_f = float(since) if since is not None else None
+    history = r.evidence.get("history") or []
+    until = None  # an ended rollout: up to its last event (the controller's clock, like started_at)
+    if r.evidence.get("phase") == "done" and history and history[-1].get("at") is not None:
+        until = float(history[-1]["at"])
     return {
         "max_reporter_share": slices.reporter_cap(r.model),
         "reporters": slices.reporters(r.model),
-        "excluded": {role: {"version": v, **slices.exclusions(r.model, v, since=since_f)}
+        "excluded": {role: {"version": v, **slices.exclusions(r.model, v, since=since_f, until=until)}
                      for role, v in (("champion", r.champion), ("challenger", r.challenger))},
     }
 
