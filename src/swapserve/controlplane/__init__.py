@@ -56,7 +56,7 @@ class ControlPlane:
     # -- helpers -------------------------------------------------------------------------
 
     async def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self.registry.call(fn, *args, **kwargs)
 
     def _model(self, name: str) -> ManagedModel:
         try:

@@ -262,8 +262,8 @@ class ModelManager:
         slot.state = state
         slot.reason = reason
         try:
-            await asyncio.to_thread(self.registry.set_state, m.name, slot.version, state.value, reason)
-        except SwapserveError as exc:  # an unregistered version (should not happen): log, keep serving
+            await self.registry.call(self.registry.set_state, m.name, slot.version, state.value, reason)
+        except SwapserveError as exc:  # unregistered, or the registry is down: log, keep serving
             log.warning("registry: %s", exc.message)
 
     async def ensure_registered(self, m: ManagedModel, version: int, *, actor: str = "system",
@@ -273,7 +273,7 @@ class ModelManager:
         Raises ModelNotFound when the version directory or its model file is missing, and
         AlreadyExists when the files differ from what was registered under that number.
         """
-        record = await asyncio.to_thread(self.registry.get_version, m.name, version)
+        record = await self.registry.call(self.registry.get_version, m.name, version)
         if record is not None:
             return record
         entry = self.repository.entry(m.name)
@@ -286,7 +286,7 @@ class ModelManager:
         if not path.exists():
             raise ModelNotFound(f"model '{m.name}' version {version}: {path} is missing")
         digest = await asyncio.to_thread(sha256_of, path)
-        return await asyncio.to_thread(lambda: self.registry.register_version(
+        return await self.registry.call(lambda: self.registry.register_version(
             m.name, version, source_path=str(path), sha256=digest, actor=actor, reason=reason, **extra))
 
     def _residents(self, loading: ManagedModel) -> list[Resident]:
@@ -522,11 +522,11 @@ class ModelManager:
         what it needs before it is published. Returns the models restored."""
         restored = []
         names = set(self.repository.names())
-        for name in await asyncio.to_thread(self.registry.live_models):
+        for name in await self.registry.call(self.registry.live_models):
             if name not in names:
                 log.error("registry: model '%s' is live but no longer in the repository; not restored", name)
                 continue
-            deployment = await asyncio.to_thread(self.registry.current_deployment, name)
+            deployment = await self.registry.call(self.registry.current_deployment, name)
             if deployment is None:
                 continue
             policy = RoutingPolicy.from_deployment(deployment)

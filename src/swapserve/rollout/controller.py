@@ -88,7 +88,7 @@ class RolloutController:
                 self._wake.set()
 
     async def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self.registry.call(fn, *args, **kwargs)
 
     async def _save(self, r: RolloutRecord, **changes: Any) -> RolloutRecord:
         new = await self._db(lambda: self.registry.save_rollout(dataclasses.replace(r, **changes)))

@@ -98,11 +98,11 @@ class Server:
                             self.monitor.record_accuracy(m.name, v, overall.accuracy, overall.labelled)
                 events = await asyncio.to_thread(self.monitor.tick)
                 for e in events:
-                    await asyncio.to_thread(lambda e=e: self.registry.add_event(
+                    await self.registry.call(lambda e=e: self.registry.add_event(
                         "drift" if e.kind.startswith("drift") or e.kind == "profile_ready" else "retrain",
                         e.message, model=e.model, version=e.version or None, data=e.detail))
                     if e.kind == "retrain_triggered":
-                        await asyncio.to_thread(lambda e=e: self.registry.audit(
+                        await self.registry.call(lambda e=e: self.registry.audit(
                             actor="monitor", action="retrain.trigger", model=e.model, version=e.version or None,
                             before=None, after=e.detail, reason=e.message))
             except Exception:  # noqa: BLE001 - monitoring must never take the server down
