@@ -152,6 +152,8 @@ class ModelManager:
         self._batcher_factory = batcher_factory
         self.models: dict[str, ManagedModel] = {}
         self._router_generation = 0
+        #: Registry copies of version states written after a publish (kept so they are not collected).
+        self._background: set[asyncio.Task[None]] = set()
         #: Called after every routing publish (health refresh, rollout bookkeeping).
         self.on_change: Callable[[str], None] = lambda name: None
         #: Called on the load worker thread (never the event loop) once a version is resident and
@@ -258,13 +260,30 @@ class ModelManager:
             m = self.models[name] = ManagedModel(name, entry)
         return m
 
-    async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "") -> None:
+    async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "",
+                         wait: bool = True) -> None:
+        """Set the slot's state now and copy it to the registry (awaited, or in the background with
+        ``wait=False``, so that publishing routing never waits on the registry)."""
         slot.state = state
         slot.reason = reason
-        try:
-            await self.registry.call(self.registry.set_state, m.name, slot.version, state.value, reason)
-        except SwapserveError as exc:  # unregistered, or the registry is down: log, keep serving
-            log.warning("registry: %s", exc.message)
+
+        async def record() -> None:
+            try:
+                # The slot's state when the write runs, not when it was queued: background writes may
+                # run out of order, and the last one must hold the current state.
+                await self.registry.call(lambda: self.registry.set_state(m.name, slot.version, slot.state.value,
+                                                                         slot.reason))
+            except SwapserveError as exc:  # unregistered, or the registry is down: log, keep serving
+                log.warning("registry: %s", exc.message)
+            except RuntimeError:  # the registry's executor is shut down (server stopping)
+                pass
+
+        if wait:
+            await record()
+        else:
+            task = asyncio.get_running_loop().create_task(record())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def ensure_registered(self, m: ManagedModel, version: int, *, actor: str = "system",
                                 reason: str = "found in the model repository", **extra: Any) -> Any:
@@ -422,10 +441,12 @@ class ModelManager:
         self.metrics.version_ready.labels(m.name, str(version)).set(0)
         log.info("model '%s' version %d unloaded", m.name, version)
 
-    async def apply_locked(self, m: ManagedModel, policy: RoutingPolicy) -> None:
+    async def apply_locked(self, m: ManagedModel, policy: RoutingPolicy, *, background: bool = False) -> None:
         """Publish ``policy`` as the model's routing snapshot (one atomic store), then update states.
 
-        Raises InvalidInput when the policy names a version that is not resident.
+        Raises InvalidInput when the policy names a version that is not resident. The states'
+        registry copies are awaited, or written in the background with ``background`` (a
+        fail-safe publish: returns without waiting on the registry).
         """
         policy.validate(m.name, m.resident_versions())
         self._router_generation += 1
@@ -440,7 +461,7 @@ class ModelManager:
             if slot.resident:
                 want = VersionState.SERVING if v in serving else VersionState.READY
                 if slot.state is not want:
-                    await self._set_state(m, slot, want)
+                    await self._set_state(m, slot, want, wait=not background)
         self.on_change(m.name)
 
     async def _unpublish_locked(self, m: ManagedModel) -> None:
