@@ -1,7 +1,8 @@
 """Registry tables of rollouts: one active per model, every stage change recorded."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -9,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from swapserve import errors
 from swapserve.registry.engine import RegistryBase
-from swapserve.registry.models import RolloutRow
+from swapserve.registry.models import RolloutEvidenceRow, RolloutRow
 from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES, RolloutRecord
 from swapserve.registry.rows import active_rollout_query, check_model, check_version, rollout_record
 
@@ -127,3 +128,24 @@ class RolloutTables(RegistryBase):
                 .order_by(RolloutRow.id.desc()).limit(limit)
             )
             return [rollout_record(r) for r in rows]
+
+    def save_evidence(self, rollout_id: int, model: str, counts: Mapping[str, Any]) -> None:
+        """Overwrite the rollout's flushed counts (the controller calls this about once a second).
+        A rollout that no longer exists is ignored (it ended and was pruned)."""
+        def run(s: Session) -> None:
+            if s.get(RolloutRow, rollout_id) is None:
+                return
+            row = s.get(RolloutEvidenceRow, rollout_id)
+            if row is None:
+                s.add(RolloutEvidenceRow(rollout_id=rollout_id, model=model, updated_at=self._now(),
+                                         counts=dict(counts)))
+            else:
+                row.counts, row.updated_at = dict(counts), self._now()
+
+        self._write_retrying(run)
+
+    def load_evidence(self, rollout_id: int) -> dict[str, Any] | None:
+        """The rollout's last flushed counts, or None."""
+        with self._read() as s:
+            row = s.get(RolloutEvidenceRow, rollout_id)
+            return dict(row.counts) if row is not None else None

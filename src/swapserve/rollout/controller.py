@@ -41,7 +41,7 @@ from typing import Any
 from swapserve.controlplane import ControlPlane
 from swapserve.controlplane.reconcile import rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import FailedPrecondition, InvalidInput
+from swapserve.errors import FailedPrecondition, InvalidInput, SwapserveError
 from swapserve.feedback.slices import SliceStats
 from swapserve.registry.records import RolloutRecord
 from swapserve.rollout.gates import OVERALL, Decision, evaluate
@@ -49,6 +49,7 @@ from swapserve.rollout.plan import RolloutPlan, Stage
 from swapserve.rollout.webhook import WebhookSender, delivery
 from swapserve.routing.policy import RoutingPolicy
 from swapserve.telemetry.metrics import Metrics
+from swapserve.types import SliceCounts
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,27 @@ TICK_S = 0.25
 #: How long a tick (or an abort) waits for its decisions to reach the registry before going on;
 #: traffic has already left the challenger by then.
 RECORD_WAIT_S = 1.0
+#: How often every active rollout's counts are flushed to the registry (seconds): a crash loses at
+#: most about this much evidence; a restarted server adds what it counts to the flushed counts.
+EVIDENCE_FLUSH_S = 1.0
+
+_ADDITIVE = ("requests", "errors", "labelled", "correct", "numeric", "abs_error_sum", "sq_error_sum")
+
+
+def _plus(a: SliceCounts, b: SliceCounts) -> SliceCounts:
+    """Counts of two disjoint periods together (p99: the worse of the two, which is conservative)."""
+    p99 = [p for p in (a.latency_p99_s, b.latency_p99_s) if p is not None]
+    return SliceCounts(**{f: getattr(a, f) + getattr(b, f) for f in _ADDITIVE},
+                       latency_p99_s=max(p99) if p99 else None)
+
+
+def _counts_to_json(snap: dict[str, SliceCounts]) -> dict[str, dict[str, Any]]:
+    return {s: dataclasses.asdict(c) for s, c in snap.items()}
+
+
+def _counts_from_json(d: dict[str, Any]) -> dict[str, SliceCounts]:
+    return {s: SliceCounts(**{k: v for k, v in c.items() if k in _ADDITIVE or k == "latency_p99_s"})
+            for s, c in d.items()}
 
 
 def _results(decision: Decision) -> list[dict[str, Any]]:
@@ -80,6 +102,10 @@ class RolloutController:
         self._active: dict[str, RolloutRecord] = {}
         #: The last decided (terminal) rollout per model, shown while the registry may lag behind.
         self._decided: dict[str, RolloutRecord] = {}
+        #: model -> counts flushed before this server started (added to what it counts itself).
+        self._baseline: dict[str, dict[str, Any]] = {}
+        self._last_flush = 0.0
+        self._flushing: asyncio.Task[None] | None = None
         self.webhooks = webhooks if webhooks is not None else WebhookSender(control.outbox)
         self._wake: asyncio.Event | None = None
         self._last_label: dict[str, float] = {}
@@ -155,6 +181,8 @@ class RolloutController:
                 log.info("rollout %d of model '%s' ended (%s) before the restart; its record is pending",
                          r.id, model, decided[r.id].state)
                 continue
+            if r is not None:
+                await self._restore_evidence(r)
             if r is not None and r.evidence.get("phase") == "watch":
                 # The champion's baseline is what this server counted; after a restart the watch
                 # starts over from a fresh mark instead of ending on the time already served.
@@ -185,6 +213,7 @@ class RolloutController:
                 pass
             self._wake.clear()
             await self.tick()
+            self._maybe_flush()
 
     async def tick(self) -> None:
         """Check every active rollout once: advance, hold or roll back.
@@ -371,6 +400,66 @@ class RolloutController:
         return any(p.id != r.id and p.state == "rolled_back" and p.updated_at is not None
                    and p.updated_at.timestamp() >= cutoff for p in past)
 
+    # -- evidence (what this server counted, plus what was flushed before it started) ------------
+
+    def _counts(self, r: RolloutRecord, version: int) -> dict[str, SliceCounts]:
+        started = float(r.evidence.get("started_at", self.clock()))
+        live = self.slices.snapshot(r.model, version, since=started)
+        base = self._baseline.get(r.model)
+        if base is None or base.get("rollout") != r.id:
+            return live
+        old = base["champion" if version == r.champion else "challenger"]
+        return {s: _plus(old.get(s, SliceCounts()), live.get(s, SliceCounts())) for s in set(old) | set(live)}
+
+    def _evidence(self, r: RolloutRecord) -> tuple[dict[str, SliceCounts], dict[str, SliceCounts], int]:
+        """Champion and challenger counts since the rollout started, and the challenger's labelled
+        outcomes in this stage — across restarts (the flushed counts of the same stage count)."""
+        stage_started = float(r.evidence.get("stage_started_at", r.evidence.get("started_at", self.clock())))
+        labelled = self.slices.snapshot(r.model, r.challenger, since=stage_started)[OVERALL].labelled
+        base = self._baseline.get(r.model)
+        if base is not None and base.get("rollout") == r.id and base.get("stage_started_at") == stage_started:
+            labelled += int(base.get("stage_labelled", 0))
+        return self._counts(r, r.champion), self._counts(r, r.challenger), labelled
+
+    def _evidence_doc(self, r: RolloutRecord) -> dict[str, Any]:
+        champ, chall, labelled = self._evidence(r)
+        return {"rollout": r.id, "stage_index": r.stage_index, "phase": r.evidence.get("phase"),
+                "stage_started_at": float(r.evidence.get("stage_started_at", 0.0)), "stage_labelled": labelled,
+                "champion": _counts_to_json(champ), "challenger": _counts_to_json(chall), "at": self.clock()}
+
+    async def flush_evidence(self) -> None:
+        """Write every active rollout's counts to the registry (one row per rollout, overwritten).
+        Never raises: while the registry is down the previous flush stays."""
+        for r in list(self._active.values()):
+            if r.id is None:
+                continue
+            doc = self._evidence_doc(r)
+            try:
+                await self._db(self.registry.save_evidence, r.id, r.model, doc)
+            except SwapserveError as exc:
+                log.debug("rollout %s evidence not flushed: %s", r.id, exc.message)
+
+    def _maybe_flush(self) -> None:
+        now = time.monotonic()
+        if now - self._last_flush < EVIDENCE_FLUSH_S or (self._flushing is not None and not self._flushing.done()):
+            return
+        self._last_flush = now
+        self._flushing = asyncio.get_running_loop().create_task(self.flush_evidence())
+
+    async def _restore_evidence(self, r: RolloutRecord) -> None:
+        try:
+            doc = await self._db(self.registry.load_evidence, r.id)
+        except SwapserveError as exc:
+            log.warning("rollout %s: flushed evidence not read (%s); gates start from no data (hold)", r.id,
+                        exc.message)
+            return
+        if doc is None:
+            return
+        self._baseline[r.model] = {"rollout": r.id, "stage_started_at": doc.get("stage_started_at"),
+                                   "stage_labelled": doc.get("stage_labelled", 0),
+                                   "champion": _counts_from_json(doc.get("champion", {})),
+                                   "challenger": _counts_from_json(doc.get("challenger", {}))}
+
     async def _step(self, model: str) -> None:
         r = self._active.get(model)
         if r is None:
@@ -378,11 +467,8 @@ class RolloutController:
         plan = self.plan_of(r)
         stage = self._stage(r, plan)
         now = self.clock()
-        started = float(r.evidence.get("started_at", now))
-        stage_started = float(r.evidence.get("stage_started_at", started))
-        champ = self.slices.snapshot(model, r.champion, since=started)
-        chall = self.slices.snapshot(model, r.challenger, since=started)
-        labelled = self.slices.snapshot(model, r.challenger, since=stage_started)[OVERALL].labelled
+        stage_started = float(r.evidence.get("stage_started_at", r.evidence.get("started_at", now)))
+        champ, chall, labelled = self._evidence(r)
         decision = evaluate(plan.gates, champ, chall, stage=stage, stage_elapsed_s=now - stage_started,
                             challenger_labelled=labelled)
         if decision.verdict == "fail":
@@ -416,10 +502,9 @@ class RolloutController:
         await self._save(r, evidence=dict(r.evidence, phase="watch", stage_started_at=mark, history=history))
 
     def _report(self, r: RolloutRecord) -> dict[str, Any]:
-        started = float(r.evidence.get("started_at", 0))
         out = {}
         for role, v in (("champion", r.champion), ("challenger", r.challenger)):
-            snap = self.slices.snapshot(r.model, v, since=started)
+            snap = self._counts(r, v)
             out[role] = {"version": v, "slices": {s: {"requests": c.requests, "errors": c.errors,
                                                       "labelled": c.labelled, "accuracy": c.accuracy,
                                                       "latency_p99_s": c.latency_p99_s}
