@@ -134,6 +134,9 @@ class ControlPlane:
                     f"model '{model}' has a running rollout (the registry is unavailable: {down}); "
                     f"`swapserve rollout abort {model}` first (it does not need the registry), or pass --force")
             return "[forced over a running rollout] "
+        if rollout is not None and any((e.payload.get("rollout") or {}).get("id") == rollout.id
+                                       for e in self.outbox.pending("decision", model)):
+            rollout = None  # it has ended here; the registry has not heard yet
         if rollout is None:
             return ""
         if version is not None and action == "load":
