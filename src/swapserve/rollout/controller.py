@@ -277,13 +277,16 @@ class RolloutController:
                 stage_index=0, state="running",
                 evidence={"phase": "stages", "started_at": mark, "stage_started_at": mark, "history": [],
                           "start_reason": note + reason, "actor": actor, "created": now})
-            record = await self._db(lambda: self.registry.save_rollout(record, actor=actor))
+            self._guard(model, frozenset({champion, version}))
+            try:
+                # The rollout row and stage 0's routing: one transaction (a crash leaves both or neither).
+                record = await self._enter_stage(record, 0, f"rollout started: {reason or 'no reason given'}")
+            except BaseException:
+                self._guard(model, frozenset())
+                raise
             await self._db(lambda: self.registry.audit(
                 actor=actor, action="rollout.start", model=model, version=version, before=None,
                 after=record.to_dict(), reason=note + reason))
-            self._guard(model, frozenset({champion, version}))
-            self._active[model] = record
-            record = await self._enter_stage(record, 0, f"rollout started: {reason or 'no reason given'}")
             return record
 
     async def action(self, model: str, action: str, *, actor: str, reason: str = "") -> RolloutRecord:
@@ -372,7 +375,8 @@ class RolloutController:
         """Publish a stage and record ``target`` (the rollout's new state) in the same transaction."""
         _, stored = await self.control.publish_decision(
             r.model, self._stage_change(r, traffic_bp=traffic_bp, shadow=shadow, cohorts=cohorts),
-            action="rollout", actor="rollout-controller", reason=f"rollout {r.id}: {reason}", rollout=target,
+            action="rollout", actor="rollout-controller",
+            reason=f"rollout {r.id if r.id is not None else f'of v{r.challenger}'}: {reason}", rollout=target,
             production=production)
         assert stored is not None
         return self._adopt(stored)
