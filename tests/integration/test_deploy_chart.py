@@ -25,6 +25,8 @@ RENDERS = {"default": {}, "fleet-gpu": yaml.safe_load((CHART / "ci" / "fleet-gpu
            "pvc-url": yaml.safe_load((CHART / "ci" / "pvc-url-values.yaml").read_text())}
 #: scripts/validate-deploy.sh's exit status when a tool cannot be installed (no network to PyPI).
 CANNOT_INSTALL = 3
+#: Environment variables the operator CLI (not `swapserve serve`) reads, set for `kubectl exec`.
+CLI_ENV = {"SWAPSERVE_TOKEN"}
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +74,7 @@ def test_server_flags_and_environment_are_what_swapserve_serve_accepts(rendered,
     assert args.control_token is None, "the token must come from a Secret through the environment, not argv"
     # pydantic-settings ignores unknown SWAPSERVE_* variables: a misspelt one would be silently lost.
     for name in env_of(c):
-        if name.startswith("SWAPSERVE_"):
+        if name.startswith("SWAPSERVE_") and name not in CLI_ENV:
             assert name[len("SWAPSERVE_"):].lower() in Settings.model_fields, name
     assert args.device == ("cuda" if render == "fleet-gpu" else "cpu")
 
@@ -114,6 +116,7 @@ def test_control_is_in_cluster_only_and_authenticated(rendered, render: str) -> 
         assert all(p["port"] != 8003 and p["targetPort"] != "control" for p in s["spec"]["ports"]), s["metadata"]
     token = env_of(c)["SWAPSERVE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert token["name"] and token["key"]
+    assert env_of(c)["SWAPSERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == token
     policy = one(docs, "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (control_rule,) = [r for r in policy["spec"]["ingress"] if {"port": "control", "protocol": "TCP"} in r["ports"]]
