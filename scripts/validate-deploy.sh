@@ -39,7 +39,8 @@ cannot_install() {
 
 mkdir -p "$TOOLS/bin" "$OUT"
 VENV=$TOOLS/venv
-if ! "$VENV/bin/python" -c "import kubernetes_validate, jsonschema, yaml" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, jsonschema, yaml
+assert m.version('kubernetes-validate') == '${KUBE_VALIDATE#*==}'" 2>/dev/null; then
   "$PY" -m venv "$VENV" || cannot_install "a virtualenv" "$PY -m venv failed (Debian: apt-get install python3-venv)"
   log=$(PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install -q "$KUBE_VALIDATE" pyyaml jsonschema 2>&1) \
     || cannot_install "$KUBE_VALIDATE" "$(echo "$log" | tail -3)"
