@@ -13,7 +13,7 @@
 #
 # Renders: default values; ci/fleet-gpu-values.yaml (3 GPU replicas, PostgreSQL Secret, PDB
 # minAvailable 2, ServiceMonitor, PVC); ci/pvc-url-values.yaml (chart-made Secrets and PVC). Runs
-# `helm lint --strict` on each, checks that the chart refuses unsafe values, then validates each
+# `helm lint --strict` on each, checks that the chart refuses unsafe or misspelt values, then validates each
 # object against Kubernetes 1.27 (the chart's floor) and $LATEST_KUBE.
 # Exit status: 0 all valid; 1 a lint, render or validation error; 3 a tool could not be installed
 # (no network to PyPI): the message says which.
@@ -99,7 +99,8 @@ render pvc-url -f "$CHART/ci/pvc-url-values.yaml"
 refuses "several replicas without the PostgreSQL registry" "needs the shared PostgreSQL registry" --set replicaCount=3
 refuses "a termination grace shorter than the drain" "terminationGracePeriodSeconds (20) must cover" \
   --set terminationGracePeriodSeconds=20
-refuses "an unknown model repository source" "modelRepository.source must be" --set modelRepository.source=s3
+refuses "an unknown model repository source" "/modelRepository/source" --set modelRepository.source=s3
+refuses "a misspelt value (values.schema.json)" "'existingSecrets' not allowed" --set registry.existingSecrets=x
 
 kube_args=()
 for v in "${KUBE_VERSIONS[@]}"; do kube_args+=(--kube-version "$v"); done
