@@ -322,3 +322,56 @@ def test_promotion_and_rollback_both_owe_a_webhook(tmp_path: Path) -> None:
         assert events == ["promoted", "rollback"]
 
     run(scenario())
+
+
+# -- the registry's own guarantees ----------------------------------------------------------------
+
+
+def test_a_locked_database_is_registry_unavailable_within_the_timeout_on_the_registrys_own_threads(
+        tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import grpc
+
+    from swapserve.errors import RegistryUnavailable
+
+    stack = make_stack(tmp_path)
+    reg = stack.registry
+
+    async def scenario() -> None:
+        await stack.control.load("m", 1, actor=ALICE)
+        assert await reg.call(lambda: threading.current_thread().name.startswith("swapserve-registry"))
+        with Locked(tmp_path / "registry.db"):
+            t0 = time.monotonic()
+            with pytest.raises(RegistryUnavailable) as err:
+                await reg.call(reg.set_stage, "m", 1, "staging", actor=ALICE)
+            assert time.monotonic() - t0 < 5
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and "database is locked" in err.value.message
+
+    run(scenario())
+
+
+def test_a_decision_is_one_transaction_deployment_and_rollout_together_or_neither(tmp_path: Path) -> None:
+    from swapserve.errors import ModelNotFound
+    from swapserve.registry import RolloutRecord
+
+    stack = make_stack(tmp_path)
+    reg = stack.registry
+
+    async def scenario() -> None:
+        await stack.control.load("m", 1, actor=ALICE)
+        await stack.control.load("m", 2, actor=ALICE)
+        await stack.control.promote("m", 1, actor=ALICE)
+
+    run(scenario())
+    before = reg.current_deployment("m")
+    ghost = RolloutRecord(model="m", challenger=2, champion=1, id=999, state="running")
+    deployment = {"champion": 1, "traffic": [[1, 9000], [2, 1000]], "action": "rollout", "actor": ALICE}
+    with pytest.raises(ModelNotFound):  # the rollout write fails after the deployment was written ...
+        reg.record_decision("m", deployment=deployment, rollout=ghost)
+    assert reg.current_deployment("m") == before  # ... and the deployment went with it
+    dep, rec = reg.record_decision("m", deployment=deployment,
+                                   rollout=RolloutRecord(model="m", challenger=2, champion=1))
+    assert dep is not None and dep.generation == before.generation + 1
+    assert rec is not None and reg.active_rollout("m") == rec
