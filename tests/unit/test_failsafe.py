@@ -375,3 +375,36 @@ def test_a_decision_is_one_transaction_deployment_and_rollout_together_or_neithe
                                    rollout=RolloutRecord(model="m", challenger=2, champion=1))
     assert dep is not None and dep.generation == before.generation + 1
     assert rec is not None and reg.active_rollout("m") == rec
+
+
+def test_a_promotion_webhook_is_delivered_only_once_the_promotion_is_recorded(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    receiver = Receiver()
+
+    async def scenario() -> None:
+        sender = WebhookSender(stack.control.outbox, "k", clock=stack.clock, post=receiver)
+        await stack.control.load("m", 1, actor=ALICE)
+        await stack.control.promote("m", 1, actor=ALICE)
+        rc = RolloutController(stack.control, stack.slices, stack.metrics, clock=stack.clock, webhooks=sender)
+        r = await rc.start("m", 2, QUICK, actor=ALICE)
+        # As journaled just before a promotion's commit: held while the rollout is still running ...
+        sender.enqueue("http://hooks.invalid/x", "promoted", r.to_dict(), requires={"rollout": r.id,
+                                                                                     "state": "promoted"})
+        await sender.deliver_due()
+        assert receiver.got == [] and len(stack.control.outbox.pending("webhook")) == 1
+        # ... and dropped by a restarted server that resumes the rollout (it journals its own).
+        again = RolloutController(stack.control, stack.slices, stack.metrics, clock=stack.clock, webhooks=sender)
+        await again.start_loop()
+        await again.stop()
+        assert stack.control.outbox.pending("webhook") == []
+        feed(stack, 1, 100)
+        feed(stack, 2, 100)
+        for _ in range(3):
+            stack.clock.advance(31)
+            await rc.tick()
+        assert stack.registry.rollouts("m", 1)[0].state == "promoted"
+        await sender.deliver_due()
+        (_, body, _), = receiver.got
+        assert json.loads(body)["event"] == "promoted" and json.loads(body)["rollout"]["state"] == "promoted"
+
+    run(scenario())
