@@ -47,8 +47,9 @@ import peers  # noqa: E402
 from swapserve.bench.runner import BenchConfig, resolve_client, run_bench  # noqa: E402
 
 #: swapserve-aio: swapserve with --frontend python (grpc.aio on the inference port), for the record.
+#: swapserve-base (not by default): the same server from a baseline checkout (SWAPSERVE_BASE_SRC).
 SERVERS = ("swapserve", "swapserve-aio", "kserve", "mlserver", "noop")
-OURS = ("swapserve", "swapserve-aio")
+OURS = ("swapserve", "swapserve-aio", "swapserve-base")
 #: Other benchmark scripts rendered into RESULTS.md when present: title, args, --quick args, timeout (s).
 OTHER_SCRIPTS: dict[str, tuple[str, list[str], list[str], float]] = {
     "bench_native.py": ("Native core microbenchmarks (issue #3)", ["--repeat", "5"], ["--repeat", "3"], 600),

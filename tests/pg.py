@@ -110,20 +110,28 @@ class PostgresServer:
         )
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stdout}\n{initdb.stderr}")
-        for attempt in range(3):
+        for _attempt in range(3):
             self.port = _free_port()
-            with open(self.log, "ab") as log:
-                self.process = subprocess.Popen(
-                    [*self._run_as, str(self.bindir / "postgres"), "-D", str(self.data),
-                     "-p", str(self.port), "-k", str(self.sockets), "-h", "127.0.0.1",
-                     "-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off", "-c", "max_connections=100"],
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-            if self._wait_ready():
+            if self._launch():
                 return
             self.stop()  # most likely lost the port to someone else: try another one
         raise RuntimeError(f"PostgreSQL did not start; log:\n{self.log.read_text(errors='replace')[-4000:]}")
+
+    def resume(self) -> None:
+        """Start again after ``stop()``, same data and port (a database outage that ends)."""
+        if not self._launch():
+            raise RuntimeError(f"PostgreSQL did not restart; log:\n{self.log.read_text(errors='replace')[-4000:]}")
+
+    def _launch(self) -> bool:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self._run_as, str(self.bindir / "postgres"), "-D", str(self.data),
+                 "-p", str(self.port), "-k", str(self.sockets), "-h", "127.0.0.1",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off", "-c", "max_connections=100"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self._wait_ready()
 
     def _wait_ready(self) -> bool:
         import psycopg

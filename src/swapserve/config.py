@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     """Accept feedback without a credential from any peer (reporter ``anonymous``). Off: only
     loopback peers may report without one, and only while no feedback token is configured."""
 
+    webhook_secret: str | None = None
+    """Key that signs rollout webhooks (HMAC-SHA256, header X-Swapserve-Signature; SWAPSERVE_WEBHOOK_SECRET).
+    Without one, webhooks are sent unsigned."""
+
     device_memory_budget: str | None = None
     """Bytes of device memory resident versions may use ("8GiB", "512MiB", "1000000").
     Default: half of the available RAM on cpu, 80% of free memory on a GPU."""

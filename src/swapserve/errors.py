@@ -82,3 +82,10 @@ class ConfigError(SwapserveError):
     """A config.pbtxt (or other configuration) is invalid; the message says where."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RegistryUnavailable(SwapserveError):
+    """The registry database did not answer (down, locked, timed out). Routing already published
+    by a fail-safe path (rollback, abort, a failed gate) stays; the write is retried from the outbox."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -31,6 +31,7 @@ from swapserve.cli.control import (
     _console,
     _mutating,
     _print_json,
+    _print_warnings,
     _run,
     parse_version,
 )
@@ -47,6 +48,7 @@ DEFAULT_INFER_URL = "localhost:8001"
 
 def render_rollout(doc: dict[str, Any]) -> None:
     out = _console()
+    _print_warnings(doc.get("model", {}))  # e.g. "registry write pending" while the registry is down
     r = doc.get("rollout")
     if not r:
         out.print(f"model {doc['model']['name']} has no rollout")

@@ -12,21 +12,31 @@ changes; the new policy itself always comes from a transition of
 * a routing change is written to the registry (deployment + audit row, one transaction)
   *before* the snapshot is published, so a crash never loses an acknowledged change and
   a restart restores exactly what was last acknowledged;
+* except a return to the champion (:meth:`ControlPlane.return_to_champion`: rollback, abort,
+  a failed gate), which is fail-safe: journaled in the local outbox (fsynced), published at
+  once, and recorded in the registry by the :class:`Reconciler` when it answers — it never
+  waits on the registry; ``status`` shows what is still pending;
+* registry calls run on the registry's own executor with timeouts; a database failure is
+  ``RegistryUnavailable`` (UNAVAILABLE), never a driver exception;
 * it returns the model's new state.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound
+from swapserve.controlplane.reconcile import Reconciler, rollout_from_dict
+from swapserve.crashpoints import crash_point
+from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, RegistryUnavailable
 from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.registry import Registry
-from swapserve.registry.records import AuditEntry, Event
+from swapserve.registry.outbox import Outbox, OutboxEntry
+from swapserve.registry.records import AuditEntry, Deployment, Event, RolloutRecord
 from swapserve.routing.policy import RoutingPolicy, check_split
 from swapserve.types import ModelSummaryView, ModelView, VersionView
 
@@ -34,6 +44,23 @@ log = logging.getLogger(__name__)
 
 #: How often ``follow_events`` polls the registry (it is shared by replicas, so it is the source).
 EVENT_POLL_S = 0.2
+#: How long an operator's rollback waits for its registry write before answering "pending"
+#: (routing is already published; the write goes on in the background).
+ROLLBACK_RECORD_WAIT_S = 2.0
+#: How long a rollback's checks wait on a registry read before going on without it.
+FAILSAFE_READ_S = 1.0
+
+
+def _same_routing(a: RoutingPolicy, b: RoutingPolicy) -> bool:
+    return dataclasses.replace(a, generation=0) == dataclasses.replace(b, generation=0)
+
+
+def deployment_args(policy: RoutingPolicy, *, action: str, actor: str, reason: str) -> dict[str, Any]:
+    """``Registry.publish_deployment``'s keyword arguments for ``policy`` (JSON-safe: the outbox keeps them)."""
+    return {"champion": policy.champion, "traffic": [list(t) for t in policy.traffic],
+            "shadows": list(policy.shadows), "cohorts": [list(c) for c in policy.cohorts],
+            "key_attribute": policy.key_attribute, "previous_champions": list(policy.previous_champions),
+            "action": action, "actor": actor, "reason": reason}
 
 
 def _iso(ts: float | datetime | None) -> str:
@@ -46,17 +73,36 @@ def _iso(ts: float | datetime | None) -> str:
 
 class ControlPlane:
     def __init__(self, manager: ModelManager, registry: Registry, slices: SliceStats | None = None,
-                 drift_summary: Callable[[str], dict[str, dict[str, Any]]] | None = None) -> None:
+                 drift_summary: Callable[[str], dict[str, dict[str, Any]]] | None = None,
+                 outbox: Outbox | None = None) -> None:
         self.manager = manager
         self.registry = registry
         self.slices = slices
         #: model -> {version: drift summary}; None when drift monitoring is off.
         self.drift_summary = drift_summary
+        #: Decisions (and webhook deliveries) owed to the registry; in memory when not given.
+        self.outbox = outbox if outbox is not None else Outbox(None)
+        self.reconciler = Reconciler(registry, self.outbox, on_recorded=self._recorded)
+        self.outbox.subscribe(self._export_pending)
+        self._export_pending()
+
+    def _export_pending(self) -> None:
+        self.manager.metrics.registry_pending_writes.set(len(self.outbox.pending("decision")))
+
+    def _recorded(self, entry: OutboxEntry, deployment: Deployment | None, rollout: RolloutRecord | None) -> None:
+        """A journaled decision reached the registry: adopt its generation when that routing is
+        still live (the next registry-first change is then conditional on the right one)."""
+        m = self.manager.models.get(entry.model or "")
+        if deployment is None or m is None or m.policy is None:
+            return
+        recorded = RoutingPolicy.from_deployment(deployment)
+        if _same_routing(m.policy, recorded):
+            m.policy = recorded
 
     # -- helpers -------------------------------------------------------------------------
 
     async def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self.registry.call(fn, *args, **kwargs)
 
     def _model(self, name: str) -> ManagedModel:
         try:
@@ -65,9 +111,40 @@ class ControlPlane:
             raise ModelNotFound(f"model '{name}' is not in the model repository "
                                 f"{self.manager.repository.root}; `swapserve models` lists the models") from None
 
-    async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None) -> str:
-        """Refuse an action that conflicts with a running rollout unless forced. Returns an audit note."""
-        rollout = await self._db(self.registry.active_rollout, model)
+    async def _read_failsafe(self, fn: Any, *args: Any, wait_s: float | None = None) -> tuple[Any, str]:
+        """A registry read that gives up (after ``wait_s``, else the registry's own timeout):
+        (result, "") or (None, why not)."""
+        try:
+            if wait_s is None:
+                return await self._db(fn, *args), ""
+            return await asyncio.wait_for(self._db(fn, *args), wait_s), ""
+        except RegistryUnavailable as exc:
+            return None, exc.message
+        except asyncio.TimeoutError:
+            return None, f"the registry did not answer within {wait_s:g}s"
+
+    async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None,
+                             failsafe: bool = False) -> str:
+        """Refuse an action that conflicts with a running rollout unless forced. Returns an audit note.
+
+        ``failsafe`` (a rollback): the registry gets FAILSAFE_READ_S to answer; without it, a rollout
+        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises."""
+        if failsafe:
+            rollout, down = await self._read_failsafe(self.registry.active_rollout, model, wait_s=FAILSAFE_READ_S)
+        else:
+            rollout, down = await self._db(self.registry.active_rollout, model), ""
+        if down:
+            m = self._model(model)
+            if not m.rollout_versions:
+                return ""
+            if not force:
+                raise FailedPrecondition(
+                    f"model '{model}' has a running rollout (the registry is unavailable: {down}); "
+                    f"`swapserve rollout abort {model}` first (it does not need the registry), or pass --force")
+            return "[forced over a running rollout] "
+        if rollout is not None and any((e.payload.get("rollout") or {}).get("id") == rollout.id
+                                       for e in self.outbox.pending("decision", model)):
+            rollout = None  # it has ended here; the registry has not heard yet
         if rollout is None:
             return ""
         if version is not None and action == "load":
@@ -89,35 +166,120 @@ class ControlPlane:
 
     async def _publish_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
                               reason: str) -> RoutingPolicy:
+        """:meth:`_record_locked` without a rollout; returns the recorded policy."""
+        recorded, _ = await self._record_locked(m, policy, action=action, actor=actor, reason=reason)
+        return recorded
+
+    async def _record_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str, reason: str,
+                             rollout: RolloutRecord | None = None, production: int | None = None,
+                             event: dict[str, Any] | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
         """Make ``policy`` the model's routing. Caller holds ``m.lock``. In this order:
 
         1. validate: InvalidInput (nothing written) unless the policy is well formed and every
-           version it routes to is resident;
-        2. write the deployment and its audit row in one registry transaction, conditional on the
-           generation this replica last applied (FailedPrecondition, nothing written, when another
-           writer got there first);
+           version it routes to is resident; the model's journaled decisions are recorded first
+           (RegistryUnavailable, nothing written, while they cannot be), so this change never
+           lands before an older rollback;
+        2. write the deployment, its audit row and (when given) the rollout's new state, the
+           challenger's production stage and an event in one registry transaction, conditional on
+           the generation this replica last applied (FailedPrecondition, nothing written, when
+           another writer got there first);
         3. publish the recorded policy as the routing snapshot (one atomic store) and mark its
            versions deployed.
 
-        So a crash between 2 and 3 loses nothing acknowledged (a restart applies the record), and
-        the snapshot never shows a policy the registry does not hold. Returns the recorded policy.
+        So a crash between 2 and 3 loses nothing acknowledged (a restart applies the record), a
+        crash before 2 leaves the decision untaken, and the snapshot never shows a policy the
+        registry does not hold. Returns the recorded policy and the stored rollout.
         """
         policy.validate(m.name, m.resident_versions())
+        await self.reconciler.flush(m.name)
         expected = m.policy.generation if m.policy is not None and m.policy.pinned else None
         if expected is None:  # not yet pinned here: another replica may have recorded one meanwhile
             current = await self._db(self.registry.current_deployment, m.name)
             expected = current.generation if current is not None else None
-        deployment = await self._db(
-            lambda: self.registry.publish_deployment(
-                m.name, champion=policy.champion, traffic=list(policy.traffic), shadows=list(policy.shadows),
-                cohorts=list(policy.cohorts), key_attribute=policy.key_attribute,
-                previous_champions=list(policy.previous_champions), action=action, actor=actor, reason=reason,
-                expected_generation=expected))
+        args = deployment_args(policy, action=action, actor=actor, reason=reason)
+        args["expected_generation"] = expected
+        staged = rollout is not None
+        if staged:
+            crash_point("stage.before_commit")
+        deployment, stored = await self._db(lambda: self.registry.record_decision(
+            m.name, deployment=args, rollout=rollout, production=production, event=event, actor=actor))
+        if staged:
+            crash_point("stage.after_commit")
         recorded = RoutingPolicy.from_deployment(deployment)
         await self.manager.apply_locked(m, recorded)
-        for v in recorded.serving_versions():
-            await self._db(self.registry.mark_deployed, m.name, v)
-        return recorded
+        if staged:
+            crash_point("stage.after_publish")
+        try:
+            for v in recorded.serving_versions():
+                await self._db(self.registry.mark_deployed, m.name, v)
+        except RegistryUnavailable as exc:  # informational; routing is recorded and published
+            log.warning("model '%s': %s", m.name, exc.message)
+        return recorded, stored
+
+    async def publish_decision(self, model: str, change: Callable[[RoutingPolicy | None], RoutingPolicy], *,
+                               action: str, actor: str, reason: str = "", rollout: RolloutRecord | None = None,
+                               production: int | None = None,
+                               event: dict[str, Any] | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
+        """:meth:`publish` that records the rollout's new state (and ``production`` stage, ``event``)
+        in the same transaction as the deployment: a stage either happened or did not."""
+        m = self._model(model)
+        async with m.lock:
+            return await self._record_locked(m, change(m.policy), action=action, actor=actor, reason=reason,
+                                             rollout=rollout, production=production, event=event)
+
+    async def _failsafe_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
+                               reason: str, rollout: RolloutRecord | None = None,
+                               audit: Sequence[dict[str, Any]] = (), event: dict[str, Any] | None = None,
+                               webhooks: Sequence[dict[str, Any]] = ()) -> OutboxEntry:
+        """Return traffic without the registry. Caller holds ``m.lock``. In this order:
+
+        1. validate (InvalidInput, nothing done, when a version it routes to is not resident);
+        2. journal the decision (deployment, rollout state, audit, event) and the webhook
+           deliveries it owes in the outbox, as one fsynced line;
+        3. publish the snapshot (one atomic store): traffic has left the challenger;
+        4. hand the registry write to the reconciler (background, with backoff).
+
+        A crash after 2 is completed on restart (the outbox is recorded before routing is
+        restored); a crash before 2 leaves the decision untaken. Nothing here waits on the
+        registry. The published policy keeps the last recorded generation until it is recorded.
+        """
+        policy.validate(m.name, m.resident_versions())
+        payload = {"deployment": deployment_args(policy, action=action, actor=actor, reason=reason),
+                   "rollout": rollout.to_dict() if rollout is not None else None,
+                   "audit": list(audit), "event": event}
+        items: list[tuple[str, str | None, dict[str, Any]]] = [("decision", m.name, payload)]
+        items += [("webhook", m.name, w) for w in webhooks]
+        entry = self.outbox.append(items)[0]
+        crash_point("rollback.after_journal")
+        await self.manager.apply_locked(m, dataclasses.replace(
+            policy, generation=m.policy.generation if m.policy is not None else 0), background=True)
+        crash_point("rollback.after_publish")
+        self.reconciler.kick()
+        return entry
+
+    async def return_to_champion(self, model: str, change: Callable[[RoutingPolicy | None], RoutingPolicy], *,
+                                 action: str, actor: str, reason: str = "", rollout: RolloutRecord | None = None,
+                                 audit: Sequence[dict[str, Any]] = (), event: dict[str, Any] | None = None,
+                                 webhooks: Sequence[dict[str, Any]] = ()) -> OutboxEntry:
+        """The fail-safe publish (see :meth:`_failsafe_locked`): ``change(current policy)`` is live
+        when this returns, whether or not the registry answers. Returns the journaled entry (its
+        payload may still be amended in memory before the loop next yields)."""
+        m = self._model(model)
+        async with m.lock:
+            return await self._failsafe_locked(m, change(m.policy), action=action, actor=actor, reason=reason,
+                                               rollout=rollout, audit=audit, event=event, webhooks=webhooks)
+
+    def pending_warnings(self, model: str) -> list[str]:
+        """What the operator must know about ``model``'s decisions not yet in the registry."""
+        entries = self.outbox.pending("decision", model)
+        if not entries:
+            return []
+        first = entries[0]
+        since = _iso(first.created_at)
+        why = self.reconciler.last_error or "not yet attempted"
+        return [f"registry write pending: {len(entries)} decision(s) since {since} (first: "
+                f"{first.payload.get('deployment', {}).get('reason', '')}) are live but not yet in the registry; "
+                f"retrying with backoff ({why})"]
 
     async def publish(self, model: str, change: Callable[[RoutingPolicy | None], RoutingPolicy], *, action: str,
                       actor: str, reason: str = "") -> RoutingPolicy:
@@ -143,7 +305,7 @@ class ControlPlane:
         out = []
         for name in names:
             m = self.manager.models.get(name)
-            rollout = await self._db(self.registry.active_rollout, name)
+            rollout, _ = await self._read_failsafe(self.registry.active_rollout, name)
             policy = m.policy if m else None
             out.append(ModelSummaryView(
                 name=name, champion=policy.champion if policy else 0,
@@ -154,9 +316,20 @@ class ControlPlane:
         return out
 
     async def status(self, model: str, warnings: Sequence[str] = ()) -> ModelView:
+        """The model's state. Works while the registry is down: live routing and residency come
+        from this server, registry fields are then empty and a warning says why."""
         m = self._model(model)
-        records = {r.version: r for r in await self._db(self.registry.list_versions, model)}
-        rollout = await self._db(self.registry.active_rollout, model)
+        warnings = list(warnings) + self.pending_warnings(model)
+        listed, down = await self._read_failsafe(self.registry.list_versions, model)
+        rollout = None
+        if not down:
+            rollout, down = await self._read_failsafe(self.registry.active_rollout, model)
+        if down:
+            warnings.append(f"registry unavailable: {down}; showing this server's live state")
+        pending = [e for e in self.outbox.pending("decision", model) if e.payload.get("rollout")]
+        if pending:  # the journaled decision is the truth until the registry has it
+            rollout = rollout_from_dict(pending[-1].payload["rollout"])
+        records = {r.version: r for r in listed or ()}
         policy = m.policy
         versions = []
         for v in sorted(set(records) | set(m.slots)):
@@ -303,7 +476,7 @@ class ControlPlane:
         m = self._model(model)
         warnings: list[str] = []
         async with m.lock:
-            note = await self._check_rollout(model, "roll back", force)
+            note = await self._check_rollout(model, "roll back", force, failsafe=True)
             old = m.policy
             if to_version is None and (old is None or not old.previous_champions):
                 raise FailedPrecondition(f"model '{model}' has no previous champion to roll back to; "
@@ -314,7 +487,15 @@ class ControlPlane:
                 warnings.append(f"version {target} was not resident; preloaded and warmed it before switching")
                 warnings += await self.manager.ensure_resident_locked(m, target, actor=actor)
             policy = (old or RoutingPolicy.single(target)).rolled_back(to_version)
-            await self._publish_locked(m, policy, action="rollback", actor=actor, reason=note + reason)
+            entry = await self._failsafe_locked(m, policy, action="rollback", actor=actor, reason=note + reason)
+        # Routing is live; give the registry a moment so that a healthy one answers "recorded".
+        try:
+            await asyncio.wait_for(self.reconciler.drain(model), ROLLBACK_RECORD_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        if self.outbox.get(entry.id) is not None:
+            warnings.append(f"rolled back to version {target}: routing is live, the registry write is pending "
+                            f"({self.reconciler.last_error or 'the registry is slow'}); it is retried in the background")
         return await self.status(model, warnings)
 
     async def set_traffic(self, model: str, traffic: Sequence[tuple[int, int]], *, shadows: Sequence[int] = (),

@@ -156,6 +156,8 @@ class ModelManager:
         #: The request path's only view of a model: replaced whole, never changed in place.
         self.tables: dict[str, ServingTable] = {}
         self._router_generation = 0
+        #: Registry copies of version states written after a publish (kept so they are not collected).
+        self._background: set[asyncio.Task[None]] = set()
         #: Called after every routing publish (health refresh, rollout bookkeeping).
         self.on_change: Callable[[str], None] = lambda name: None
         #: Called on the load worker thread (never the event loop) once a version is resident and
@@ -284,15 +286,32 @@ class ModelManager:
         self.tables[m.name] = ServingTable(m.name, generation, m.entry.spec, policy, MappingProxyType(runtimes),
                                            resident, MappingProxyType(refusals), no_route)
 
-    async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "") -> None:
+    async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "",
+                         wait: bool = True) -> None:
+        """Set the slot's state now and copy it to the registry (awaited, or in the background with
+        ``wait=False``, so that publishing routing never waits on the registry)."""
         slot.state = state
         slot.reason = reason
         if m.slots.get(slot.version) is slot:
             self._publish_table(m)
-        try:
-            await asyncio.to_thread(self.registry.set_state, m.name, slot.version, state.value, reason)
-        except SwapserveError as exc:  # an unregistered version (should not happen): log, keep serving
-            log.warning("registry: %s", exc.message)
+
+        async def record() -> None:
+            try:
+                # The slot's state when the write runs, not when it was queued: background writes may
+                # run out of order, and the last one must hold the current state.
+                await self.registry.call(lambda: self.registry.set_state(m.name, slot.version, slot.state.value,
+                                                                         slot.reason))
+            except SwapserveError as exc:  # unregistered, or the registry is down: log, keep serving
+                log.warning("registry: %s", exc.message)
+            except RuntimeError:  # the registry's executor is shut down (server stopping)
+                pass
+
+        if wait:
+            await record()
+        else:
+            task = asyncio.get_running_loop().create_task(record())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def ensure_registered(self, m: ManagedModel, version: int, *, actor: str = "system",
                                 reason: str = "found in the model repository", **extra: Any) -> Any:
@@ -301,7 +320,7 @@ class ModelManager:
         Raises ModelNotFound when the version directory or its model file is missing, and
         AlreadyExists when the files differ from what was registered under that number.
         """
-        record = await asyncio.to_thread(self.registry.get_version, m.name, version)
+        record = await self.registry.call(self.registry.get_version, m.name, version)
         if record is not None:
             return record
         entry = self.repository.entry(m.name)
@@ -314,7 +333,7 @@ class ModelManager:
         if not path.exists():
             raise ModelNotFound(f"model '{m.name}' version {version}: {path} is missing")
         digest = await asyncio.to_thread(sha256_of, path)
-        return await asyncio.to_thread(lambda: self.registry.register_version(
+        return await self.registry.call(lambda: self.registry.register_version(
             m.name, version, source_path=str(path), sha256=digest, actor=actor, reason=reason, **extra))
 
     def _residents(self, loading: ManagedModel) -> list[Resident]:
@@ -452,10 +471,12 @@ class ModelManager:
         self.metrics.version_ready.labels(m.name, str(version)).set(0)
         log.info("model '%s' version %d unloaded", m.name, version)
 
-    async def apply_locked(self, m: ManagedModel, policy: RoutingPolicy) -> None:
+    async def apply_locked(self, m: ManagedModel, policy: RoutingPolicy, *, background: bool = False) -> None:
         """Publish ``policy`` as the model's routing snapshot (one atomic store), then update states.
 
-        Raises InvalidInput when the policy names a version that is not resident.
+        Raises InvalidInput when the policy names a version that is not resident. The states'
+        registry copies are awaited, or written in the background with ``background`` (a
+        fail-safe publish: returns without waiting on the registry).
         """
         policy.validate(m.name, m.resident_versions())
         self._router_generation += 1
@@ -473,7 +494,7 @@ class ModelManager:
             if slot.resident:
                 want = VersionState.SERVING if v in serving else VersionState.READY
                 if slot.state is not want:
-                    await self._set_state(m, slot, want)
+                    await self._set_state(m, slot, want, wait=not background)
         self.on_change(m.name)
 
     async def _unpublish_locked(self, m: ManagedModel) -> None:
@@ -557,11 +578,11 @@ class ModelManager:
         what it needs before it is published. Returns the models restored."""
         restored = []
         names = set(self.repository.names())
-        for name in await asyncio.to_thread(self.registry.live_models):
+        for name in await self.registry.call(self.registry.live_models):
             if name not in names:
                 log.error("registry: model '%s' is live but no longer in the repository; not restored", name)
                 continue
-            deployment = await asyncio.to_thread(self.registry.current_deployment, name)
+            deployment = await self.registry.call(self.registry.current_deployment, name)
             if deployment is None:
                 continue
             policy = RoutingPolicy.from_deployment(deployment)

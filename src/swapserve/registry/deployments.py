@@ -1,7 +1,7 @@
 """Registry tables of deployments: what is live, written once per generation."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,6 +48,33 @@ class DeploymentTables(RegistryBase):
         deployed yet) makes the publish conditional: if the current generation differs,
         ``FailedPrecondition`` is raised and nothing is written.
         """
+        run = self._deployment_writer(
+            model, champion=champion, traffic=traffic, shadows=shadows, cohorts=cohorts,
+            key_attribute=key_attribute, previous_champions=previous_champions, action=action, actor=actor,
+            reason=reason, expected_generation=expected_generation)
+        result: Deployment = self._write_retrying(run)
+        return result
+
+    def _deployment_writer(
+        self,
+        model: str,
+        *,
+        champion: int,
+        traffic: Iterable[TrafficShare | tuple[int, int]],
+        shadows: Iterable[int] = (),
+        cohorts: Iterable[CohortRule | tuple[str, str, int] | Mapping[str, Any]] = (),
+        key_attribute: str = "routing_key",
+        previous_champions: Iterable[int] | None = None,
+        action: str,
+        actor: str,
+        reason: str = "",
+        expected_generation: int | None = None,
+        skip_if_current: bool = False,
+    ) -> Callable[[Session], Deployment]:
+        """Validate the arguments now and return ``run(session)`` that writes the deployment (and its
+        audit row and event) inside the caller's transaction. With ``skip_if_current`` a deployment
+        that already routes exactly this way is returned as is (replaying an outbox entry twice
+        writes one generation)."""
         check_model(model)
         try:
             shares = traffic_of(traffic)
@@ -65,6 +92,15 @@ class DeploymentTables(RegistryBase):
             # Serialise publishers of one model across replicas (SQLite: BEGIN IMMEDIATE).
             self._pg_lock(s, f"swapserve:deploy:{model}")
             cur = current_row(s, model)
+            if skip_if_current and cur is not None:
+                have = deployment_record(cur)
+                if (have.champion == champion and [(t.version, t.weight_bp) for t in have.traffic]
+                        == [(t.version, t.weight_bp) for t in shares] and tuple(have.shadows) == shadow_versions
+                        and [(c.attribute, c.value, c.version) for c in have.cohorts]
+                        == [(c.attribute, c.value, c.version) for c in rules]
+                        and have.key_attribute == key_attribute
+                        and (explicit_stack is None or tuple(have.previous_champions) == explicit_stack)):
+                    return have
             cur_gen = cur.generation if cur is not None else 0
             if expected_generation is not None and expected_generation != cur_gen:
                 who = f" by {cur.actor} ({cur.action}, {cur.created_at.isoformat()})" if cur else ""
@@ -117,8 +153,7 @@ class DeploymentTables(RegistryBase):
                               "reason": reason})
             return dep
 
-        result: Deployment = self._write_retrying(run)
-        return result
+        return run
 
     def deployment_history(self, model: str, limit: int = 50) -> list[Deployment]:
         """The model's deployments, newest first."""

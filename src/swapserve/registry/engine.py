@@ -1,9 +1,12 @@
 """The registry's plumbing: engine, migrations, transactions and locks (see ``store.py`` for the guarantees)."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
@@ -14,7 +17,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from swapserve import errors
@@ -24,8 +28,27 @@ from swapserve.registry.rows import audit_record, event_record
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
+def _timeout_s() -> float:
+    raw = os.environ.get("SWAPSERVE_REGISTRY_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw else 10.0
+    except ValueError:
+        raise ValueError(f"SWAPSERVE_REGISTRY_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"SWAPSERVE_REGISTRY_TIMEOUT_S={raw!r} must be > 0")
+    return value
+
+
+#: Longest any one registry call may wait on the database: SQLite's busy wait for another
+#: process's write transaction, PostgreSQL's connect, statement and lock timeouts, the pool's
+#: checkout. Past it the call fails with RegistryUnavailable instead of hanging the control path
+#: (SWAPSERVE_REGISTRY_TIMEOUT_S).
+REGISTRY_TIMEOUT_S = _timeout_s()
 #: How long a SQLite writer waits for another process's write transaction (ms).
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_MS = int(REGISTRY_TIMEOUT_S * 1000)
+#: Threads of the registry's own executor: registry calls never queue behind model loads
+#: (which use asyncio's default pool), and a hung database holds at most these threads.
+REGISTRY_THREADS = 4
 #: How often a write is retried after losing a uniqueness race (PostgreSQL without locks).
 _WRITE_ATTEMPTS = 5
 
@@ -76,7 +99,10 @@ class RegistryBase:
             # One writer at a time inside this process; BEGIN IMMEDIATE covers other processes.
             self._write_lock = threading.RLock()
         else:
-            self._engine = sa.create_engine(self.url, echo=echo, pool_pre_ping=True)
+            self._engine = sa.create_engine(self.url, echo=echo, pool_pre_ping=True,
+                                            pool_timeout=REGISTRY_TIMEOUT_S, **self._pg_args(parsed))
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self._reader = sessionmaker(self._engine, expire_on_commit=False)
         self._writer = sessionmaker(
             self._engine.execution_options(swapserve_begin="IMMEDIATE"), expire_on_commit=False,
@@ -95,6 +121,16 @@ class RegistryBase:
         if home is None:
             home = Path(os.environ.get("SWAPSERVE_HOME") or "~/.swapserve")
         return f"sqlite:///{Path(home).expanduser() / 'registry.db'}"
+
+    def _pg_args(self, parsed: sa.URL) -> dict[str, Any]:
+        """Driver timeouts for PostgreSQL: connect, statement and lock waits bounded by REGISTRY_TIMEOUT_S."""
+        if self._dialect != "postgresql" or parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+            return {}
+        ms = int(REGISTRY_TIMEOUT_S * 1000)
+        args: dict[str, Any] = {"connect_timeout": max(1, int(REGISTRY_TIMEOUT_S))}
+        if "options" not in parsed.query:  # an operator's own options win
+            args["options"] = f"-c statement_timeout={ms} -c lock_timeout={ms}"
+        return {"connect_args": args}
 
     def _sqlite_engine(self, parsed: sa.URL, echo: bool) -> sa.Engine:
         database = parsed.database or ""
@@ -154,7 +190,26 @@ class RegistryBase:
 
     def close(self) -> None:
         """Release every connection. The registry must not be used afterwards."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self._engine.dispose()
+
+    # -- calling from asyncio ---------------------------------------------------------
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The registry's own threads (created on first use)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(REGISTRY_THREADS, thread_name_prefix="swapserve-registry")
+            return self._executor
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` (a registry method or a lambda over several) on the registry's
+        executor, never asyncio's default pool that the model loaders use. Database failures arrive
+        as RegistryUnavailable, after at most about REGISTRY_TIMEOUT_S."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(fn, *args, **kwargs))
 
     def __enter__(self: _R) -> _R:
         return self
@@ -170,16 +225,33 @@ class RegistryBase:
     def _locked(self) -> AbstractContextManager[Any]:
         return self._write_lock if self._write_lock is not None else nullcontext()
 
+    def _unavailable(self, exc: BaseException) -> errors.RegistryUnavailable:
+        where = sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return errors.RegistryUnavailable(
+            f"the registry {where} is unavailable ({detail}); routing already published stays, pending "
+            "writes are retried from the outbox: check the database and `swapserve status`")
+
     @contextmanager
     def _read(self) -> Iterator[Session]:
         # An in-memory database has one shared connection: serialise readers too.
-        with (self._locked() if self._memory else nullcontext()), self._reader() as s, s.begin():
-            yield s
+        try:
+            with (self._locked() if self._memory else nullcontext()), self._reader() as s, s.begin():
+                yield s
+        except IntegrityError:
+            raise
+        except (DBAPIError, PoolTimeout) as exc:  # down, locked, timed out: one error callers handle
+            raise self._unavailable(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with self._locked(), self._writer() as s, s.begin():
-            yield s
+        try:
+            with self._locked(), self._writer() as s, s.begin():
+                yield s
+        except IntegrityError:
+            raise
+        except (DBAPIError, PoolTimeout) as exc:
+            raise self._unavailable(exc) from exc
 
     def _write_retrying(self, fn: Callable[[Session], Any]) -> Any:
         """Run ``fn`` in a write transaction, again if it lost a uniqueness race."""

@@ -109,6 +109,17 @@ class DeploymentRow(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
 
 
+class RolloutEvidenceRow(Base):
+    """The latest flushed counts of one rollout (one row per rollout, overwritten)."""
+
+    __tablename__ = "rollout_evidence"
+
+    rollout_id: Mapped[int] = mapped_column(sa.ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(255))
+    updated_at: Mapped[datetime]
+    counts: Mapped[Any]
+
+
 class RolloutRow(Base):
     __tablename__ = "rollouts"
     __table_args__ = (

@@ -1,13 +1,16 @@
 """Registry tables of rollouts: one active per model, every stage change recorded."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from swapserve import errors
 from swapserve.registry.engine import RegistryBase
-from swapserve.registry.models import RolloutRow
+from swapserve.registry.models import RolloutEvidenceRow, RolloutRow
 from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES, RolloutRecord
 from swapserve.registry.rows import active_rollout_query, check_model, check_version, rollout_record
 
@@ -16,13 +19,22 @@ class RolloutTables(RegistryBase):
     """Registry tables of rollouts: one active per model, every stage change recorded."""
 
     def save_rollout(self, rollout: RolloutRecord, *, actor: str = "rollout") -> RolloutRecord:
+        """Insert (``id is None``) or update a rollout; returns the stored record (see ``_rollout_writer``)."""
+        # A uniqueness violation here is a real conflict, reported by the writer; no retry needed.
+        with self._write() as s:
+            return self._rollout_writer(rollout, actor=actor)(s)
+
+    def _rollout_writer(self, rollout: RolloutRecord, *, actor: str = "rollout",
+                        final: bool = False) -> Callable[[Session], RolloutRecord]:
         """Insert (``id is None``) or update a rollout; returns the stored record.
 
         At most one active rollout (running/paused/awaiting_approval) per model: starting
         a second raises ``FailedPrecondition`` naming the active one. An update whose
         ``updated_at`` differs from the stored one (someone else saved in between) raises
         ``FailedPrecondition``. A new rollout or a change of state/stage emits a
-        ``rollout`` event.
+        ``rollout`` event. ``final`` (a terminal decision replayed from the outbox): the stamp
+        is not checked, and a rollout that is already terminal is returned unchanged.
+        Returns ``run(session)``, which writes inside the caller's transaction.
         """
         r = rollout
         check_model(r.model)
@@ -63,7 +75,10 @@ class RolloutTables(RegistryBase):
                         f"model '{r.model}': rollout {r.id} does not exist; save it with id=None to start one"
                     )
                 row = found
-                if r.updated_at is not None and row.updated_at != r.updated_at:
+                if final and row.state not in ACTIVE_ROLLOUT_STATES:
+                    return rollout_record(row)  # already decided (a replayed outbox entry): it stays decided
+                # A final decision was taken on this server's record and wins over a stale stamp.
+                if not final and r.updated_at is not None and row.updated_at != r.updated_at:
                     raise errors.FailedPrecondition(
                         f"model '{r.model}': rollout {r.id} was saved by someone else at "
                         f"{row.updated_at.isoformat()}; reload it and retry"
@@ -92,9 +107,7 @@ class RolloutTables(RegistryBase):
                                                         "stage_index": r.stage_index, "actor": actor})
             return rec
 
-        # A uniqueness violation here is a real conflict, reported above; no retry needed.
-        with self._write() as s:
-            return run(s)
+        return run
 
     def get_rollout(self, rollout_id: int) -> RolloutRecord | None:
         with self._read() as s:
@@ -115,3 +128,24 @@ class RolloutTables(RegistryBase):
                 .order_by(RolloutRow.id.desc()).limit(limit)
             )
             return [rollout_record(r) for r in rows]
+
+    def save_evidence(self, rollout_id: int, model: str, counts: Mapping[str, Any]) -> None:
+        """Overwrite the rollout's flushed counts (the controller calls this about once a second).
+        A rollout that no longer exists is ignored (it ended and was pruned)."""
+        def run(s: Session) -> None:
+            if s.get(RolloutRow, rollout_id) is None:
+                return
+            row = s.get(RolloutEvidenceRow, rollout_id)
+            if row is None:
+                s.add(RolloutEvidenceRow(rollout_id=rollout_id, model=model, updated_at=self._now(),
+                                         counts=dict(counts)))
+            else:
+                row.counts, row.updated_at = dict(counts), self._now()
+
+        self._write_retrying(run)
+
+    def load_evidence(self, rollout_id: int) -> dict[str, Any] | None:
+        """The rollout's last flushed counts, or None."""
+        with self._read() as s:
+            row = s.get(RolloutEvidenceRow, rollout_id)
+            return dict(row.counts) if row is not None else None

@@ -206,8 +206,9 @@ def evaluate(
     Guarantees:
 
     - ``fail`` whenever any gate fails, whatever the stage's elapsed time or sample count.
-    - ``advance`` only when no gate fails, ``stage_elapsed_s >= stage.min_duration_s`` and
-      ``challenger_labelled >= stage.min_samples``; ``needs_approval`` is then ``stage.approve``.
+    - ``advance`` only when no gate fails, ``stage_elapsed_s >= stage.min_duration_s``,
+      ``challenger_labelled >= stage.min_samples`` and the champion has a baseline (requests, and
+      labelled outcomes when the challenger has any); ``needs_approval`` is then ``stage.approve``.
     - ``hold`` otherwise; the reason says what it waits for.
     - Slices with no labelled outcomes (and no numeric targets) on one of the arms are skipped;
       the ``overall`` slice always has an accuracy and an error-rate result (passing while empty).
@@ -254,6 +255,12 @@ def evaluate(
         return Decision("fail", tuple(results), f"{worst.gate} gate failed: {worst.message}{per_test}{more}")
 
     waiting = []
+    # No data is "hold", never "pass": an empty champion side (e.g. counts lost in a restart)
+    # cannot vouch for the challenger.
+    if not a_all.requests:
+        waiting.append("requests on the champion (no baseline yet)")
+    elif b_all.labelled and not a_all.labelled:
+        waiting.append("labelled outcomes on the champion (no accuracy baseline yet)")
     if stage_elapsed_s < stage.min_duration_s:
         waiting.append(f"{_fmt_s(stage_elapsed_s)} of {_fmt_s(stage.min_duration_s)} min_duration")
     if challenger_labelled < stage.min_samples:

@@ -30,8 +30,10 @@ from swapserve.lifecycle.manager import ModelManager
 from swapserve.monitoring.drift_observer import MonitoringObserver
 from swapserve.native import Batcher, Router
 from swapserve.registry import Registry
+from swapserve.registry.outbox import Outbox, outbox_path
 from swapserve.repository import ModelRepository
 from swapserve.rollout.controller import RolloutController
+from swapserve.rollout.webhook import WebhookSender
 from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackAuth, FeedbackServicer
 from swapserve.server.inference import InferenceServicer
@@ -98,11 +100,11 @@ class Server:
                             self.monitor.record_accuracy(m.name, v, overall.accuracy, overall.labelled)
                 events = await asyncio.to_thread(self.monitor.tick)
                 for e in events:
-                    await asyncio.to_thread(lambda e=e: self.registry.add_event(
+                    await self.registry.call(lambda e=e: self.registry.add_event(
                         "drift" if e.kind.startswith("drift") or e.kind == "profile_ready" else "retrain",
                         e.message, model=e.model, version=e.version or None, data=e.detail))
                     if e.kind == "retrain_triggered":
-                        await asyncio.to_thread(lambda e=e: self.registry.audit(
+                        await self.registry.call(lambda e=e: self.registry.audit(
                             actor="monitor", action="retrain.trigger", model=e.model, version=e.version or None,
                             before=None, after=e.detail, reason=e.message))
             except Exception:  # noqa: BLE001 - monitoring must never take the server down
@@ -130,6 +132,7 @@ class Server:
         for t in self._tasks:
             t.cancel()
         await self.rollouts.stop()
+        self.rollouts.webhooks.close()
         await self.control_server.stop(1.0)
         await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
         await self.manager.close()
@@ -182,11 +185,15 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     # Monitoring state is built and dropped on the lifecycle's load/unload workers, never per request.
     manager.on_version_resident = lambda spec, version: _prepare_monitoring(monitor, spec, version)
     manager.on_version_unloaded = monitor.forget
-    control = ControlPlane(manager, registry, slices, drift_summary=lambda model: {
+    outbox = Outbox(outbox_path(settings.home, settings.registry_url()))
+    control = ControlPlane(manager, registry, slices, outbox=outbox, drift_summary=lambda model: {
         str(r.version): {"state": r.state, "score": round(max((w.score for w in r.windows), default=0.0), 6),
                          "most_drifted": [f"{f} ({w})" for w, f, _ in r.most_drifted(3)]}
         for r in monitor.reports(model)})
-    rollouts = RolloutController(control, slices, metrics)
+    webhooks = WebhookSender(outbox, settings.webhook_secret)
+    outbox.subscribe(lambda: metrics.webhook_pending.set(len(outbox.pending("webhook"))))
+    metrics.webhook_pending.set(len(outbox.pending("webhook")))
+    rollouts = RolloutController(control, slices, metrics, webhooks=webhooks)
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor])
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
@@ -244,6 +251,13 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     log.info("gRPC inference on %s:%d (%s front end), control on %s:%d, metrics on %s", settings.host, port,
              frontend.value, control_host, control_port, metrics_port)
 
+    # Decisions journaled before a crash reach the registry before it is read back, so a rollback
+    # stays rolled back (and its rollout is not resumed).
+    if not await control.reconciler.drain():
+        log.error("outbox: %d decision(s) could not be recorded at start (%s); retrying in the background",
+                  len(control.reconciler.pending()), control.reconciler.last_error)
+    server._tasks.append(asyncio.create_task(control.reconciler.run()))
+    server._tasks.append(asyncio.create_task(webhooks.run()))
     # The registry's record of what is live wins over the start-up load rules (promise 5).
     restored = await manager.restore()
     names = [n for n in repository.names() if n not in restored]

@@ -120,6 +120,13 @@ class Metrics:
             registry=self.registry)
         self.rollbacks = Counter(
             "swapserve_rollbacks", "Automatic rollbacks by the rollout controller", ["model"], registry=self.registry)
+        self.registry_pending_writes = Gauge(
+            "swapserve_registry_pending_writes",
+            "Decisions (rollbacks) live in routing but not yet recorded in the registry (outbox)",
+            registry=self.registry)
+        self.webhook_pending = Gauge(
+            "swapserve_webhook_pending", "Rollout webhook deliveries not yet acknowledged by the receiver",
+            registry=self.registry)
         self.serving_version = Gauge(
             "swapserve_serving_version", "Version that unpinned requests are routed to", ["model"],
             registry=self.registry)
