@@ -99,7 +99,8 @@ class DeploymentListener:
 
     def __init__(self, url: str, on_notify: Callable[[], None], on_connected: Callable[[], None]) -> None:
         parsed = sa.engine.make_url(url)
-        self._conninfo = parsed.set(drivername="postgresql", query={}).render_as_string(hide_password=False)
+        # libpq's URI form; the query (sslmode, options, ...) is libpq's too and stays.
+        self._conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
         self._on_notify = on_notify
         self._on_connected = on_connected
         self._stop = threading.Event()
