@@ -12,15 +12,18 @@ the example ``digits`` with both versions preloaded) share one registry.
   champion. Reports the median and p99 of "issued -> served by all 3", and of "A answered ->
   served by B and C" (what the fleet adds to A's own publish).
 * request-path cost: steady closed-loop throughput against replica A (``--seconds`` per repeat,
-  generic gRPC calls with a pre-serialised request) with B and C up and idle-listening, then with
-  B and C stopped (A alone). Following the registry runs off the request path, so the ratio should
-  be 1.0 within noise.
+  generic gRPC calls with a pre-serialised request) with B and C up and idle-listening, with B and
+  C frozen (SIGSTOP, interleaved with the former), and with B and C stopped (A alone). Following
+  the registry runs off the request path: what the idle replicas cost A is only the CPU they use
+  on the shared cores (reported as ``idle_replica_cpu_fraction``, of one core each).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -61,6 +64,12 @@ class Prober:
 
     def version(self) -> str:
         return pb.ModelInferResponse.FromString(self.call(self.body, timeout=10)).model_version
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -149,14 +158,31 @@ def main() -> int:
             time.sleep(1.0)
             conv = converge(ctl, probers, args.promotes)
         throughput(replicas[0].url, body, 1.0)  # warm
-        fleet = [throughput(replicas[0].url, body, args.seconds) for _ in range(args.repeat)]
+        # Interleaved, so that drift of the shared machine's load hits both sides alike: B and C up
+        # and idle-listening, then frozen (SIGSTOP: A alone on the cores; A's own sync still runs).
+        fleet, frozen, idle_cpu = [], [], []
+        others = [r.proc for r in replicas[1:] if r.proc is not None]
+        for _ in range(args.repeat):
+            cpu0 = sum(cpu_s(p.pid) for p in others)
+            fleet.append(throughput(replicas[0].url, body, args.seconds))
+            idle_cpu.append((sum(cpu_s(p.pid) for p in others) - cpu0) / args.seconds / len(others))
+            for p in others:
+                p.send_signal(signal.SIGSTOP)
+            try:
+                frozen.append(throughput(replicas[0].url, body, args.seconds))
+            finally:
+                for p in others:
+                    p.send_signal(signal.SIGCONT)
         for r in replicas[1:]:
             r.stop()
         alone = [throughput(replicas[0].url, body, args.seconds) for _ in range(args.repeat)]
         out: dict[str, Any] = dict(conv)
         out.update({"rps_with_3_replicas_idle_listening": statistics.median(fleet),
-                    "rps_alone": statistics.median(alone),
-                    "ratio_fleet_vs_alone": statistics.median(fleet) / statistics.median(alone)})
+                    "rps_others_frozen": statistics.median(frozen),
+                    "rps_alone_others_stopped": statistics.median(alone),
+                    "ratio_fleet_vs_frozen": statistics.median(fleet) / statistics.median(frozen),
+                    "ratio_fleet_vs_alone": statistics.median(fleet) / statistics.median(alone),
+                    "idle_replica_cpu_fraction": statistics.median(idle_cpu)})
     finally:
         for r in replicas:
             r.stop()
