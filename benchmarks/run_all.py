@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py [--repeats 3] [--duration 5] [--quick] [--no-install]
+    python benchmarks/run_all.py [--repeats 3] [--duration 5] [--quick] [--no-install] [--closed-only]
 
 1. Peers: swapserve, KServe 0.21 (Python model server), MLServer 1.7.1 and a no-op grpc.aio
    floor all serve the TorchScript ``digits`` model on 127.0.0.1, all running at once; the same
@@ -47,8 +47,9 @@ import peers  # noqa: E402
 from swapserve.bench.runner import BenchConfig, resolve_client, run_bench  # noqa: E402
 
 #: swapserve-aio: swapserve with --frontend python (grpc.aio on the inference port), for the record.
+#: swapserve-base (not by default): the same server from a baseline checkout (SWAPSERVE_BASE_SRC).
 SERVERS = ("swapserve", "swapserve-aio", "kserve", "mlserver", "noop")
-OURS = ("swapserve", "swapserve-aio")
+OURS = ("swapserve", "swapserve-aio", "swapserve-base")
 #: Other benchmark scripts rendered into RESULTS.md when present: title, args, --quick args, timeout (s).
 OTHER_SCRIPTS: dict[str, tuple[str, list[str], list[str], float]] = {
     "bench_native.py": ("Native core microbenchmarks (issue #3)", ["--repeat", "5"], ["--repeat", "3"], 600),
@@ -190,6 +191,8 @@ def main() -> int:
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s runs, 10 s swap scenario (a smoke run)")
     ap.add_argument("--no-install", action="store_true", help="do not run peers/setup_peers.sh")
+    ap.add_argument("--closed-only", action="store_true",
+                    help="only the closed-loop matrix (step 1): checks a request-path change; use with --out")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = ap.parse_args()
     if args.quick:
@@ -243,7 +246,7 @@ def main() -> int:
 
         # 2. a fixed arrival rate both sustain: 40% of the smaller c=32 throughput
         fixed: dict[str, dict[str, Any]] = {}
-        if best and "swapserve" in running:
+        if best and "swapserve" in running and not args.closed_only:
             rate = round(0.4 * min(table[best][32]["throughput_rps"], table["swapserve"][32]["throughput_rps"]), -1)
             rate = max(rate, 20.0)
             fixed_servers = [n for n in ("swapserve", best, "swapserve-aio") if n in running]
@@ -259,7 +262,7 @@ def main() -> int:
         # A run's p99 moves by tens of percent on this machine: steady and swap runs alternate
         # (steady first, then swap first, ...) and the ratio is between their medians.
         swap_rows: dict[str, dict[str, Any]] = {}
-        for n in [x for x in names if x != "noop"]:
+        for n in [x for x in names if x != "noop" and not args.closed_only]:
             p = running[n]
             common = dict(concurrency=8, duration=args.swap_duration, warmup=1.0)
             steady_runs: list[dict[str, Any]] = []
@@ -283,7 +286,7 @@ def main() -> int:
                             "errors_by_status": by_status, "versions": versions}
         # 4. the harness' own cost, against the no-op floor
         harness = None
-        if "noop" in running:
+        if "noop" in running and not args.closed_only:
             import bench_harness
 
             harness = bench_harness.measure(running["noop"].url, running["noop"].pid, repeats=args.repeats,
@@ -294,7 +297,7 @@ def main() -> int:
             p.stop()
         shutil.rmtree(work, ignore_errors=True)
     others = {name: run_script(name, quick_args if args.quick else full_args, timeout)
-              for name, (_title, full_args, quick_args, timeout) in OTHER_SCRIPTS.items()}
+              for name, (_title, full_args, quick_args, timeout) in OTHER_SCRIPTS.items() if not args.closed_only}
     raw["others"] = others
     (OUT / "run_all.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     elapsed = time.monotonic() - t_start

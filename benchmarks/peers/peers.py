@@ -137,15 +137,26 @@ def _spawn(name: str, cmd: list[str], cwd: Path, url: str, timeout: float = 180)
     raise PeerUnavailable(f"{name} did not become ready in {timeout:.0f}s (log: {log})")
 
 
+def _base_src() -> str:
+    src = os.environ.get("SWAPSERVE_BASE_SRC", "")
+    if not src or not (Path(src) / "swapserve" / "__init__.py").exists():
+        raise PeerUnavailable("swapserve-base needs SWAPSERVE_BASE_SRC: the src/ of a baseline checkout whose "
+                              "native modules are built in place")
+    return src
+
+
 def start(kind: str, work: Path, models: Path = ROOT / "model_repository") -> Peer:
     """Start one server serving digits version 1 (version 2 ready to swap in)."""
     work = work / kind
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     swap = f"{sys.executable} {HERE / 'peer_swap.py'}"
-    if kind in ("swapserve", "swapserve-aio"):
+    if kind in ("swapserve", "swapserve-aio", "swapserve-base"):
         repo = copy_models(models, work / "repo", [MODEL])
-        srv = ServerProcess(repo, *(["--frontend", "python"] if kind == "swapserve-aio" else [])).start()
+        # swapserve-base: the same server from another checkout's src/ (SWAPSERVE_BASE_SRC, built in
+        # place), so a request-path change is measured against its baseline in the same run.
+        env = {"PYTHONPATH": _base_src()} if kind == "swapserve-base" else None
+        srv = ServerProcess(repo, *(["--frontend", "python"] if kind == "swapserve-aio" else []), env=env).start()
         control = next((part.split("=", 1)[1] for line in srv.lines for part in line.split()
                         if part.startswith("control=")), "")
         import swapserve

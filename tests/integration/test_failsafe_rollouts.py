@@ -17,7 +17,6 @@ import hmac
 import http.server
 import json
 import random
-import sqlite3
 import subprocess
 import sys
 import threading

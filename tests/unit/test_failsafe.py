@@ -322,3 +322,89 @@ def test_promotion_and_rollback_both_owe_a_webhook(tmp_path: Path) -> None:
         assert events == ["promoted", "rollback"]
 
     run(scenario())
+
+
+# -- the registry's own guarantees ----------------------------------------------------------------
+
+
+def test_a_locked_database_is_registry_unavailable_within_the_timeout_on_the_registrys_own_threads(
+        tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import grpc
+
+    from swapserve.errors import RegistryUnavailable
+
+    stack = make_stack(tmp_path)
+    reg = stack.registry
+
+    async def scenario() -> None:
+        await stack.control.load("m", 1, actor=ALICE)
+        assert await reg.call(lambda: threading.current_thread().name.startswith("swapserve-registry"))
+        with Locked(tmp_path / "registry.db"):
+            t0 = time.monotonic()
+            with pytest.raises(RegistryUnavailable) as err:
+                await reg.call(reg.set_stage, "m", 1, "staging", actor=ALICE)
+            assert time.monotonic() - t0 < 5
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and "database is locked" in err.value.message
+
+    run(scenario())
+
+
+def test_a_decision_is_one_transaction_deployment_and_rollout_together_or_neither(tmp_path: Path) -> None:
+    from swapserve.errors import ModelNotFound
+    from swapserve.registry import RolloutRecord
+
+    stack = make_stack(tmp_path)
+    reg = stack.registry
+
+    async def scenario() -> None:
+        await stack.control.load("m", 1, actor=ALICE)
+        await stack.control.load("m", 2, actor=ALICE)
+        await stack.control.promote("m", 1, actor=ALICE)
+
+    run(scenario())
+    before = reg.current_deployment("m")
+    ghost = RolloutRecord(model="m", challenger=2, champion=1, id=999, state="running")
+    deployment = {"champion": 1, "traffic": [[1, 9000], [2, 1000]], "action": "rollout", "actor": ALICE}
+    with pytest.raises(ModelNotFound):  # the rollout write fails after the deployment was written ...
+        reg.record_decision("m", deployment=deployment, rollout=ghost)
+    assert reg.current_deployment("m") == before  # ... and the deployment went with it
+    dep, rec = reg.record_decision("m", deployment=deployment,
+                                   rollout=RolloutRecord(model="m", challenger=2, champion=1))
+    assert dep is not None and dep.generation == before.generation + 1
+    assert rec is not None and reg.active_rollout("m") == rec
+
+
+def test_a_promotion_webhook_is_delivered_only_once_the_promotion_is_recorded(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    receiver = Receiver()
+
+    async def scenario() -> None:
+        sender = WebhookSender(stack.control.outbox, "k", clock=stack.clock, post=receiver)
+        await stack.control.load("m", 1, actor=ALICE)
+        await stack.control.promote("m", 1, actor=ALICE)
+        rc = RolloutController(stack.control, stack.slices, stack.metrics, clock=stack.clock, webhooks=sender)
+        r = await rc.start("m", 2, QUICK, actor=ALICE)
+        # As journaled just before a promotion's commit: held while the rollout is still running ...
+        sender.enqueue("http://hooks.invalid/x", "promoted", r.to_dict(), requires={"rollout": r.id,
+                                                                                     "state": "promoted"})
+        await sender.deliver_due()
+        assert receiver.got == [] and len(stack.control.outbox.pending("webhook")) == 1
+        # ... and dropped by a restarted server that resumes the rollout (it journals its own).
+        again = RolloutController(stack.control, stack.slices, stack.metrics, clock=stack.clock, webhooks=sender)
+        await again.start_loop()
+        await again.stop()
+        assert stack.control.outbox.pending("webhook") == []
+        feed(stack, 1, 100)
+        feed(stack, 2, 100)
+        for _ in range(3):
+            stack.clock.advance(31)
+            await rc.tick()
+        assert stack.registry.rollouts("m", 1)[0].state == "promoted"
+        await sender.deliver_due()
+        (_, body, _), = receiver.got
+        assert json.loads(body)["event"] == "promoted" and json.loads(body)["rollout"]["state"] == "promoted"
+
+    run(scenario())

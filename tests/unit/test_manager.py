@@ -251,3 +251,47 @@ def test_restore_brings_back_the_recorded_split_after_a_restart(tmp_path: Path) 
         await again.manager.close()
 
     run(scenario())
+
+
+def test_each_snapshot_is_published_after_a_serving_table_that_holds_every_version_it_routes_to(
+        tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1, 2), extra_config=ALL_VERSIONS)
+    seen: list[tuple[int, tuple[int, ...], frozenset[int]]] = []
+
+    class Watching:  # the real router, watched at each publish: which table was out at that instant
+        def __init__(self, router: object) -> None:
+            self._router = router
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._router, name)
+
+        def publish(self, model: str, spec: object) -> None:
+            table = stack.manager.tables[model]
+            seen.append((spec.generation, spec.versions, frozenset(table.runtimes)))  # type: ignore[attr-defined]
+            self._router.publish(model, spec)  # type: ignore[attr-defined]
+
+    stack.manager.router = Watching(stack.manager.router)
+
+    async def scenario() -> None:
+        m = stack.manager
+        await m.load("m")
+        held = m.tables["m"]
+        model = m.models["m"]
+        async with model.lock:
+            await m.apply_locked(model, RoutingPolicy(champion=1, traffic=((1, 5000), (2, 5000))))
+        assert all(set(versions) <= runtimes for _, versions, runtimes in seen)
+        now = m.tables["m"]
+        assert now is not held and now.generation == seen[-1][0] > held.generation
+        assert set(now.policy.serving_versions()) == {1, 2}  # type: ignore[union-attr]
+        assert held.policy is not None and held.policy.serving_versions() == {2}  # a held table never changes
+        with pytest.raises(TypeError):
+            now.runtimes[3] = now.runtimes[1]  # type: ignore[index]
+        async with model.lock:
+            await m.apply_locked(model, RoutingPolicy.single(2))
+            await m.retire_locked(model, 1)
+        assert set(m.tables["m"].runtimes) == {2}
+        with pytest.raises(VersionNotReady, match="version 1 is not loaded; resident versions: \\[2\\]"):
+            m.route("m", "1")
+        await shutdown(stack)
+
+    run(scenario())

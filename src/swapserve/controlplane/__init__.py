@@ -53,7 +53,7 @@ EVENT_POLL_S = 0.2
 #: How long an operator's rollback waits for its registry write before answering "pending"
 #: (routing is already published; the write goes on in the background).
 ROLLBACK_RECORD_WAIT_S = 2.0
-#: How long ``status`` and a rollback's checks wait on a read before going on without the registry.
+#: How long a rollback's checks wait on a registry read before going on without it.
 FAILSAFE_READ_S = 1.0
 #: How often a registry-first change catches up and retries after another replica wrote first.
 CONFLICT_RETRIES = 3
@@ -121,20 +121,28 @@ class ControlPlane:
             raise ModelNotFound(f"model '{name}' is not in the model repository "
                                 f"{self.manager.repository.root}; `swapserve models` lists the models") from None
 
-    async def _read_failsafe(self, fn: Any, *args: Any) -> tuple[Any, str]:
-        """A registry read that gives up after FAILSAFE_READ_S: (result, "") or (None, why not)."""
+    async def _read_failsafe(self, fn: Any, *args: Any, wait_s: float | None = None) -> tuple[Any, str]:
+        """A registry read that gives up (after ``wait_s``, else the registry's own timeout):
+        (result, "") or (None, why not)."""
         try:
-            return await asyncio.wait_for(self._db(fn, *args), FAILSAFE_READ_S), ""
+            if wait_s is None:
+                return await self._db(fn, *args), ""
+            return await asyncio.wait_for(self._db(fn, *args), wait_s), ""
         except RegistryUnavailable as exc:
             return None, exc.message
         except asyncio.TimeoutError:
-            return None, f"the registry did not answer within {FAILSAFE_READ_S:g}s"
+            return None, f"the registry did not answer within {wait_s:g}s"
 
-    async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None) -> str:
+    async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None,
+                             failsafe: bool = False) -> str:
         """Refuse an action that conflicts with a running rollout unless forced. Returns an audit note.
 
-        Without the registry, a rollout this server is driving (its versions are guarded) counts."""
-        rollout, down = await self._read_failsafe(self.registry.active_rollout, model)
+        ``failsafe`` (a rollback): the registry gets FAILSAFE_READ_S to answer; without it, a rollout
+        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises."""
+        if failsafe:
+            rollout, down = await self._read_failsafe(self.registry.active_rollout, model, wait_s=FAILSAFE_READ_S)
+        else:
+            rollout, down = await self._db(self.registry.active_rollout, model), ""
         if down:
             m = self._model(model)
             if not m.rollout_versions:
@@ -180,7 +188,8 @@ class ControlPlane:
         if self.outbox.pending("decision", m.name):
             return
         if failsafe:
-            current, down = await self._read_failsafe(self.registry.current_deployment, m.name)
+            current, down = await self._read_failsafe(self.registry.current_deployment, m.name,
+                                                      wait_s=FAILSAFE_READ_S)
             if down:
                 return
         else:
@@ -576,7 +585,7 @@ class ControlPlane:
         m = self._model(model)
         warnings: list[str] = []
         async with m.lock:
-            note = await self._check_rollout(model, "roll back", force)
+            note = await self._check_rollout(model, "roll back", force, failsafe=True)
             await self._catch_up_locked(m, failsafe=True)  # roll back what the fleet serves, not a stale view
             old = m.policy
             if to_version is None and (old is None or not old.previous_champions):

@@ -166,6 +166,9 @@ class FleetSync:
         self._reported: dict[str, tuple[int, bool, str]] = {}
         self._reported_at = float("-inf")
         self._pass_lock: asyncio.Lock | None = None
+        #: Called (on the loop) when :meth:`ready` changes: the server refreshes its gRPC health status.
+        self.on_ready_change: Callable[[], None] = lambda: None
+        self._was_ready = False
 
     # -- state -----------------------------------------------------------------------------
 
@@ -244,6 +247,9 @@ class FleetSync:
             for model, generation in sorted(generations.items()):
                 await self._converge(model, generation, model in names)
             self._caught_up = True
+            if self.ready() != self._was_ready:
+                self._was_ready = self.ready()
+                self.on_ready_change()
             await self._report()
             return True
 

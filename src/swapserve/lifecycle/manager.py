@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from swapserve.errors import ConfigError, FailedPrecondition, ModelNotFound, SwapserveError, VersionNotReady
 from swapserve.lifecycle.budget import Resident, plan_eviction
 from swapserve.lifecycle.runtime import BackendLike, BatcherFactory, VersionRuntime
+from swapserve.lifecycle.table import Refusal, ServingTable
 from swapserve.registry import Registry
 from swapserve.repository import ModelEntry, ModelRepository
 from swapserve.routing.policy import RoutingPolicy
@@ -151,6 +153,8 @@ class ModelManager:
         self._load_backend = backend_loader
         self._batcher_factory = batcher_factory
         self.models: dict[str, ManagedModel] = {}
+        #: The request path's only view of a model: replaced whole, never changed in place.
+        self.tables: dict[str, ServingTable] = {}
         self._router_generation = 0
         #: Registry copies of version states written after a publish (kept so they are not collected).
         self._background: set[asyncio.Task[None]] = set()
@@ -186,47 +190,36 @@ class ModelManager:
 
     def route(self, name: str, version: str = "", attributes: Mapping[str, Any] | None = None,
               request_id: str = "") -> tuple[VersionRuntime, tuple[VersionRuntime, ...]]:
-        """Like ``runtime`` plus the resident shadow versions that get a copy (none when pinned)."""
-        m = self.model(name)
+        """Like ``runtime`` plus the resident shadow versions that get a copy (none when pinned).
+
+        One look-up of the model's serving table, which the request then holds: it never reads
+        the control path's version slots.
+        """
+        table = self.tables.get(name)
+        if table is None:
+            self.model(name)  # raises: not in the repository, or not loaded
+            raise VersionNotReady(f"model '{name}' has no serving version; retry")
         if version:
-            try:
-                v = int(version)
-            except ValueError:
-                raise ModelNotFound(f"model '{name}' has no version '{version}'; versions are positive integers") from None
-            slot = m.slots.get(v)
-            if slot is None or slot.state in (VersionState.UNLOADED, VersionState.REGISTERED):
-                if v in m.entry.versions:
-                    raise VersionNotReady(f"model '{name}' version {v} is not loaded; resident versions: "
-                                          f"{m.resident_versions()}")
-                raise ModelNotFound(f"model '{name}' has no version {v}; resident versions: {m.resident_versions()}")
-            if slot.runtime is None or slot.state not in (VersionState.READY, VersionState.SERVING,
-                                                          VersionState.DRAINING):
-                raise VersionNotReady(f"model '{name}' version {v} is {slot.state.value}"
-                                      + (f": {slot.reason}" if slot.reason else "") + "; retry or pick a resident version")
-            return slot.runtime, ()
-        if m.policy is None:
-            if m.entry.error:
-                raise VersionNotReady(f"model '{name}' is unavailable: {m.entry.error}")
-            raise VersionNotReady(f"model '{name}' has no serving version; load it or check RepositoryIndex for "
-                                  "the reason")
+            return table.pinned(version), ()
+        if table.policy is None:
+            raise table.unrouted()
         route = self.router.route(name, attributes, request_id)
-        slot = m.slots.get(route.version)
-        if slot is None or slot.runtime is None:
-            raise VersionNotReady(f"model '{name}' version {route.version} is not resident; retry")
+        runtime = table.routed(route.version)
         if not route.shadows:
-            return slot.runtime, ()
-        shadows = tuple(s.runtime for v in route.shadows if (s := m.slots.get(v)) is not None and s.runtime is not None)
-        return slot.runtime, shadows
+            return runtime, ()
+        return runtime, tuple(rt for v in route.shadows if (rt := table.runtimes.get(v)) is not None)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
             m = self.model(name)
         except SwapserveError:
             return False
+        table = self.tables.get(m.name)
+        if table is None:
+            return False
         if version:
-            slot = m.slots.get(int(version)) if version.isdigit() else None
-            return slot is not None and slot.resident
-        return m.policy is not None
+            return version.isdigit() and int(version) in table.resident
+        return table.policy is not None
 
     def server_ready(self) -> bool:
         """Every model that should be served has a serving version, and ``ready_gate`` agrees (the
@@ -261,7 +254,40 @@ class ModelManager:
         if m is None:
             entry = self.repository.entry(name)
             m = self.models[name] = ManagedModel(name, entry)
+            self._publish_table(m)
         return m
+
+    def _publish_table(self, m: ManagedModel, policy: RoutingPolicy | None = None,
+                       generation: int | None = None) -> None:
+        """Publish ``m``'s serving table from its slots (one reference store). Called after every
+        change of a slot's state or runtime, of the entry or of the policy; ``policy`` and
+        ``generation`` let ``apply_locked`` publish the table of a snapshot before the snapshot."""
+        policy = policy if policy is not None else m.policy
+        reachable = (VersionState.READY, VersionState.SERVING, VersionState.DRAINING)
+        runtimes = {v: s.runtime for v, s in m.slots.items() if s.runtime is not None and s.state in reachable}
+        resident = tuple(m.resident_versions())
+        refusals: dict[int, Refusal] = {}
+        for v in sorted(set(m.slots) | set(m.entry.versions)):
+            slot = m.slots.get(v)
+            if v in runtimes:
+                continue
+            if slot is None or slot.state in (VersionState.UNLOADED, VersionState.REGISTERED):
+                if v in m.entry.versions:
+                    refusals[v] = (VersionNotReady, f"model '{m.name}' version {v} is not loaded; resident "
+                                                    f"versions: {list(resident)}")
+                continue  # ModelNotFound, worded by the table
+            refusals[v] = (VersionNotReady, f"model '{m.name}' version {v} is {slot.state.value}"
+                           + (f": {slot.reason}" if slot.reason else "") + "; retry or pick a resident version")
+        no_route: Refusal | None = None
+        if policy is None:
+            no_route = ((VersionNotReady, f"model '{m.name}' is unavailable: {m.entry.error}") if m.entry.error else
+                        (VersionNotReady, f"model '{m.name}' has no serving version; load it or check "
+                                          "RepositoryIndex for the reason"))
+        previous = self.tables.get(m.name)
+        if generation is None:
+            generation = previous.generation if previous is not None and policy is not None else 0
+        self.tables[m.name] = ServingTable(m.name, generation, m.entry.spec, policy, MappingProxyType(runtimes),
+                                           resident, MappingProxyType(refusals), no_route)
 
     async def _set_state(self, m: ManagedModel, slot: VersionSlot, state: VersionState, reason: str = "",
                          wait: bool = True) -> None:
@@ -269,6 +295,8 @@ class ModelManager:
         ``wait=False``, so that publishing routing never waits on the registry)."""
         slot.state = state
         slot.reason = reason
+        if m.slots.get(slot.version) is slot:
+            self._publish_table(m)
 
         async def record() -> None:
             try:
@@ -430,6 +458,8 @@ class ModelManager:
             log.warning("model '%s' version %d: in-flight requests did not finish in time", m.name, slot.version)
         await asyncio.to_thread(self._close, rt, replaced)
         slot.runtime = None
+        if m.slots.get(slot.version) is slot:
+            self._publish_table(m)
 
     async def retire_locked(self, m: ManagedModel, version: int) -> None:
         """Drain then unload a version that takes no traffic (raises FailedPrecondition if it does)."""
@@ -453,8 +483,11 @@ class ModelManager:
         """
         policy.validate(m.name, m.resident_versions())
         self._router_generation += 1
+        # The table first: every version the new snapshot names is resident, so already in it.
+        self._publish_table(m, policy, self._router_generation)
         self.router.publish(m.name, policy.compile(self._router_generation))
         m.policy = policy
+        self._publish_table(m)
         serving = policy.serving_versions()
         self.metrics.serving_version.labels(m.name).set(policy.champion)
         weights = dict(policy.traffic)
@@ -470,6 +503,7 @@ class ModelManager:
     async def _unpublish_locked(self, m: ManagedModel) -> None:
         self.router.remove(m.name)
         m.policy = None
+        self._publish_table(m)
         self.on_change(m.name)
 
     # -- model-level operations (Triton RPCs, start-up, poll) ------------------------------
@@ -487,6 +521,7 @@ class ModelManager:
             entry = self.repository.entry(name)
             old_spec = m.entry.spec
             m.entry = entry
+            self._publish_table(m)
             if entry.error or entry.spec is None:
                 message = entry.error or f"model '{name}' has an invalid config.pbtxt"
                 if m.policy is not None:
@@ -609,12 +644,14 @@ class ModelManager:
         for name in [n for n in self.models if n not in names and self.models[n].wanted]:
             await self.unload(name)
             self.models.pop(name, None)
+            self.tables.pop(name, None)
 
     async def close(self) -> None:
         """Unload everything (graceful shutdown). Registry state is left as is: restart restores it."""
         for m in list(self.models.values()):
             async with m.lock:
                 self.router.remove(m.name)
+                self.tables.pop(m.name, None)  # requests now get UNAVAILABLE: the server is stopping
                 for slot in list(m.slots.values()):
                     if slot.runtime is not None:
                         await self._close_runtime(m, slot)

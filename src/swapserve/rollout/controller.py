@@ -107,6 +107,7 @@ class RolloutController:
         self._last_flush = 0.0
         self._flushing: asyncio.Task[None] | None = None
         self.webhooks = webhooks if webhooks is not None else WebhookSender(control.outbox)
+        self.webhooks.gate = self._webhook_gate
         self._wake: asyncio.Event | None = None
         self._last_label: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -166,6 +167,9 @@ class RolloutController:
     async def start_loop(self) -> None:
         """Resume the registry's active rollouts and start checking them (call once, on the loop)."""
         self._wake = asyncio.Event()
+        for e in self.control.outbox.pending("webhook"):
+            if e.payload.get("requires") and await self._webhook_gate(e, restarted=True) == "drop":
+                self.control.outbox.done(e.id)
         decided = {}  # rollouts whose end is journaled but not yet recorded: never resumed
         for e in self.control.outbox.pending("decision"):
             if e.payload.get("rollout"):
@@ -406,6 +410,21 @@ class RolloutController:
         return any(p.id != r.id and p.state == "rolled_back" and p.updated_at is not None
                    and p.updated_at.timestamp() >= cutoff for p in past)
 
+    async def _webhook_gate(self, e: Any, restarted: bool = False) -> str:
+        """A delivery that ``requires`` a recorded rollout state: ``deliver`` once the registry has it,
+        ``wait`` while the decision is in flight (or the registry is down), ``drop`` when it did not
+        happen (after a restart, a rollout still active resumes and journals its own delivery)."""
+        need = e.payload.get("requires") or {}
+        try:
+            r = await self._db(self.registry.get_rollout, int(need["rollout"]))
+        except SwapserveError:
+            return "wait"
+        if r is None:
+            return "drop"
+        if r.state == need.get("state"):
+            return "deliver"
+        return "drop" if restarted or not r.active else "wait"
+
     # -- evidence (what this server counted, plus what was flushed before it started) ------------
 
     def _counts(self, r: RolloutRecord, version: int) -> dict[str, SliceCounts]:
@@ -523,17 +542,26 @@ class RolloutController:
                                                           "reason": decision.reason}]
         ev = dict(r.evidence, history=history, report=self._report(r), phase="done", final=_results(decision))
         if plan.auto_promote:
+            promoted = dataclasses.replace(r, state="promoted", evidence=ev)
+            # The webhook is journaled before the commit, to be delivered only once the registry says
+            # "promoted": a crash in between can neither lose it nor announce a promotion that did
+            # not happen (a resumed rollout journals its own).
+            hook = self.webhooks.enqueue(plan.webhook, "promoted", promoted.to_dict(),
+                                         requires={"rollout": r.id, "state": "promoted"}) if plan.webhook else None
             # Rollout state and the challenger's production stage: one transaction.
             crash_point("stage.before_commit")
-            _, stored = await self._db(lambda: self.registry.record_decision(
-                r.model, rollout=dataclasses.replace(r, state="promoted", evidence=ev), production=r.challenger,
-                actor="rollout-controller"))
+            try:
+                _, stored = await self._db(lambda: self.registry.record_decision(
+                    r.model, rollout=promoted, production=r.challenger, actor="rollout-controller"))
+            except BaseException:
+                if hook is not None:
+                    self.control.outbox.done(hook.id)  # not promoted (yet): the next attempt journals anew
+                raise
             crash_point("stage.after_commit")
             assert stored is not None
             r = self._adopt(stored)
+            self.webhooks.kick()
             log.info("rollout %d of model '%s': version %d promoted", r.id, r.model, r.challenger)
-            if plan.webhook:
-                self.webhooks.enqueue(plan.webhook, "promoted", r.to_dict())
         else:
             await self._decide(r, "A/B test finished; traffic back on the champion",
                                dataclasses.replace(r, state="completed", evidence=ev))

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,12 +89,20 @@ class WebhookSender:
         self._post = post or _urllib_post
         self._executor: ThreadPoolExecutor | None = None
         self._wake: asyncio.Event | None = None
+        #: For deliveries that ``require`` something (a recorded rollout state): returns deliver,
+        #: wait or drop. Set by the rollout controller; without it they are delivered.
+        self.gate: Callable[[OutboxEntry], Awaitable[str]] | None = None
         if secret is None:
             log.info("rollout webhooks are unsigned: set SWAPSERVE_WEBHOOK_SECRET to sign them")
 
-    def enqueue(self, url: str, event: str, rollout: Mapping[str, Any], model: str | None = None) -> OutboxEntry:
-        """Journal a delivery (durable when this returns) and wake the sender."""
-        entry = self.outbox.append([("webhook", model or rollout.get("model"), delivery(url, event, rollout))])[0]
+    def enqueue(self, url: str, event: str, rollout: Mapping[str, Any], model: str | None = None,
+                requires: Mapping[str, Any] | None = None) -> OutboxEntry:
+        """Journal a delivery (durable when this returns) and wake the sender. ``requires``: held
+        until ``gate`` says deliver (e.g. until the promotion it announces is recorded)."""
+        payload = delivery(url, event, rollout)
+        if requires:
+            payload["requires"] = dict(requires)
+        entry = self.outbox.append([("webhook", model or rollout.get("model"), payload)])[0]
         self.kick()
         return entry
 
@@ -140,6 +148,14 @@ class WebhookSender:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="swapserve-webhook")
         loop = asyncio.get_running_loop()
         for e in self.due():
+            if e.payload.get("requires") and self.gate is not None:
+                verdict = await self.gate(e)
+                if verdict == "drop":
+                    self.outbox.done(e.id)
+                    continue
+                if verdict == "wait":
+                    e.next_at = self.clock() + RETRY_MIN_S
+                    continue
             if await loop.run_in_executor(self._executor, self.attempt, e):
                 self.outbox.done(e.id)
 

@@ -278,6 +278,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     else:
         await manager.load_all(names)
     manager.on_change = lambda name: server._refresh_health()
+    fleet.on_ready_change = server._refresh_health
     # What changed in the registry while this replica restored is applied before it reports ready.
     await fleet.start()
     await rollouts.start_loop()
