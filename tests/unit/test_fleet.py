@@ -125,3 +125,20 @@ def test_not_ready_before_the_first_pass_and_a_replica_that_was_down_catches_up(
         assert b.manager.server_ready() and served_by(b) == Counter({2: 300})
 
     run(scenario())
+
+
+def test_a_newer_generation_is_tried_at_once_after_a_failed_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a, b = await two_replicas(tmp_path)
+        sb = sync_of(b, "b")
+        b.loader.behave(2, load_error=VersionNotReady("out of device memory"))
+        await a.control.load("m", 2, actor=ALICE)
+        await a.control.promote("m", 2, actor=ALICE)
+        await sb.catch_up()
+        assert not sb.ready()
+        await a.control.rollback("m", actor=ALICE)  # generation 3 routes to version 1 again
+        await sb.catch_up()  # no back-off for a generation that has not failed
+        assert sb.ready() and served_by(b) == Counter({1: 300})
+        assert b.control.policy("m").generation == 3  # type: ignore[union-attr]
+
+    run(scenario())

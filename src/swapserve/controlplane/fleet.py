@@ -82,6 +82,8 @@ class Convergence:
     failed: bool = False
     #: When it last failed (monotonic), for the retry back-off.
     failed_at: float = 0.0
+    #: The generation that failed (a newer one is tried at once).
+    failed_target: int = 0
 
     @property
     def converged(self) -> bool:
@@ -264,7 +266,8 @@ class FleetSync:
         if applied >= target:
             c.applied, c.reason, c.failed = applied, "", False
             return
-        if c.failed and c.applied == applied and self.clock() - c.failed_at < RETRY_FAILED_S:
+        if (c.failed and c.applied == applied and c.failed_target == target
+                and self.clock() - c.failed_at < RETRY_FAILED_S):
             return  # tried and failed recently; the next retry or a newer generation tries again
         try:
             await self.control.catch_up(model)
@@ -277,7 +280,7 @@ class FleetSync:
         except SwapserveError as exc:
             m = self.control.manager.models.get(model)
             c.applied = m.policy.generation if m is not None and m.policy is not None and m.policy.pinned else 0
-            c.failed, c.failed_at = True, self.clock()
+            c.failed, c.failed_at, c.failed_target = True, self.clock(), target
             c.reason = (f"cannot apply generation {target}: {exc.message}; serving generation {c.applied} "
                         f"meanwhile, retried every {RETRY_FAILED_S:g}s (free device memory or fix the version, "
                         "then it converges)")
