@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     """Bytes of device memory resident versions may use ("8GiB", "512MiB", "1000000").
     Default: half of the available RAM on cpu, 80% of free memory on a GPU."""
 
+    replica_id: str | None = None
+    """This replica's name in the fleet (``swapserve status`` lists it; SWAPSERVE_REPLICA_ID).
+    Default: ``$POD_NAME`` when set (Kubernetes), else ``hostname-pid``."""
+
+    fleet_poll_s: float = Field(default=1.0, gt=0)
+    """How often the registry's deployment generations are polled (seconds): the fallback to
+    PostgreSQL LISTEN/NOTIFY, the only mechanism on SQLite."""
+
     def registry_url(self) -> str:
         if self.registry:
             return self.registry

@@ -50,6 +50,11 @@ class FailedPrecondition(SwapserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class GenerationConflict(FailedPrecondition):
+    """A deployment write conditional on a generation lost to another writer (another replica
+    changed the model in between). The control plane catches up and retries before it gives up."""
+
+
 class ResourceExhausted(SwapserveError):
     """A queue, memory budget or size limit is full."""
 

@@ -157,6 +157,21 @@ class InferResponse:
 
 
 @dataclass(frozen=True)
+class ReplicaView:
+    """One replica of the fleet as it last reported a model: the deployment generation it serves
+    and, when not converged on the registry's current one, why."""
+
+    replica_id: str
+    address: str = ""
+    generation: int = 0
+    converged: bool = False
+    reason: str = ""
+    heartbeat_at: str = ""  # ISO 8601 UTC
+    stale: bool = False  # no heartbeat for a while: it may be down
+    this: bool = False  # the replica that answered
+
+
+@dataclass(frozen=True)
 class VersionView:
     """One version as the control plane sees it: registry facts plus residency and traffic."""
 
@@ -198,6 +213,10 @@ class ModelView:
     live: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
     #: Drift summary per monitored version: {"2": {"state": "ok|warn|alert", "score": ..., "top": [...]}}.
     drift: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: The registry's current deployment generation (0: unknown, e.g. the registry is down).
+    registry_generation: int = 0
+    #: Every replica's applied generation of this model (the fleet; this replica included).
+    replicas: tuple[ReplicaView, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -94,16 +94,17 @@ def test_publish_validates_before_it_writes(live: Any) -> None:
     assert routed(live) == before
 
 
-def test_publish_refuses_a_stale_generation_and_publishes_nothing(live: Any) -> None:
+def test_publish_on_a_stale_view_starts_from_the_registrys_deployment(live: Any) -> None:
     control, registry = live.server.control, live.server.registry
-    before = routed(live)
     current = registry.current_deployment("simple")
-    # Another replica records a deployment this one has not applied.
+    # Another replica records a deployment this one has not applied (yet).
     registry.publish_deployment("simple", champion=1, traffic=[(1, 5000), (2, 5000)], action="traffic",
-                                actor="replica-b", expected_generation=current.generation)
-    with pytest.raises(FailedPrecondition, match="replica-b"):
-        live.call(control.publish("simple", lambda p: p.promoted(2), action="promote", actor="test"))
-    assert routed_live_only(live) == before
+                                actor="replica-b", expected_generation=current.generation, key_attribute="account")
+    recorded = live.call(control.publish("simple", lambda p: p.promoted(2), action="promote", actor="test"))
+    # Computed from replica-b's deployment (its key attribute stays), not refused for the stale view.
+    assert (recorded.champion, recorded.generation, recorded.key_attribute) == (2, current.generation + 2, "account")
+    assert [d.actor for d in registry.deployment_history("simple", 2)] == ["test", "replica-b"]
+    assert routed_live_only(live)[:2] == (2, ((2, 10_000),))
 
 
 def routed_live_only(srv: Any) -> tuple[Any, ...]:

@@ -26,7 +26,7 @@ from swapserve.cli.control import UsageError, check_traffic, parse_cohort, parse
 from swapserve.errors import InvalidInput, ModelNotFound
 from swapserve.registry.records import AuditEntry, Event
 from swapserve.server import control as server_control
-from swapserve.types import ModelSummaryView, ModelView, VersionView
+from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -187,6 +187,10 @@ VIEW = ModelView(
     memory_budget_bytes=10_000, memory_used_bytes=3000,
     warnings=("version 1 was evicted; preloaded it again",),
     rollout={"stage": 1, "plan": ["shadow", "canary 5%"]},
+    registry_generation=7,
+    replicas=(ReplicaView("pod-a", "10.0.0.5:8001", 7, True, "", "2025-01-01T00:00:01+00:00", this=True),
+              ReplicaView("pod-b", "10.0.0.6:8001", 6, False, "cannot apply generation 7: out of memory",
+                          "2025-01-01T00:00:00+00:00")),
 )
 
 EXPECTED: dict[str, Any] = {
@@ -218,6 +222,12 @@ EXPECTED: dict[str, Any] = {
     "rollout": {"stage": 1, "plan": ["shadow", "canary 5%"]},
     "live": {},
     "drift": {},
+    "registry_generation": 7,
+    "replicas": [{"replica_id": "pod-a", "address": "10.0.0.5:8001", "generation": 7, "converged": True,
+                  "reason": "", "heartbeat_at": "2025-01-01T00:00:01+00:00", "stale": False, "this": True},
+                 {"replica_id": "pod-b", "address": "10.0.0.6:8001", "generation": 6, "converged": False,
+                  "reason": "cannot apply generation 7: out of memory", "heartbeat_at": "2025-01-01T00:00:00+00:00",
+                  "stale": False, "this": False}],
 }
 
 
@@ -283,6 +293,8 @@ def test_status_table() -> None:
     assert "b" * 12 in text and "b" * 13 not in text  # a sha256 prefix, not the whole hash
     assert "2.0 KiB" in text and "1000 B" in text and "production" in text and "champion" in text
     assert "[model.pt]" in text  # brackets in messages are text, not rich markup
+    assert "fleet: 1/2 replicas on generation 7" in text
+    assert "pod-a (this)" in text and "cannot apply generation 7" in text
 
 
 def test_status_prints_warnings_in_yellow_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,21 +151,32 @@ def test_a_running_rollout_blocks_operator_changes_unless_forced_and_audited(tmp
     run(scenario())
 
 
-def test_a_change_is_recorded_before_it_is_published_and_a_stale_one_publishes_nothing(tmp_path: Path) -> None:
+def test_a_stale_view_catches_up_first_and_a_lost_race_publishes_nothing(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, (1, 2))
     c = stack.control
 
     async def scenario() -> None:
         await resident(stack, 1, 2)
         await c.promote("m", 1, actor=ALICE)
-        # Another replica records a deployment meanwhile: this one's next change is stale.
+        # Another replica records a deployment meanwhile: this one catches up, then changes it.
         stack.registry.publish_deployment("m", champion=1, traffic=[(1, 5000), (2, 5000)], action="traffic",
                                           actor="replica-b")
-        with pytest.raises(FailedPrecondition):
-            await c.promote("m", 2, actor=ALICE)
-        assert served_by(stack) == {1: 400}  # nothing was published
-        current = stack.registry.current_deployment("m")
-        assert current is not None and current.actor == "replica-b"
+        view = await c.promote("m", 2, actor=ALICE)
+        assert (view.champion, view.generation, view.previous_champions) == (2, 3, (1,))
+        assert served_by(stack) == {2: 400}
+        assert [d.actor for d in stack.registry.deployment_history("m")] == [ALICE, "replica-b", ALICE]
+        # Another writer wins every time: refused after the retries, nothing published.
+        real = stack.registry.record_decision
+
+        def always_beaten(model: str, **kw: object) -> object:
+            stack.registry.publish_deployment("m", champion=2, traffic=[(2, 10_000)], action="promote",
+                                              actor="replica-b")
+            return real(model, **kw)  # type: ignore[arg-type]
+
+        stack.registry.record_decision = always_beaten  # type: ignore[method-assign]
+        with pytest.raises(FailedPrecondition, match="generation"):
+            await c.set_traffic("m", [(1, 5000), (2, 5000)], actor=ALICE)
+        assert served_by(stack) == {2: 400}  # nothing of the refused change was published
         await stack.manager.close()
 
     run(scenario())

@@ -45,6 +45,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--device-memory-budget", default=None,
                    help="memory resident versions may use, e.g. 4GiB (default: half the free RAM on cpu, "
                         "80%% of free GPU memory)")
+    p.add_argument("--replica-id", default=None,
+                   help="this replica's name in the fleet (default: $POD_NAME, else hostname-pid)")
+    p.add_argument("--fleet-poll-s", type=float, default=None,
+                   help="how often to poll the registry for new deployments (default 1; PostgreSQL also "
+                        "LISTENs, so changes arrive at once)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -34,7 +34,11 @@ optional text (training_run, data_ref, times, rollout_state).
                    "parent_version": 1 | null, "last_used_at": "..." | null}, ...],
      "memory_budget_bytes": 0, "memory_used_bytes": 0,
      "warnings": ["version 1 was evicted; preloaded it again"],
-     "rollout": {...} | null}
+     "rollout": {...} | null, "live": {...}, "drift": {...},
+     "registry_generation": 7,                                           # 0: the registry is down
+     "replicas": [{"replica_id": "pod-a", "address": "10.0.0.5:8001", "generation": 7,
+                   "converged": true, "reason": "", "heartbeat_at": "...", "stale": false,
+                   "this": true}, ...]}                                  # the fleet, per replica
 
 ``list_models``: a list of ``{"name", "state" ("READY" | "UNAVAILABLE"), "champion": int | null,
 "traffic": {version: percent}, "resident_versions": [int], "rollout_state": str | null}``.
@@ -152,6 +156,10 @@ def status_to_dict(m: pb.ModelStatus) -> dict[str, Any]:
         "rollout": _loads(m.rollout_json),
         "live": _loads(m.live_json) or {},
         "drift": _loads(m.drift_json) or {},
+        "registry_generation": m.registry_generation,
+        "replicas": [{"replica_id": r.replica_id, "address": r.address, "generation": r.generation,
+                      "converged": r.converged, "reason": r.reason, "heartbeat_at": r.heartbeat_at,
+                      "stale": r.stale, "this": r.this} for r in m.replicas],
     }
 
 

@@ -192,6 +192,16 @@ def render_status(status: dict[str, Any], out: Console) -> None:
                       "yes" if v["resident"] else "no", format_bytes(v["memory_bytes"]),
                       v["sha256"][:12] or "-", _opt(v["stage"]), _opt(v["registered_at"]), "; ".join(notes))
     out.print(table)
+    replicas = status.get("replicas") or []
+    if replicas:
+        converged = sum(1 for r in replicas if r["converged"])
+        fleet = Table("REPLICA", "ADDRESS", "GENERATION", "CONVERGED", "NOTE",
+                      title=f"fleet: {converged}/{len(replicas)} replicas on generation "
+                            f"{status.get('registry_generation', 0)}")
+        for r in replicas:
+            fleet.add_row(r["replica_id"] + (" (this)" if r.get("this") else ""), r["address"] or "-",
+                          str(r["generation"]), "yes" if r["converged"] else "no", r["reason"] or "")
+        out.print(fleet)
     for version, d in (status.get("drift") or {}).items():
         out.print(f"drift v{version}: {d.get('state')} (score {d.get('score')}); most drifted: "
                   f"{', '.join(d.get('most_drifted', [])) or '-'}")

@@ -18,6 +18,11 @@ changes; the new policy itself always comes from a transition of
   waits on the registry; ``status`` shows what is still pending;
 * registry calls run on the registry's own executor with timeouts; a database failure is
   ``RegistryUnavailable`` (UNAVAILABLE), never a driver exception;
+* a registry-first change starts from the registry's current deployment, never from a stale
+  view: when another replica wrote a newer generation, this replica applies it first
+  (:meth:`ControlPlane.catch_up`, as the fleet sync would) and computes the change from it; a
+  writer that gets in between the catch-up and the write makes it catch up and retry
+  (``CONFLICT_RETRIES``), so an operator is never refused because this replica lagged;
 * it returns the model's new state.
 """
 from __future__ import annotations
@@ -31,14 +36,15 @@ from typing import Any
 
 from swapserve.controlplane.reconcile import Reconciler, rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, RegistryUnavailable
+from swapserve.errors import (FailedPrecondition, GenerationConflict, InvalidInput, ModelNotFound,
+                              RegistryUnavailable, SwapserveError)
 from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.registry import Registry
 from swapserve.registry.outbox import Outbox, OutboxEntry
 from swapserve.registry.records import AuditEntry, Deployment, Event, RolloutRecord
 from swapserve.routing.policy import RoutingPolicy, check_split
-from swapserve.types import ModelSummaryView, ModelView, VersionView
+from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ EVENT_POLL_S = 0.2
 ROLLBACK_RECORD_WAIT_S = 2.0
 #: How long a rollback's checks wait on a registry read before going on without it.
 FAILSAFE_READ_S = 1.0
+#: How often a registry-first change catches up and retries after another replica wrote first.
+CONFLICT_RETRIES = 3
 
 
 def _same_routing(a: RoutingPolicy, b: RoutingPolicy) -> bool:
@@ -85,6 +93,8 @@ class ControlPlane:
         self.reconciler = Reconciler(registry, self.outbox, on_recorded=self._recorded)
         self.outbox.subscribe(self._export_pending)
         self._export_pending()
+        #: The fleet sync (set by the server): this replica's id and convergence for ``status``.
+        self.fleet: Any = None
 
     def _export_pending(self) -> None:
         self.manager.metrics.registry_pending_writes.set(len(self.outbox.pending("decision")))
@@ -164,11 +174,70 @@ class ControlPlane:
                 f"model '{m.name}' version {version} is {state}; it must be resident before it can be "
                 f"{action}d: run `swapserve load {m.name} {version}` first")
 
-    async def _publish_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
-                              reason: str) -> RoutingPolicy:
-        """:meth:`_record_locked` without a rollout; returns the recorded policy."""
-        recorded, _ = await self._record_locked(m, policy, action=action, actor=actor, reason=reason)
-        return recorded
+    async def _catch_up_locked(self, m: ManagedModel, *, failsafe: bool = False) -> None:
+        """Apply the registry's current deployment of ``m`` when it is newer than what this replica
+        serves (preload, warm, publish: ``ModelManager.apply_deployment_locked``). Caller holds
+        ``m.lock``. Nothing is adopted while one of this replica's own decisions (a rollback) is
+        journaled but unrecorded: that decision is newer than anything the registry holds.
+
+        Raises RegistryUnavailable (the registry did not answer) or the SwapserveError of a version
+        that cannot be loaded here (nothing published). With ``failsafe`` (a rollback) a registry
+        that does not answer within FAILSAFE_READ_S or a deployment that cannot be applied is
+        logged and the local view is kept.
+        """
+        if self.outbox.pending("decision", m.name):
+            return
+        if failsafe:
+            current, down = await self._read_failsafe(self.registry.current_deployment, m.name,
+                                                      wait_s=FAILSAFE_READ_S)
+            if down:
+                return
+        else:
+            current = await self._db(self.registry.current_deployment, m.name)
+        applied = m.policy.generation if m.policy is not None and m.policy.pinned else 0
+        if current is None or current.generation <= applied:
+            return
+        try:
+            await self.manager.apply_deployment_locked(m, RoutingPolicy.from_deployment(current))
+        except SwapserveError as exc:
+            if not failsafe:
+                raise type(exc)(f"model '{m.name}': this replica serves generation {applied} and cannot apply the "
+                                f"registry's generation {current.generation}: {exc.message}") from exc
+            log.warning("model '%s': generation %d not applied before the rollback: %s", m.name,
+                        current.generation, exc.message)
+            return
+        log.info("model '%s': caught up from generation %d to %d (%s by %s)", m.name, applied,
+                 current.generation, current.action, current.actor)
+
+    async def catch_up(self, model: str) -> RoutingPolicy | None:
+        """Make this replica serve the registry's current deployment of ``model`` (when newer than
+        what it serves); returns the policy live afterwards. See :meth:`_catch_up_locked`."""
+        m = self._model(model)
+        async with m.lock:
+            await self._catch_up_locked(m)
+            return m.policy
+
+    async def _change_locked(self, m: ManagedModel, change: Callable[[RoutingPolicy | None], RoutingPolicy], *,
+                             action: str, actor: str, reason: str, rollout: RolloutRecord | None = None,
+                             production: int | None = None, event: dict[str, Any] | None = None,
+                             check: Callable[[RoutingPolicy | None], None] | None = None,
+                             ) -> tuple[RoutingPolicy, RolloutRecord | None]:
+        """Catch up, compute ``change(live policy)`` (after ``check``, which may refuse), record and
+        publish it (:meth:`_record_locked`); when another replica wrote in between, catch up and
+        try again, up to CONFLICT_RETRIES times. Caller holds ``m.lock``."""
+        for attempt in range(CONFLICT_RETRIES):
+            await self._catch_up_locked(m)
+            if check is not None:
+                check(m.policy)
+            try:
+                return await self._record_locked(m, change(m.policy), action=action, actor=actor, reason=reason,
+                                                 rollout=rollout, production=production, event=event)
+            except GenerationConflict:
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+                log.info("model '%s': another replica changed the deployment meanwhile; catching up and "
+                         "retrying %s", m.name, action)
+        raise AssertionError("unreachable")
 
     async def _record_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str, reason: str,
                              rollout: RolloutRecord | None = None, production: int | None = None,
@@ -181,8 +250,8 @@ class ControlPlane:
            lands before an older rollback;
         2. write the deployment, its audit row and (when given) the rollout's new state, the
            challenger's production stage and an event in one registry transaction, conditional on
-           the generation this replica last applied (FailedPrecondition, nothing written, when
-           another writer got there first);
+           the generation this replica last applied (GenerationConflict, nothing written, when
+           another writer got there first: :meth:`_change_locked` catches up and retries);
         3. publish the recorded policy as the routing snapshot (one atomic store) and mark its
            versions deployed.
 
@@ -224,7 +293,7 @@ class ControlPlane:
         in the same transaction as the deployment: a stage either happened or did not."""
         m = self._model(model)
         async with m.lock:
-            return await self._record_locked(m, change(m.policy), action=action, actor=actor, reason=reason,
+            return await self._change_locked(m, change, action=action, actor=actor, reason=reason,
                                              rollout=rollout, production=production, event=event)
 
     async def _failsafe_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
@@ -287,12 +356,13 @@ class ControlPlane:
 
         ``change`` runs under the model's lock on the policy live at that moment (None when
         nothing routes yet), so concurrent changes never work from a stale policy; it should be
-        a :class:`RoutingPolicy` transition. Then the guarantees of :meth:`_publish_locked`, in
-        its order. Returns the recorded policy (with its new generation).
+        a :class:`RoutingPolicy` transition. Then the guarantees of :meth:`_change_locked` and
+        :meth:`_record_locked`, in their order. Returns the recorded policy (with its new generation).
         """
         m = self._model(model)
         async with m.lock:
-            return await self._publish_locked(m, change(m.policy), action=action, actor=actor, reason=reason)
+            recorded, _ = await self._change_locked(m, change, action=action, actor=actor, reason=reason)
+            return recorded
 
     # -- queries -------------------------------------------------------------------------
 
@@ -330,6 +400,9 @@ class ControlPlane:
         if pending:  # the journaled decision is the truth until the registry has it
             rollout = rollout_from_dict(pending[-1].payload["rollout"])
         records = {r.version: r for r in listed or ()}
+        registry_generation, replicas = 0, ()
+        if not down:
+            registry_generation, replicas = await self._fleet_view(model)
         policy = m.policy
         versions = []
         for v in sorted(set(records) | set(m.slots)):
@@ -355,7 +428,43 @@ class ControlPlane:
             generation=policy.generation if policy else 0, versions=tuple(versions),
             memory_budget_bytes=self.manager.memory_budget, memory_used_bytes=self.manager.memory_used(),
             warnings=tuple(warnings), rollout=rollout.to_dict() if rollout else None, live=self._live(model, m),
-            drift=self.drift_summary(model) if self.drift_summary is not None else {})
+            drift=self.drift_summary(model) if self.drift_summary is not None else {},
+            registry_generation=registry_generation, replicas=replicas)
+
+    async def _fleet_view(self, model: str) -> tuple[int, tuple[ReplicaView, ...]]:
+        """The registry's current generation of ``model`` and every replica's report of it (this
+        replica's from memory, so it is never stale)."""
+        from swapserve.controlplane.fleet import STALE_AFTER_S
+
+        current, down = await self._read_failsafe(self.registry.current_deployment, model)
+        states, down2 = (None, down) if down else await self._read_failsafe(
+            lambda: self.registry.replica_states(model, stale_after_s=STALE_AFTER_S))
+        if down or down2:
+            return 0, ()
+        target = current.generation if current is not None else 0
+        me = self.fleet.replica_id if self.fleet is not None else None
+        now = datetime.now(timezone.utc)
+        out = []
+        for st in states or ():
+            if st.replica_id == me:
+                continue
+            stale = st.stale
+            out.append(ReplicaView(
+                replica_id=st.replica_id, address=st.address, generation=st.generation,
+                converged=st.converged and st.generation >= target and not stale,
+                reason=st.reason or ("" if st.generation >= target else f"generation {target} not yet applied")
+                if not stale else f"no heartbeat since {_iso(st.heartbeat_at)} (down?); last reported "
+                f"generation {st.generation}", heartbeat_at=_iso(st.heartbeat_at), stale=stale))
+        if self.fleet is not None:
+            m = self.manager.models.get(model)
+            applied = m.policy.generation if m is not None and m.policy is not None and m.policy.pinned else 0
+            c = self.fleet.convergence(model)
+            reason = c.reason if c is not None and c.reason else (
+                "" if applied >= target else f"generation {target} not yet applied")
+            out.append(ReplicaView(replica_id=self.fleet.replica_id, address=self.fleet.address, generation=applied,
+                                   converged=applied >= target and not reason, reason=reason,
+                                   heartbeat_at=_iso(now), this=True))
+        return target, tuple(sorted(out, key=lambda r: r.replica_id))
 
     def _live(self, model: str, m: ManagedModel) -> dict[str, dict[str, dict[str, Any]]]:
         """Live counts per resident version and slice (since the server started)."""
@@ -462,8 +571,8 @@ class ControlPlane:
         async with m.lock:
             note = await self._check_rollout(model, "promote", force)
             self._resident_ready(m, version, "promote")
-            policy = (m.policy or RoutingPolicy.single(version)).promoted(version)
-            await self._publish_locked(m, policy, action="promote", actor=actor, reason=note + reason)
+            await self._change_locked(m, lambda p: (p or RoutingPolicy.single(version)).promoted(version),
+                                      action="promote", actor=actor, reason=note + reason)
         return await self.status(model)
 
     async def rollback(self, model: str, to_version: int | None = None, *, actor: str, reason: str = "",
@@ -477,6 +586,7 @@ class ControlPlane:
         warnings: list[str] = []
         async with m.lock:
             note = await self._check_rollout(model, "roll back", force, failsafe=True)
+            await self._catch_up_locked(m, failsafe=True)  # roll back what the fleet serves, not a stale view
             old = m.policy
             if to_version is None and (old is None or not old.previous_champions):
                 raise FailedPrecondition(f"model '{model}' has no previous champion to roll back to; "
@@ -507,12 +617,14 @@ class ControlPlane:
         async with m.lock:
             note = await self._check_rollout(model, "change traffic of", force)
             check_split(traffic, model)
-            if m.policy is None:
-                policy = RoutingPolicy.first_split(traffic, shadows=shadows, cohorts=cohorts,
-                                                   key_attribute=key_attribute)
-            else:
-                policy = m.policy.with_split(traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
-            await self._publish_locked(m, policy, action="traffic", actor=actor, reason=note + reason)
+
+            def change(p: RoutingPolicy | None) -> RoutingPolicy:
+                if p is None:
+                    return RoutingPolicy.first_split(traffic, shadows=shadows, cohorts=cohorts,
+                                                     key_attribute=key_attribute)
+                return p.with_split(traffic, shadows=shadows, cohorts=cohorts, key_attribute=key_attribute)
+
+            await self._change_locked(m, change, action="traffic", actor=actor, reason=note + reason)
         return await self.status(model)
 
 

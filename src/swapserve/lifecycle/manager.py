@@ -158,6 +158,8 @@ class ModelManager:
         self._router_generation = 0
         #: Registry copies of version states written after a publish (kept so they are not collected).
         self._background: set[asyncio.Task[None]] = set()
+        #: ServerReady also needs this (the fleet sync's "caught up with the registry"); cheap, no I/O.
+        self.ready_gate: Callable[[], bool] = lambda: True
         #: Called after every routing publish (health refresh, rollout bookkeeping).
         self.on_change: Callable[[str], None] = lambda name: None
         #: Called on the load worker thread (never the event loop) once a version is resident and
@@ -220,8 +222,9 @@ class ModelManager:
         return table.policy is not None
 
     def server_ready(self) -> bool:
-        """Every model that should be served has a serving version."""
-        return all(m.policy is not None for m in self.models.values() if m.wanted)
+        """Every model that should be served has a serving version, and ``ready_gate`` agrees (the
+        fleet sync: this replica has applied the registry's current generation of its models)."""
+        return self.ready_gate() and all(m.policy is not None for m in self.models.values() if m.wanted)
 
     def memory_used(self) -> int:
         return sum(s.memory_bytes for m in self.models.values() for s in m.slots.values() if s.runtime is not None)
@@ -573,6 +576,25 @@ class ModelManager:
             except SwapserveError as exc:
                 log.error("model '%s' not loaded: %s", name, exc.message)
 
+    async def apply_deployment_locked(self, m: ManagedModel, policy: RoutingPolicy) -> None:
+        """Make a recorded deployment (``policy`` from the registry) this server's routing. Caller
+        holds ``m.lock``. In this order: preload and warm every version it routes to (evicting idle
+        ones within the memory budget), publish it (one atomic store), then preload the rollback
+        target, best effort. Raises SwapserveError (a version that cannot load, the memory budget)
+        before anything is published: the routing that was live stays live.
+        """
+        m.wanted = True
+        for v in sorted(policy.serving_versions() | {policy.champion}):
+            await self.ensure_resident_locked(m, v)
+        await self.apply_locked(m, policy)
+        for v in policy.previous_champions[-1:]:  # the rollback target stays warm, best effort
+            if v in policy.serving_versions() or v == policy.champion:
+                continue
+            try:
+                await self.ensure_resident_locked(m, v)
+            except SwapserveError as exc:
+                log.warning("model '%s': previous champion %d not preloaded: %s", m.name, v, exc.message)
+
     async def restore(self) -> list[str]:
         """Bring back what the registry says is live (champion, split, shadows, cohorts), preloading
         what it needs before it is published. Returns the models restored."""
@@ -588,22 +610,13 @@ class ModelManager:
             policy = RoutingPolicy.from_deployment(deployment)
             m = self.entry_model(name)
             async with m.lock:
-                m.wanted = True
-                needed = sorted(policy.serving_versions() | {policy.champion})
-                optional = [v for v in policy.previous_champions[-1:] if v not in needed]
                 try:
-                    for v in needed:
-                        await self.ensure_resident_locked(m, v)
-                    await self.apply_locked(m, policy)
+                    await self.apply_deployment_locked(m, policy)
                 except SwapserveError as exc:
+                    m.wanted = True
                     log.error("model '%s': could not restore deployment generation %d: %s", name,
                               policy.generation, exc.message)
                     continue
-                for v in optional:  # the rollback target stays warm, best effort
-                    try:
-                        await self.ensure_resident_locked(m, v)
-                    except SwapserveError as exc:
-                        log.warning("model '%s': previous champion %d not preloaded: %s", name, v, exc.message)
             log.info("model '%s': restored deployment generation %d (champion %d)", name, policy.generation,
                      policy.champion)
             restored.append(name)

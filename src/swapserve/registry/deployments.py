@@ -1,6 +1,7 @@
 """Registry tables of deployments: what is live, written once per generation."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,6 +15,11 @@ from swapserve.registry.models import DeploymentRow, ModelVersion
 from swapserve.registry.records import CohortRule, Deployment, TrafficShare, cohorts_of, traffic_of
 from swapserve.registry.rows import check_model, current_row, deployment_record
 from swapserve.routing.policy import RoutingPolicy
+
+#: The PostgreSQL channel every replica LISTENs on. A NOTIFY with payload
+#: ``{"model": NAME, "generation": N}`` is sent in the transaction that writes generation N, so it
+#: is delivered exactly when (and only if) the deployment commits.
+DEPLOYMENTS_CHANNEL = "swapserve_deployments"
 
 
 class DeploymentTables(RegistryBase):
@@ -104,7 +110,7 @@ class DeploymentTables(RegistryBase):
             cur_gen = cur.generation if cur is not None else 0
             if expected_generation is not None and expected_generation != cur_gen:
                 who = f" by {cur.actor} ({cur.action}, {cur.created_at.isoformat()})" if cur else ""
-                raise errors.FailedPrecondition(
+                raise errors.GenerationConflict(
                     f"model '{model}': the deployment is at generation {cur_gen}, not "
                     f"{expected_generation}; it was changed{who}. Re-read the current deployment "
                     "and retry."
@@ -138,12 +144,16 @@ class DeploymentTables(RegistryBase):
                 s.flush()
             except IntegrityError:
                 if expected_generation is not None:
-                    raise errors.FailedPrecondition(
+                    raise errors.GenerationConflict(
                         f"model '{model}': another publish took generation {cur_gen + 1} first; "
                         "re-read the current deployment and retry"
                     ) from None
                 raise
             dep = deployment_record(row)
+            if self._dialect == "postgresql":  # delivered at commit, never for a rolled-back write
+                s.execute(sa.text("SELECT pg_notify(:channel, :payload)"), {
+                    "channel": DEPLOYMENTS_CHANNEL,
+                    "payload": json.dumps({"model": model, "generation": dep.generation})})
             self._audit(s, actor=actor, action=action, model=model, version=champion,
                         before=before, after=dep.to_dict(), reason=reason)
             split = ", ".join(f"v{t.version}={t.weight_bp / 100:g}%" for t in shares)

@@ -169,3 +169,28 @@ class EventRow(Base):
     kind: Mapped[str] = mapped_column(sa.String(64))
     message: Mapped[str] = mapped_column(sa.Text)
     data: Mapped[Any]
+
+
+class ReplicaRow(Base):
+    """One serving process of the fleet (``swapserve serve``), as it last reported itself."""
+
+    __tablename__ = "replicas"
+
+    replica_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    address: Mapped[str] = mapped_column(sa.String(255))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+
+
+class ReplicaModelRow(Base):
+    """The deployment generation one replica applied for one model, and why it is not converged."""
+
+    __tablename__ = "replica_models"
+
+    replica_id: Mapped[str] = mapped_column(sa.ForeignKey("replicas.replica_id", ondelete="CASCADE"),
+                                            primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    applied_generation: Mapped[int]
+    converged: Mapped[bool]
+    reason: Mapped[str] = mapped_column(sa.Text)
+    updated_at: Mapped[datetime]

@@ -193,6 +193,24 @@ class Event(_Record):
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ReplicaModelState(_Record):
+    """What one replica applied for one model: ``generation`` (0: none yet), and when it is not
+    ``converged`` on the registry's current generation, ``reason`` says why (still loading,
+    memory budget, a failed load)."""
+
+    replica_id: str
+    address: str
+    model: str
+    generation: int
+    converged: bool
+    reason: str
+    heartbeat_at: datetime
+    updated_at: datetime
+    #: No heartbeat for longer than the caller's ``stale_after_s`` (by the registry's clock).
+    stale: bool = False
+
+
 def traffic_of(pairs: Iterable[TrafficShare | tuple[int, int]]) -> tuple[TrafficShare, ...]:
     """Normalise ``[(version, weight_bp), ...]`` or TrafficShares into TrafficShares."""
     out = []

@@ -36,13 +36,14 @@ from swapserve.registry.audit import AuditTables
 from swapserve.registry.decisions import DecisionTables
 from swapserve.registry.deployments import DeploymentTables
 from swapserve.registry.engine import MIGRATIONS_DIR, RegistryBase
+from swapserve.registry.replicas import ReplicaTables
 from swapserve.registry.rollouts import RolloutTables
 from swapserve.registry.versions import VersionTables
 
 __all__ = ["MIGRATIONS_DIR", "Registry", "RegistryBase"]
 
 
-class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, AuditTables):
+class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, AuditTables, ReplicaTables):
     """Versions, metrics by slice, deployments, rollouts, audit log and events.
 
     ``url`` is any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``);
@@ -51,5 +52,5 @@ class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, A
     ``clock`` returns the current time (timezone-aware); tests pass a fake one.
 
     One façade over the table groups, each in its own module: ``versions``,
-    ``deployments``, ``rollouts``, ``audit``, ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
+    ``deployments``, ``rollouts``, ``audit``, ``replicas`` (the fleet), ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
     """

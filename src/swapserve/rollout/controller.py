@@ -255,7 +255,9 @@ class RolloutController:
         The challenger is preloaded and warmed before stage 0 publishes any traffic to it.
         """
         async with self._lock(model):
-            policy = self.control.policy(model)
+            # From the registry's current deployment, not this replica's view of it (another
+            # replica may have changed the champion since): a stale view would pick the wrong one.
+            policy = await self.control.catch_up(model)
             if policy is None:
                 raise FailedPrecondition(f"model '{model}' has no champion to compare against; "
                                          f"`swapserve promote {model} VERSION` first")

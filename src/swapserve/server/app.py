@@ -5,6 +5,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.backends import backend_class, device_free_bytes, resolve_device
 from swapserve.config import ControlMode, Frontend, Settings, parse_bytes
 from swapserve.controlplane import ControlPlane
+from swapserve.controlplane.fleet import FleetSync, default_replica_id
 from swapserve.dataplane import DataPlane
 from swapserve.errors import ConfigError
 from swapserve.feedback.observer import FeedbackObserver
@@ -76,6 +78,7 @@ class Server:
     grpc_port: int
     metrics_port: int | None
     control_port: int
+    fleet: FleetSync | None = None
     monitor: MonitoringObserver | None = None
     slices: SliceStats | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -132,6 +135,8 @@ class Server:
         for t in self._tasks:
             t.cancel()
         await self.rollouts.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         self.rollouts.webhooks.close()
         await self.control_server.stop(1.0)
         await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
@@ -245,6 +250,12 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
 
     server = Server(settings, grpc_server, control_server, control, rollouts, registry, manager, servicer, health_servicer,
                     metrics, port, metrics_port, control_port, _http=http)
+    # The fleet: follow the registry's deployments (NOTIFY + poll). Not ready before a first full pass.
+    advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    fleet = FleetSync(control, replica_id=settings.replica_id or default_replica_id(),
+                      address=f"{advertised}:{port}", poll_s=settings.fleet_poll_s)
+    control.fleet = server.fleet = fleet
+    manager.ready_gate = fleet.ready
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have
     await control_server.start()
@@ -269,6 +280,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     else:
         await manager.load_all(names)
     manager.on_change = lambda name: server._refresh_health()
+    fleet.on_ready_change = server._refresh_health
+    # What changed in the registry while this replica restored is applied before it reports ready.
+    await fleet.start()
     await rollouts.start_loop()
     server.monitor, server.slices = monitor, slices
     server._tasks.append(asyncio.create_task(server._monitor()))

@@ -78,7 +78,10 @@ def model_view_to_pb(m: ModelView) -> pb.ModelStatus:
         versions=[version_view_to_pb(v) for v in m.versions],
         memory_budget_bytes=m.memory_budget_bytes, memory_used_bytes=m.memory_used_bytes,
         warnings=list(m.warnings), rollout_json=_json(m.rollout), live_json=_json(m.live or None),
-        drift_json=_json(m.drift or None),
+        drift_json=_json(m.drift or None), registry_generation=m.registry_generation,
+        replicas=[pb.ReplicaStatus(replica_id=r.replica_id, address=r.address, generation=r.generation,
+                                   converged=r.converged, reason=r.reason, heartbeat_at=r.heartbeat_at,
+                                   stale=r.stale, this=r.this) for r in m.replicas],
     )
 
 
