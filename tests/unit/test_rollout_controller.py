@@ -237,3 +237,33 @@ def test_abort_returns_traffic_to_the_champion_and_only_one_rollout_runs_at_a_ti
         await stack.manager.close()
 
     run(scenario())
+
+
+def test_a_plan_whose_last_stage_is_below_100_percent_promotes_before_the_watch(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1, 2))
+    c = stack.control
+    plan = parse_plan("""
+stages:
+  - {name: canary, traffic: 10, min_duration: 10s, min_samples: 200}
+watch: 30s
+""")
+
+    async def scenario() -> None:
+        rc = await rolling(stack, plan)
+        assert split(await c.status("m")) == (1, ((1, 9000), (2, 1000)))
+        feed(stack, 1, 900)
+        feed(stack, 2, 300)
+        stack.clock.advance(11)
+        await rc.tick()
+        assert state(rc) == ("running", 0, "watch")
+        view = await c.status("m")
+        assert (view.champion, view.traffic, view.previous_champions) == (2, ((2, 10_000),), (1,))
+        feed(stack, 1, 300)  # the champion's side during the watch: its frozen canary counts
+        feed(stack, 2, 300)
+        stack.clock.advance(31)
+        await rc.tick()
+        assert rc.current("m") is None and last(stack).state == "promoted"
+        assert split(await c.status("m")) == (2, ((2, 10_000),))
+        await stack.manager.close()
+
+    run(scenario())

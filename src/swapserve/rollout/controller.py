@@ -50,6 +50,7 @@ from swapserve.rollout.webhook import WebhookSender, delivery
 from swapserve.routing.policy import RoutingPolicy
 from swapserve.telemetry.metrics import Metrics
 from swapserve.types import SliceCounts
+from swapserve.units import BASIS_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +529,14 @@ class RolloutController:
         mark = self.slices.mark(model)
         self.slices.limit_reporters(model, plan.gates.max_reporter_share)
         history = list(r.evidence.get("history", [])) + [{"at": now, "event": "watch", "reason": decision.reason}]
-        await self._save(r, evidence=dict(r.evidence, phase="watch", stage_started_at=mark, history=history))
+        watching = dict(r.evidence, phase="watch", stage_started_at=mark, history=history)
+        if stage.traffic_bp < BASIS_POINTS:
+            # A last stage below 100%: advancing past it promotes the challenger (the plan's contract),
+            # in the same transaction as the watch that then guards it.
+            await self._decide(r, f"stage '{stage.name}' passed: version {r.challenger} promoted for the watch",
+                               dataclasses.replace(r, evidence=watching), traffic_bp=BASIS_POINTS)
+            return
+        await self._save(r, evidence=watching)
 
     def _report(self, r: RolloutRecord) -> dict[str, Any]:
         out = {}
