@@ -197,6 +197,14 @@ class _ModelState:
     #: False once a rollout ended (``limit_reporters(freeze=True)``): the book keeps its last stage.
     booking: bool = True
 
+    def counted_in(self, version: int, slice_: str) -> tuple[list[float], ...]:
+        """The rows one event counts in: its slice (``other`` for a folded one) and ``overall``."""
+        if slice_ is _FOLDED:
+            slice_ = OTHER
+        if slice_ == OVERALL:
+            return (self.row(version, OVERALL),)
+        return self.row(version, slice_), self.row(version, OVERALL)
+
     def row(self, version: int, slice_: str) -> list[float]:
         i = self.index.get((version, slice_))
         if i is None:
@@ -290,11 +298,7 @@ class SliceStats:
         self._tick(state, self.clock())
         bucket = HIST + bisect.bisect_left(LATENCY_BOUNDS, latency_s)
         folded = slice_ is _FOLDED
-        if folded:
-            slice_ = OTHER
-        rows = (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
-            else (state.row(version, OVERALL),)
-        for row in rows:
+        for row in state.counted_in(version, slice_):
             row[REQUESTS] += 1
             if error:
                 row[ERRORS] += 1
@@ -308,10 +312,7 @@ class SliceStats:
         col = EXCLUDED_COL[(kind, reason)]
         state = self._model(model)
         self._tick(state, self.clock())
-        if slice_ is _FOLDED:
-            slice_ = OTHER
-        for row in (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
-                else (state.row(version, OVERALL),):
+        for row in state.counted_in(version, slice_):
             row[col] += 1
 
     # -- outcomes -----------------------------------------------------------------------------
@@ -321,10 +322,7 @@ class SliceStats:
         """Count one joined outcome: ``correct`` for a label or flag, ``error`` (prediction - truth) for a value."""
         state = self._model(model)
         self._tick(state, self.clock())
-        if slice_ is _FOLDED:
-            slice_ = OTHER
-        for row in (state.row(version, slice_), state.row(version, OVERALL)) if slice_ != OVERALL \
-                else (state.row(version, OVERALL),):
+        for row in state.counted_in(version, slice_):
             if correct is not None:
                 row[LABELLED] += 1
                 if correct:
