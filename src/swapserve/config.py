@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     """How often the registry's deployment generations are polled (seconds): the fallback to
     PostgreSQL LISTEN/NOTIFY, the only mechanism on SQLite."""
 
+    rollout_lease_s: float = Field(default=4.0, gt=0)
+    """Time to live of the rollout lease (seconds; SWAPSERVE_ROLLOUT_LEASE_S): the replica holding it
+    decides the fleet's rollouts and renews it every quarter of this; another takes over after about
+    this long without a renewal (at once when the holder stops gracefully)."""
+
     def registry_url(self) -> str:
         if self.registry:
             return self.registry

@@ -50,6 +50,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--fleet-poll-s", type=float, default=None,
                    help="how often to poll the registry for new deployments (default 1; PostgreSQL also "
                         "LISTENs, so changes arrive at once)")
+    p.add_argument("--rollout-lease-s", type=float, default=None,
+                   help="time to live of the rollout lease: a fleet's leader that stops renewing it is replaced "
+                        "after about this long (default 4)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -42,7 +42,7 @@ from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.registry import Registry
 from swapserve.registry.outbox import Outbox, OutboxEntry
-from swapserve.registry.records import AuditEntry, Deployment, Event, RolloutRecord
+from swapserve.registry.records import AuditEntry, Deployment, Event, Lease, RolloutRecord
 from swapserve.routing.policy import RoutingPolicy, check_split
 from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
 
@@ -103,11 +103,36 @@ class ControlPlane:
         """A journaled decision reached the registry: adopt its generation when that routing is
         still live (the next registry-first change is then conditional on the right one)."""
         m = self.manager.models.get(entry.model or "")
-        if deployment is None or m is None or m.policy is None:
+        if m is None or m.policy is None:
+            return
+        if deployment is None:
+            if entry.payload.get("deployment") is not None:
+                # Not recorded: its rollout had been decided by another replica meanwhile. Serve the
+                # registry's routing again, whatever its generation (ours kept the old number).
+                asyncio.get_running_loop().create_task(self._resync(m))
             return
         recorded = RoutingPolicy.from_deployment(deployment)
         if _same_routing(m.policy, recorded):
             m.policy = recorded
+
+    async def _resync(self, m: ManagedModel) -> None:
+        """Apply the registry's current deployment of ``m`` even at the generation it already
+        serves (after a journaled decision the registry did not take). Never raises: the fleet's
+        next pass retries what fails here."""
+        try:
+            async with m.lock:
+                current = await self._db(self.registry.current_deployment, m.name)
+                if current is None or m.policy is None:
+                    return
+                recorded = RoutingPolicy.from_deployment(current)
+                if _same_routing(m.policy, recorded):
+                    m.policy = recorded
+                    return
+                await self.manager.apply_deployment_locked(m, recorded)
+                log.info("model '%s': serving the registry's generation %d again (a decision taken here was "
+                         "superseded by another replica's)", m.name, current.generation)
+        except SwapserveError as exc:
+            log.warning("model '%s': could not re-apply the registry's deployment: %s", m.name, exc.message)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -221,7 +246,7 @@ class ControlPlane:
                              action: str, actor: str, reason: str, rollout: RolloutRecord | None = None,
                              production: int | None = None, event: dict[str, Any] | None = None,
                              check: Callable[[RoutingPolicy | None], None] | None = None,
-                             ) -> tuple[RoutingPolicy, RolloutRecord | None]:
+                             fence: Lease | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
         """Catch up, compute ``change(live policy)`` (after ``check``, which may refuse), record and
         publish it (:meth:`_record_locked`); when another replica wrote in between, catch up and
         try again, up to CONFLICT_RETRIES times. Caller holds ``m.lock``."""
@@ -231,7 +256,7 @@ class ControlPlane:
                 check(m.policy)
             try:
                 return await self._record_locked(m, change(m.policy), action=action, actor=actor, reason=reason,
-                                                 rollout=rollout, production=production, event=event)
+                                                 rollout=rollout, production=production, event=event, fence=fence)
             except GenerationConflict:
                 if attempt == CONFLICT_RETRIES - 1:
                     raise
@@ -241,7 +266,8 @@ class ControlPlane:
 
     async def _record_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str, reason: str,
                              rollout: RolloutRecord | None = None, production: int | None = None,
-                             event: dict[str, Any] | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
+                             event: dict[str, Any] | None = None,
+                             fence: Lease | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
         """Make ``policy`` the model's routing. Caller holds ``m.lock``. In this order:
 
         1. validate: InvalidInput (nothing written) unless the policy is well formed and every
@@ -251,7 +277,8 @@ class ControlPlane:
         2. write the deployment, its audit row and (when given) the rollout's new state, the
            challenger's production stage and an event in one registry transaction, conditional on
            the generation this replica last applied (GenerationConflict, nothing written, when
-           another writer got there first: :meth:`_change_locked` catches up and retries);
+           another writer got there first: :meth:`_change_locked` catches up and retries) and,
+           with a ``fence``, on the rollout lease still being held (NotLeader, nothing written);
         3. publish the recorded policy as the routing snapshot (one atomic store) and mark its
            versions deployed.
 
@@ -271,7 +298,7 @@ class ControlPlane:
         if staged:
             crash_point("stage.before_commit")
         deployment, stored = await self._db(lambda: self.registry.record_decision(
-            m.name, deployment=args, rollout=rollout, production=production, event=event, actor=actor))
+            m.name, deployment=args, rollout=rollout, production=production, event=event, actor=actor, fence=fence))
         if staged:
             crash_point("stage.after_commit")
         recorded = RoutingPolicy.from_deployment(deployment)
@@ -287,14 +314,15 @@ class ControlPlane:
 
     async def publish_decision(self, model: str, change: Callable[[RoutingPolicy | None], RoutingPolicy], *,
                                action: str, actor: str, reason: str = "", rollout: RolloutRecord | None = None,
-                               production: int | None = None,
-                               event: dict[str, Any] | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
+                               production: int | None = None, event: dict[str, Any] | None = None,
+                               fence: Lease | None = None) -> tuple[RoutingPolicy, RolloutRecord | None]:
         """:meth:`publish` that records the rollout's new state (and ``production`` stage, ``event``)
-        in the same transaction as the deployment: a stage either happened or did not."""
+        in the same transaction as the deployment: a stage either happened or did not. ``fence``:
+        the rollout lease the decision is taken under (NotLeader, nothing done, once it is lost)."""
         m = self._model(model)
         async with m.lock:
             return await self._change_locked(m, change, action=action, actor=actor, reason=reason,
-                                             rollout=rollout, production=production, event=event)
+                                             rollout=rollout, production=production, event=event, fence=fence)
 
     async def _failsafe_locked(self, m: ManagedModel, policy: RoutingPolicy, *, action: str, actor: str,
                                reason: str, rollout: RolloutRecord | None = None,

@@ -5,9 +5,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from swapserve.registry.deployments import DeploymentTables
-from swapserve.registry.records import Deployment, RolloutRecord
+from swapserve.registry.models import RolloutRow
+from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, Deployment, Lease, RolloutRecord
 from swapserve.registry.rollouts import RolloutTables
-from swapserve.registry.rows import require_version
+from swapserve.registry.rows import require_version, rollout_record
 from swapserve.registry.versions import VersionTables
 
 
@@ -25,6 +26,7 @@ class DecisionTables(VersionTables, DeploymentTables, RolloutTables):
         event: Mapping[str, Any] | None = None,
         actor: str = "rollout-controller",
         replay: bool = False,
+        fence: Lease | None = None,
     ) -> tuple[Deployment | None, RolloutRecord | None]:
         """Write a decision in one transaction: a deployment (``publish_deployment``'s keyword
         arguments), the rollout's new state, the challenger's ``production`` stage, extra audit
@@ -35,7 +37,11 @@ class DecisionTables(VersionTables, DeploymentTables, RolloutTables):
         when the current one already routes that way, the rollout is written unconditionally
         unless it is already terminal, and ``expected_generation`` is ignored, because the
         routing it records has been live since the decision. Replaying an entry twice therefore
-        records it once. Returns the deployment (None when not given) and the stored rollout.
+        records it once, and replaying a decision on a rollout that another replica has ended
+        meanwhile records nothing at all (the rollout was decided once, by the other).
+
+        ``fence``: the lease the decision was taken under (``LeaseTables``); the transaction
+        checks it first and records nothing (NotLeader) once the lease has moved on. Returns the deployment (None when not given) and the stored rollout.
         """
         dep_run = None
         if deployment is not None:
@@ -46,6 +52,12 @@ class DecisionTables(VersionTables, DeploymentTables, RolloutTables):
         roll_run = self._rollout_writer(rollout, actor=actor, final=replay) if rollout is not None else None
 
         def run(s: Any) -> tuple[Deployment | None, RolloutRecord | None]:
+            if fence is not None:
+                self._check_fence(s, fence)
+            if replay and rollout is not None and rollout.id is not None:
+                stored = s.get(RolloutRow, rollout.id)
+                if stored is not None and stored.state not in ACTIVE_ROLLOUT_STATES:
+                    return None, rollout_record(stored)  # already decided: nothing of this entry is recorded
             dep = dep_run(s) if dep_run is not None else None
             rec = roll_run(s) if roll_run is not None else None
             if production is not None:

@@ -48,7 +48,7 @@ REGISTRY_TIMEOUT_S = _timeout_s()
 SQLITE_BUSY_TIMEOUT_MS = int(REGISTRY_TIMEOUT_S * 1000)
 #: Threads of the registry's own executor: registry calls never queue behind model loads
 #: (which use asyncio's default pool), and a hung database holds at most these threads.
-REGISTRY_THREADS = 4
+REGISTRY_THREADS = 8
 #: How often a write is retried after losing a uniqueness race (PostgreSQL without locks).
 _WRITE_ATTEMPTS = 5
 

@@ -110,14 +110,29 @@ class DeploymentRow(Base):
 
 
 class RolloutEvidenceRow(Base):
-    """The latest flushed counts of one rollout (one row per rollout, overwritten)."""
+    """The latest flushed counts of one rollout on one replica (overwritten about once a second;
+    the rollout's evidence is the sum over its replicas' rows)."""
 
     __tablename__ = "rollout_evidence"
 
     rollout_id: Mapped[int] = mapped_column(sa.ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
     model: Mapped[str] = mapped_column(sa.String(255))
     updated_at: Mapped[datetime]
     counts: Mapped[Any]
+
+
+class LeaseRow(Base):
+    """A named lease (``rollouts``: which replica decides the fleet's rollouts). ``epoch`` grows by
+    one on every change of holder: the fencing token every decision is checked against."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(sa.String(255))
+    epoch: Mapped[int] = mapped_column(sa.Integer)
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
 
 
 class RolloutRow(Base):

@@ -211,6 +211,19 @@ class ReplicaModelState(_Record):
     stale: bool = False
 
 
+@dataclass(frozen=True)
+class Lease(_Record):
+    """A named lease as stored: ``holder`` may act for the fleet until ``expires_at`` (by the
+    registry's clock). ``epoch`` changes with every new holder; a decision carries the epoch it
+    was taken under and is refused once the lease has moved on (fencing)."""
+
+    name: str
+    holder: str
+    epoch: int
+    acquired_at: datetime
+    expires_at: datetime
+
+
 def traffic_of(pairs: Iterable[TrafficShare | tuple[int, int]]) -> tuple[TrafficShare, ...]:
     """Normalise ``[(version, weight_bp), ...]`` or TrafficShares into TrafficShares."""
     out = []

@@ -9,19 +9,23 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from swapserve import errors
-from swapserve.registry.engine import RegistryBase
+from swapserve.registry.leases import LeaseTables
 from swapserve.registry.models import RolloutEvidenceRow, RolloutRow
-from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES, RolloutRecord
+from swapserve.registry.models import ACTIVE_ROLLOUT_SQL
+from swapserve.registry.records import ACTIVE_ROLLOUT_STATES, ROLLOUT_STATES, Lease, RolloutRecord
 from swapserve.registry.rows import active_rollout_query, check_model, check_version, rollout_record
 
 
-class RolloutTables(RegistryBase):
+class RolloutTables(LeaseTables):
     """Registry tables of rollouts: one active per model, every stage change recorded."""
 
-    def save_rollout(self, rollout: RolloutRecord, *, actor: str = "rollout") -> RolloutRecord:
-        """Insert (``id is None``) or update a rollout; returns the stored record (see ``_rollout_writer``)."""
+    def save_rollout(self, rollout: RolloutRecord, *, actor: str = "rollout", fence: Lease | None = None) -> RolloutRecord:
+        """Insert (``id is None``) or update a rollout; returns the stored record (see ``_rollout_writer``).
+        ``fence``: the lease the caller decides under, checked in the same transaction (NotLeader)."""
         # A uniqueness violation here is a real conflict, reported by the writer; no retry needed.
         with self._write() as s:
+            if fence is not None:
+                self._check_fence(s, fence)
             return self._rollout_writer(rollout, actor=actor)(s)
 
     def _rollout_writer(self, rollout: RolloutRecord, *, actor: str = "rollout",
@@ -120,6 +124,12 @@ class RolloutTables(RegistryBase):
             row = s.scalar(active_rollout_query(model))
             return rollout_record(row) if row is not None else None
 
+    def active_rollouts(self) -> list[RolloutRecord]:
+        """Every model's active rollout (one query: every replica reads it about twice a second)."""
+        with self._read() as s:
+            rows = s.scalars(sa.select(RolloutRow).where(sa.text(ACTIVE_ROLLOUT_SQL)).order_by(RolloutRow.id))
+            return [rollout_record(r) for r in rows]
+
     def rollouts(self, model: str, limit: int = 20) -> list[RolloutRecord]:
         """The model's rollouts, newest first."""
         with self._read() as s:
@@ -129,23 +139,24 @@ class RolloutTables(RegistryBase):
             )
             return [rollout_record(r) for r in rows]
 
-    def save_evidence(self, rollout_id: int, model: str, counts: Mapping[str, Any]) -> None:
-        """Overwrite the rollout's flushed counts (the controller calls this about once a second).
-        A rollout that no longer exists is ignored (it ended and was pruned)."""
+    def save_evidence(self, rollout_id: int, model: str, counts: Mapping[str, Any], replica_id: str) -> None:
+        """Overwrite one replica's flushed counts of a rollout (each replica calls this about once a
+        second, for its own row only, so these writes never contend). A rollout that no longer
+        exists is ignored (it ended and was pruned)."""
         def run(s: Session) -> None:
             if s.get(RolloutRow, rollout_id) is None:
                 return
-            row = s.get(RolloutEvidenceRow, rollout_id)
+            row = s.get(RolloutEvidenceRow, (rollout_id, replica_id))
             if row is None:
-                s.add(RolloutEvidenceRow(rollout_id=rollout_id, model=model, updated_at=self._now(),
-                                         counts=dict(counts)))
+                s.add(RolloutEvidenceRow(rollout_id=rollout_id, replica_id=replica_id, model=model,
+                                         updated_at=self._now(), counts=dict(counts)))
             else:
                 row.counts, row.updated_at = dict(counts), self._now()
 
         self._write_retrying(run)
 
-    def load_evidence(self, rollout_id: int) -> dict[str, Any] | None:
-        """The rollout's last flushed counts, or None."""
+    def load_evidence(self, rollout_id: int) -> dict[str, dict[str, Any]]:
+        """Every replica's last flushed counts of the rollout, by replica id (empty: none yet)."""
         with self._read() as s:
-            row = s.get(RolloutEvidenceRow, rollout_id)
-            return dict(row.counts) if row is not None else None
+            rows = s.scalars(sa.select(RolloutEvidenceRow).where(RolloutEvidenceRow.rollout_id == rollout_id))
+            return {r.replica_id: dict(r.counts) for r in rows}

@@ -36,6 +36,7 @@ from swapserve.registry.audit import AuditTables
 from swapserve.registry.decisions import DecisionTables
 from swapserve.registry.deployments import DeploymentTables
 from swapserve.registry.engine import MIGRATIONS_DIR, RegistryBase
+from swapserve.registry.leases import LeaseTables
 from swapserve.registry.replicas import ReplicaTables
 from swapserve.registry.rollouts import RolloutTables
 from swapserve.registry.versions import VersionTables
@@ -43,7 +44,7 @@ from swapserve.registry.versions import VersionTables
 __all__ = ["MIGRATIONS_DIR", "Registry", "RegistryBase"]
 
 
-class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, AuditTables, ReplicaTables):
+class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, LeaseTables, AuditTables, ReplicaTables):
     """Versions, metrics by slice, deployments, rollouts, audit log and events.
 
     ``url`` is any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``);
@@ -52,5 +53,5 @@ class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, A
     ``clock`` returns the current time (timezone-aware); tests pass a fake one.
 
     One façade over the table groups, each in its own module: ``versions``,
-    ``deployments``, ``rollouts``, ``audit``, ``replicas`` (the fleet), ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
+    ``deployments``, ``rollouts``, ``audit``, ``replicas`` (the fleet), ``leases`` (the rollout lease), ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
     """

@@ -28,6 +28,19 @@ Webhooks (rollback and promotion) are journaled too and signed (``rollout.webhoo
 Gates compare cumulative counts since the rollout started (``SliceStats.snapshot(since=...)``);
 during the 100% stages and the watch the champion's counts are frozen at their canary values,
 which is the baseline the challenger must keep up with.
+
+A fleet decides once (docs/fleet.md, "Rollouts in a fleet"). Every replica runs a controller;
+the one holding the registry's rollout lease (``registry.leases``, renewed every
+``lease_ttl_s / 4``, lost after ``lease_ttl_s`` without renewal) is the leader and the only one
+that evaluates gates. Every replica follows the registry's active rollouts (``SYNC_S``) and
+flushes its own counts per version and slice to its own evidence row; the leader's evidence is
+its live counts plus every other replica's last flush, so a label counted anywhere counts, and a
+new leader continues the same stage with the same evidence. Each decision (a stage, a promotion,
+an approval wait) is recorded under the lease's epoch as its fence, in the decision's own
+transaction: a deposed leader's decision is refused (NotLeader), never recorded. A return to the
+champion is always safe, so the last leader still takes it while the registry cannot be reached
+(journaled, as above); operators' actions (start, pause, resume, approve, abort) work on any
+replica.
 """
 from __future__ import annotations
 
@@ -41,9 +54,10 @@ from typing import Any
 from swapserve.controlplane import ControlPlane
 from swapserve.controlplane.reconcile import rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import FailedPrecondition, InvalidInput, SwapserveError
+from swapserve.errors import FailedPrecondition, InvalidInput, NotLeader, SwapserveError
 from swapserve.feedback.slices import SliceStats
-from swapserve.registry.records import RolloutRecord
+from swapserve.registry.leases import ROLLOUT_LEASE
+from swapserve.registry.records import Lease, RolloutRecord
 from swapserve.rollout.gates import OVERALL, Decision, evaluate
 from swapserve.rollout.plan import RolloutPlan, Stage
 from swapserve.rollout.webhook import WebhookSender, delivery
@@ -62,6 +76,17 @@ RECORD_WAIT_S = 1.0
 #: How often every active rollout's counts are flushed to the registry (seconds): a crash loses at
 #: most about this much evidence; a restarted server adds what it counts to the flushed counts.
 EVIDENCE_FLUSH_S = 1.0
+#: How long a tick waits for its lease renewal and registry reads before it checks the gates anyway.
+REFRESH_WAIT_S = 0.25
+#: Attempts of an operator's action that lost a race with the leader's write of the same rollout.
+CONFLICT_RETRIES = 3
+#: How often a replica re-reads the registry's active rollouts and the other replicas' evidence.
+SYNC_S = 0.5
+#: The rollout lease's time to live: a leader that stops renewing is replaced after about this long.
+LEASE_TTL_S = 4.0
+#: A leader stops taking fenced decisions this far into the ttl without a renewal (before the
+#: registry could give the lease away); the registry's check is what guarantees it, this only spares it.
+LEASE_SAFETY = 0.75
 
 _ADDITIVE = ("requests", "errors", "labelled", "correct", "numeric", "abs_error_sum", "sq_error_sum")
 
@@ -71,6 +96,14 @@ def _plus(a: SliceCounts, b: SliceCounts) -> SliceCounts:
     p99 = [p for p in (a.latency_p99_s, b.latency_p99_s) if p is not None]
     return SliceCounts(**{f: getattr(a, f) + getattr(b, f) for f in _ADDITIVE},
                        latency_p99_s=max(p99) if p99 else None)
+
+
+def _sum(parts: list[dict[str, SliceCounts]]) -> dict[str, SliceCounts]:
+    out: dict[str, SliceCounts] = {}
+    for part in parts:
+        for s, c in part.items():
+            out[s] = _plus(out[s], c) if s in out else c
+    return out
 
 
 def _counts_to_json(snap: dict[str, SliceCounts]) -> dict[str, dict[str, Any]]:
@@ -92,7 +125,8 @@ def _results(decision: Decision) -> list[dict[str, Any]]:
 class RolloutController:
     def __init__(self, control: ControlPlane, slices: SliceStats, metrics: Metrics, *,
                  clock: Callable[[], float] = time.time, tick_s: float = TICK_S,
-                 webhooks: WebhookSender | None = None) -> None:
+                 webhooks: WebhookSender | None = None, replica_id: str = "local",
+                 lease_ttl_s: float = LEASE_TTL_S) -> None:
         self.control = control
         self.registry = control.registry
         self.manager = control.manager
@@ -103,13 +137,34 @@ class RolloutController:
         self._active: dict[str, RolloutRecord] = {}
         #: The last decided (terminal) rollout per model, shown while the registry may lag behind.
         self._decided: dict[str, RolloutRecord] = {}
-        #: model -> counts flushed before this server started (added to what it counts itself).
-        self._baseline: dict[str, dict[str, Any]] = {}
+        self.replica_id = replica_id
+        self.lease_ttl_s = lease_ttl_s
+        #: The rollout lease as last granted to this replica (None: another holds it, or none yet).
+        #: Kept while the registry does not answer: the last leader may still return to the champion.
+        self._lease: Lease | None = None
+        self._lease_at = -float("inf")  # self.clock() when it was last granted
+        self._next_lease = -float("inf")
+        #: The lease as last read when another replica holds it (for `rollout status`).
+        self._holder: Lease | None = None
+        self._next_sync = -float("inf")
+        #: rollout id -> what this replica flushed before this process started (same replica id).
+        self._baseline: dict[int, dict[str, Any]] = {}
+        #: rollout id -> {replica id: its last flushed counts}, every replica but this one.
+        self._parts: dict[int, dict[str, dict[str, Any]]] = {}
+        #: rollout id -> this process's own marks: since the rollout, since the current stage.
+        self._local: dict[int, dict[str, float]] = {}
+        #: marks this process took for the records it wrote (they are its own marks as they stand).
+        self._own_marks: set[float] = set()
+        #: rollout id -> (mark, time): a watch resumed after a restart starts over from the mark.
+        self._watch_from: dict[int, tuple[float, float]] = {}
         self._last_flush = 0.0
         self._flushing: asyncio.Task[None] | None = None
         self.webhooks = webhooks if webhooks is not None else WebhookSender(control.outbox)
         self.webhooks.gate = self._webhook_gate
         self._wake: asyncio.Event | None = None
+        self._refreshing: asyncio.Future[None] | None = None
+        #: Whether the registry answered the last lease renewal.
+        self._registry_ok = True
         self._last_label: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -131,8 +186,13 @@ class RolloutController:
     async def _db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await self.registry.call(fn, *args, **kwargs)
 
-    async def _save(self, r: RolloutRecord, **changes: Any) -> RolloutRecord:
-        new = await self._db(lambda: self.registry.save_rollout(dataclasses.replace(r, **changes)))
+    async def _save(self, r: RolloutRecord, *, fenced: bool = True, **changes: Any) -> RolloutRecord:
+        """Record ``r`` with ``changes``; ``fenced`` (the controller's own decisions): only while this
+        replica still holds the lease (NotLeader otherwise). Operators' actions are not fenced."""
+        fence = self._lease if fenced else None
+        if fenced and fence is None:
+            raise NotLeader(f"replica '{self.replica_id}' does not hold the rollout lease")
+        new = await self._db(lambda: self.registry.save_rollout(dataclasses.replace(r, **changes), fence=fence))
         return self._adopt(new)
 
     def _adopt(self, new: RolloutRecord) -> RolloutRecord:
@@ -167,40 +227,24 @@ class RolloutController:
     # -- lifecycle of the controller ---------------------------------------------------------
 
     async def start_loop(self) -> None:
-        """Resume the registry's active rollouts and start checking them (call once, on the loop)."""
+        """Take the lease if it is free, follow the registry's active rollouts and start checking
+        them (call once, on the loop)."""
         self._wake = asyncio.Event()
         for e in self.control.outbox.pending("webhook"):
             if e.payload.get("requires") and await self._webhook_gate(e, restarted=True) == "drop":
                 self.control.outbox.done(e.id)
-        decided = {}  # rollouts whose end is journaled but not yet recorded: never resumed
         for e in self.control.outbox.pending("decision"):
             if e.payload.get("rollout"):
+                # Ended before the restart, its record still pending: never resumed.
                 rec = rollout_from_dict(e.payload["rollout"])
-                decided[rec.id] = rec
-        for model in await self._db(self.registry.list_models):
-            r = await self._db(self.registry.active_rollout, model)
-            if r is None:
-                recent = await self._db(self.registry.rollouts, model, 1)
-                r = recent[0] if recent and recent[0].state == "running" else None
-            if r is not None and r.id in decided:
-                self._decided[model] = decided[r.id]
-                log.info("rollout %d of model '%s' ended (%s) before the restart; its record is pending",
-                         r.id, model, decided[r.id].state)
-                continue
-            if r is not None:
-                await self._restore_evidence(r)
-            if r is not None and r.evidence.get("phase") == "watch":
-                # The champion's baseline is what this server counted; after a restart the watch
-                # starts over from a fresh mark instead of ending on the time already served.
-                mark = self.slices.mark(model)
-                r = dataclasses.replace(r, evidence=dict(r.evidence, stage_started_at=mark,
-                                                         watch_restarted_at=self.clock()))
-            if r is not None:
-                self._active[model] = r
-                self._guard(model, frozenset({r.champion, r.challenger}))
-                self.slices.limit_reporters(model, self.plan_of(r).gates.max_reporter_share)
-                self._export(r)
-                log.info("rollout %d of model '%s' resumed at stage %d (%s)", r.id, model, r.stage_index, r.state)
+                self._decided[rec.model] = rec
+                log.info("rollout %s of model '%s' ended (%s) before the restart; its record is pending",
+                         rec.id, rec.model, rec.state)
+        await self._maintain_lease()
+        try:
+            await self._sync(resuming=True)
+        except SwapserveError as exc:
+            log.warning("rollouts not read at start (%s); following them once the registry answers", exc.message)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -210,6 +254,16 @@ class RolloutController:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        try:  # what this replica counted since its last flush still counts for the next leader
+            await asyncio.wait_for(self.flush_evidence(), 2.0)
+        except asyncio.TimeoutError:
+            pass
+        if self._lease is not None:
+            try:  # the next leader need not wait for the lease to expire
+                await asyncio.wait_for(self._db(self.registry.release_lease, ROLLOUT_LEASE, self.replica_id), 2.0)
+            except (SwapserveError, asyncio.TimeoutError):
+                pass
+            self._lease = None
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -223,19 +277,138 @@ class RolloutController:
             self._maybe_flush()
 
     async def tick(self) -> None:
-        """Check every active rollout once: advance, hold or roll back.
+        """Renew (or try to take) the lease, follow the registry, and, as the leader, check every
+        active rollout once: advance, hold or roll back.
 
         What the loop runs every ``tick_s`` and after joined labels; callable directly (tests
         drive it on a fake clock). One broken rollout is logged and never stops the others.
         """
+        # Lease and registry reads, waited for only briefly: a registry that does not answer must
+        # not delay a gate (the step below then works on the last state read).
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.wait({self._refreshing}, timeout=REFRESH_WAIT_S)
+        if self._lease is None:
+            return  # a follower: the leader decides (its decisions reach this replica as deployments)
         for model in list(self._active):
             try:
                 async with self._lock(model):
                     await self._step(model)
+            except NotLeader as exc:
+                log.warning("rollout of model '%s': %s; following the new leader", model, exc.message)
+                self._lease, self._next_lease, self._next_sync = None, -float("inf"), -float("inf")
+                break
+            except FailedPrecondition as exc:  # e.g. paused or approved through another replica meanwhile
+                log.info("rollout of model '%s': %s; re-reading it", model, exc.message)
+                self._next_sync = -float("inf")
             except Exception:  # noqa: BLE001 - one broken rollout must not stop the others
                 log.exception("rollout of model '%s': step failed", model)
         # Every model's routing is settled before any registry write is waited for.
         await self._settle(RECORD_WAIT_S)
+
+    # -- the lease and the fleet's view --------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        await self._maintain_lease()
+        if not self._registry_ok:
+            return  # no more calls to queue on a registry that just failed to answer
+        try:
+            await self._sync()
+        except SwapserveError as exc:
+            log.debug("rollouts not re-read: %s", exc.message)
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica may take fenced decisions now (it holds a lease renewed recently)."""
+        return self._lease is not None and self.clock() - self._lease_at < self.lease_ttl_s * LEASE_SAFETY
+
+    async def _maintain_lease(self) -> None:
+        """Renew the lease (or try to take it) every ``lease_ttl_s / 4``. While the registry does not
+        answer, a held lease is kept (unfenced returns to the champion stay possible) but stops being
+        ``leading`` once it is too old."""
+        now = self.clock()
+        if now < self._next_lease:
+            return
+        self._next_lease = now + self.lease_ttl_s / 4
+        try:
+            held, lease = await self._db(self.registry.acquire_lease, ROLLOUT_LEASE, self.replica_id, self.lease_ttl_s)
+        except SwapserveError as exc:
+            log.debug("rollout lease not renewed: %s", exc.message)
+            self._registry_ok = False
+            return
+        self._registry_ok = True
+        if held:
+            assert lease is not None
+            if self._lease is None or self._lease.epoch != lease.epoch:
+                log.info("replica '%s' holds the rollout lease (epoch %d): it decides the fleet's rollouts",
+                         self.replica_id, lease.epoch)
+                self._next_sync = -float("inf")  # re-read everything before the first decision
+            self._lease, self._lease_at, self._holder = lease, now, None
+        else:
+            if self._lease is not None:
+                log.warning("replica '%s' lost the rollout lease to '%s'", self.replica_id,
+                            lease.holder if lease is not None else "another replica")
+            self._lease, self._holder = None, lease
+
+    def leader(self) -> dict[str, Any]:
+        """Who decides the fleet's rollouts, as this replica last saw it (for `rollout status`)."""
+        lease = self._lease or self._holder
+        return {"replica": lease.holder if lease is not None else None,
+                "epoch": lease.epoch if lease is not None else None,
+                "this_replica": self.replica_id, "leading": self.leading}
+
+    async def _sync(self, *, resuming: bool = False) -> None:
+        """Follow the registry: adopt every active rollout as recorded (started, paused, approved or
+        advanced through any replica), let go of those ended elsewhere, and read the other
+        replicas' flushed evidence. At most every SYNC_S (at once after a change of leader)."""
+        now = self.clock()
+        if now < self._next_sync and not resuming:
+            return
+        self._next_sync = now + SYNC_S
+        active = await self._db(self.registry.active_rollouts)
+        seen = {r.model for r in active}
+        for r in active:
+            mine = self._active.get(r.model)
+            if mine is not None and mine.id == r.id and mine.updated_at == r.updated_at:
+                pass
+            else:
+                decided = self._decided.get(r.model)
+                if decided is not None and decided.id == r.id:
+                    continue  # this replica ended it; the record is on its way from the outbox
+                async with self._lock(r.model):
+                    await self._follow(r, resuming=resuming)
+            if r.id is not None and r.model in self._active:
+                parts = await self._db(self.registry.load_evidence, r.id)
+                self._parts[r.id] = {k: v for k, v in parts.items() if k != self.replica_id}
+        for model, r in list(self._active.items()):
+            if model not in seen and r.id is not None:
+                ended = await self._db(self.registry.get_rollout, r.id)
+                if ended is not None and not ended.active:
+                    async with self._lock(model):
+                        if self._active.get(model) is r:
+                            self._adopt(ended)
+
+    async def _follow(self, r: RolloutRecord, *, resuming: bool = False) -> None:
+        """Make the registry's record of an active rollout this replica's view (caller holds the
+        model's lock). A rollout new to this process restores its own flushed counts (same
+        replica id) as the baseline it adds its live counts to."""
+        prev = self._active.get(r.model)
+        first = prev is None or prev.id != r.id
+        if first and r.id is not None and r.id not in self._baseline:
+            await self._restore_evidence(r)
+        if first and r.evidence.get("phase") == "watch" and r.id is not None and r.id not in self._watch_from \
+                and (resuming or r.evidence.get("started_at") not in self._own_marks):
+            # The champion's baseline is what was counted before; a watch resumed by a process that
+            # did not see it run starts over from a fresh mark instead of ending on time not watched.
+            self._watch_from[r.id] = (self.slices.mark(r.model), self.clock())
+        if first or prev.evidence.get("stage_started_at") != r.evidence.get("stage_started_at"):
+            self.slices.limit_reporters(r.model, self.plan_of(r).gates.max_reporter_share)  # a fresh stage budget
+        self._active[r.model] = r
+        self._guard(r.model, frozenset({r.champion, r.challenger}))
+        self._export(r)
+        if first:
+            log.info("rollout %s of model '%s' followed at stage %d (%s)", r.id, r.model, r.stage_index, r.state)
+
 
     async def _settle(self, wait_s: float) -> None:
         """Give journaled decisions up to ``wait_s`` to reach the registry (the reconciler goes on
@@ -255,6 +428,7 @@ class RolloutController:
         plan requires an offline evaluation that is missing or failed — unless ``force`` (audited).
         The challenger is preloaded and warmed before stage 0 publishes any traffic to it.
         """
+        await self._maintain_lease()  # a lone server leads from its first rollout on
         async with self._lock(model):
             # From the registry's current deployment, not this replica's view of it (another
             # replica may have changed the champion since): a stale view would pick the wrong one.
@@ -280,7 +454,7 @@ class RolloutController:
                     note = f"[forced past the offline gate: {'; '.join(problems)}] "
             await self.control.load(model, version, actor=actor, reason=f"rollout: preload challenger {version}")
             now = self.clock()
-            mark = self.slices.mark(model)
+            mark = self._mark(model)
             record = RolloutRecord(
                 model=model, challenger=version, champion=champion, plan=plan.to_dict(), strategy=plan.strategy,
                 stage_index=0, state="running",
@@ -289,7 +463,8 @@ class RolloutController:
             self._guard(model, frozenset({champion, version}))
             try:
                 # The rollout row and stage 0's routing: one transaction (a crash leaves both or neither).
-                record = await self._enter_stage(record, 0, f"rollout started: {reason or 'no reason given'}")
+                record = await self._enter_stage(record, 0, f"rollout started: {reason or 'no reason given'}",
+                                                 fenced=False)  # an operator's action, on any replica
             except BaseException:
                 self._guard(model, frozenset())
                 raise
@@ -299,31 +474,38 @@ class RolloutController:
             return record
 
     async def action(self, model: str, action: str, *, actor: str, reason: str = "") -> RolloutRecord:
-        """pause | resume | approve | abort, audited."""
+        """pause | resume | approve | abort, audited; on any replica of the fleet (the leader follows
+        the record). Acts on the registry's current record: a stale view (the leader advanced the
+        stage meanwhile) is re-read and the action tried again, up to CONFLICT_RETRIES times. Abort is
+        fail-safe and works while the registry is down (on this replica's view)."""
+        if action not in ("pause", "resume", "approve", "abort"):
+            raise InvalidInput(f"unknown rollout action '{action}'; use pause, resume, approve or abort")
         async with self._lock(model):
-            r = self._active.get(model)
-            if r is None:
-                raise FailedPrecondition(f"model '{model}' has no rollout in progress")
-            if action == "pause":
-                if r.state != "running":
-                    raise FailedPrecondition(f"model '{model}': the rollout is {r.state}, not running")
-                r = await self._save(r, state="paused")
-            elif action == "resume":
-                if r.state != "paused":
-                    raise FailedPrecondition(f"model '{model}': the rollout is {r.state}, not paused")
-                r = await self._save(r, state="running")
-            elif action == "approve":
-                if r.state != "awaiting_approval":
-                    raise FailedPrecondition(f"model '{model}': the rollout is {r.state}; nothing awaits approval")
-                ev = dict(r.evidence, approved_stage=r.stage_index)
-                r = await self._save(r, state="running", evidence=ev)
-            elif action == "abort":
-                # Fail-safe: the audit row travels with the decision (outbox), not ahead of it.
-                r = await self._return_to_champion(r, "aborted", f"aborted by {actor}: {reason}", None, audit=[
-                    {"actor": actor, "action": "rollout.abort", "version": r.challenger, "before": None,
-                     "after": {"state": "aborted"}, "reason": reason}])
-            else:
-                raise InvalidInput(f"unknown rollout action '{action}'; use pause, resume, approve or abort")
+            for attempt in range(CONFLICT_RETRIES):
+                try:
+                    current = await self._db(self.registry.active_rollout, model)
+                except SwapserveError:
+                    if action != "abort":
+                        raise
+                    current = None  # the registry is down: abort what this replica knows of
+                else:
+                    decided = self._decided.get(model)
+                    if current is not None and not (decided is not None and decided.id == current.id):
+                        await self._follow(current)
+                    elif current is None and model in self._active and self._active[model].id is not None:
+                        ended = await self._db(self.registry.get_rollout, self._active[model].id)
+                        if ended is not None and not ended.active:
+                            self._adopt(ended)  # ended through another replica meanwhile
+                r = self._active.get(model)
+                if r is None:
+                    raise FailedPrecondition(f"model '{model}' has no rollout in progress")
+                try:
+                    r = await self._act(r, action, actor=actor, reason=reason)
+                    break
+                except FailedPrecondition as exc:
+                    if "saved by someone else" not in exc.message or attempt == CONFLICT_RETRIES - 1:
+                        raise
+                    log.info("rollout of model '%s' changed meanwhile; re-reading it and retrying %s", model, action)
             if action == "abort":
                 await self._settle(2 * RECORD_WAIT_S)
             else:
@@ -334,8 +516,33 @@ class RolloutController:
                 self._wake.set()
             return r
 
+    async def _act(self, r: RolloutRecord, action: str, *, actor: str, reason: str) -> RolloutRecord:
+        model = r.model
+        if action == "pause":
+            if r.state != "running":
+                raise FailedPrecondition(f"model '{model}': the rollout is {r.state}, not running")
+            return await self._save(r, state="paused", fenced=False)
+        if action == "resume":
+            if r.state != "paused":
+                raise FailedPrecondition(f"model '{model}': the rollout is {r.state}, not paused")
+            return await self._save(r, state="running", fenced=False)
+        if action == "approve":
+            if r.state != "awaiting_approval":
+                raise FailedPrecondition(f"model '{model}': the rollout is {r.state}; nothing awaits approval")
+            return await self._save(r, state="running", evidence=dict(r.evidence, approved_stage=r.stage_index),
+                                    fenced=False)
+        # Fail-safe: the audit row travels with the decision (outbox), not ahead of it.
+        return await self._return_to_champion(r, "aborted", f"aborted by {actor}: {reason}", None, audit=[
+            {"actor": actor, "action": "rollout.abort", "version": r.challenger, "before": None,
+             "after": {"state": "aborted"}, "reason": reason}])
+
     def current(self, model: str) -> RolloutRecord | None:
-        return self._active.get(model)
+        """The model's active rollout as this replica follows it (a resumed watch says when it
+        restarted: ``watch_restarted_at``)."""
+        r = self._active.get(model)
+        if r is not None and r.id in self._watch_from and r.evidence.get("phase") == "watch":
+            r = dataclasses.replace(r, evidence=dict(r.evidence, watch_restarted_at=self._watch_from[r.id][1]))
+        return r
 
     def decided(self, model: str) -> RolloutRecord | None:
         """The rollout this server last ended (its record may still be pending in the outbox)."""
@@ -380,23 +587,27 @@ class RolloutController:
 
     async def _decide(self, r: RolloutRecord, reason: str, target: RolloutRecord, *, traffic_bp: int = 0,
                       shadow: bool = False, cohorts: tuple[tuple[str, str], ...] = (),
-                      production: int | None = None) -> RolloutRecord:
-        """Publish a stage and record ``target`` (the rollout's new state) in the same transaction."""
+                      production: int | None = None, fenced: bool = True) -> RolloutRecord:
+        """Publish a stage and record ``target`` (the rollout's new state) in the same transaction
+        (``fenced``: under the lease, as :meth:`_save`)."""
+        fence = self._lease if fenced else None
+        if fenced and fence is None:
+            raise NotLeader(f"replica '{self.replica_id}' does not hold the rollout lease")
         _, stored = await self.control.publish_decision(
             r.model, self._stage_change(r, traffic_bp=traffic_bp, shadow=shadow, cohorts=cohorts),
             action="rollout", actor="rollout-controller",
             reason=f"rollout {r.id if r.id is not None else f'of v{r.challenger}'}: {reason}", rollout=target,
-            production=production)
+            production=production, fence=fence)
         assert stored is not None
         return self._adopt(stored)
 
-    async def _enter_stage(self, r: RolloutRecord, index: int, reason: str) -> RolloutRecord:
+    async def _enter_stage(self, r: RolloutRecord, index: int, reason: str, *, fenced: bool = True) -> RolloutRecord:
         plan = self.plan_of(r)
         stage = plan.stages[index]
         # The mark is taken before the publish that it belongs to (one transaction records both); the
         # few requests routed by the old split in between count for the new stage, never the reverse
         # of a stage change.
-        mark = self.slices.mark(r.model)
+        mark = self._mark(r.model)
         self.slices.limit_reporters(r.model, plan.gates.max_reporter_share)  # each stage: a fresh budget
         history = list(r.evidence.get("history", [])) + [
             {"at": self.clock(), "event": "stage", "stage": stage.name, "traffic": stage.traffic, "reason": reason}]
@@ -406,7 +617,7 @@ class RolloutController:
         return await self._decide(
             r, f"stage '{stage.name}' ({stage.traffic:g}%{', shadow' if stage.shadow else ''}"
             f"{', cohorts' if stage.cohorts else ''})", target, traffic_bp=stage.traffic_bp, shadow=stage.shadow,
-            cohorts=tuple((c.attribute, c.value) for c in stage.cohorts))
+            cohorts=tuple((c.attribute, c.value) for c in stage.cohorts), fenced=fenced)
 
     async def _recently_rolled_back(self, r: RolloutRecord, plan: RolloutPlan) -> bool:
         past = await self._db(self.registry.rollouts, r.model, 20)
@@ -429,42 +640,102 @@ class RolloutController:
             return "deliver"
         return "drop" if restarted or not r.active else "wait"
 
-    # -- evidence (what this server counted, plus what was flushed before it started) ------------
+    # -- evidence: this replica's counts (live + flushed before it started), plus the others' -----
+
+    def _marks(self, r: RolloutRecord) -> tuple[float, float]:
+        """This process's marks of ``r`` in its SliceStats: since the rollout, since the current
+        stage. Marks the record holds are this process's own when it took them; otherwise (another
+        replica started or advanced the rollout, or this one restarted) it marks when it first sees
+        the rollout and each new stage."""
+        started = float(r.evidence.get("started_at", 0.0))
+        stage_key = float(r.evidence.get("stage_started_at", started))
+        loc = self._local.get(r.id) if r.id is not None else None
+        if loc is None:
+            loc = {"started": started if started in self._own_marks else self.slices.mark(r.model)}
+            if r.id is not None:
+                self._local[r.id] = loc
+        if loc.get("key") != stage_key:
+            loc["key"] = stage_key
+            loc["stage"] = stage_key if stage_key in self._own_marks else self.slices.mark(r.model)
+        return loc["started"], loc["stage"]
+
+    def _mark(self, model: str) -> float:
+        """A mark for a record this process writes (its own clock and counters)."""
+        mark = self.slices.mark(model)
+        self._own_marks.add(mark)
+        return mark
+
+    def _own_counts(self, r: RolloutRecord, version: int) -> dict[str, SliceCounts]:
+        started, _ = self._marks(r)
+        live = self.slices.snapshot(r.model, version, since=started)
+        base = self._baseline.get(r.id) if r.id is not None else None
+        if base is None:
+            return live
+        return _sum([base["champion" if version == r.champion else "challenger"], live])
+
+    def _own_stage_labelled(self, r: RolloutRecord) -> int:
+        _, stage_mark = self._marks(r)
+        labelled = self.slices.snapshot(r.model, r.challenger, since=stage_mark)[OVERALL].labelled
+        base = self._baseline.get(r.id) if r.id is not None else None
+        if base is not None and base.get("stage_started_at") == r.evidence.get("stage_started_at"):
+            labelled += int(base.get("stage_labelled", 0))
+        return labelled
+
+    def _others(self, r: RolloutRecord) -> list[dict[str, Any]]:
+        """The other replicas' last flushed counts of ``r`` (converted), as last read."""
+        return [doc for doc in (self._parts.get(r.id, {}) if r.id is not None else {}).values()
+                if doc.get("rollout") == r.id]
 
     def _counts(self, r: RolloutRecord, version: int) -> dict[str, SliceCounts]:
-        started = float(r.evidence.get("started_at", self.clock()))
-        live = self.slices.snapshot(r.model, version, since=started)
-        base = self._baseline.get(r.model)
-        if base is None or base.get("rollout") != r.id:
-            return live
-        old = base["champion" if version == r.champion else "challenger"]
-        return {s: _plus(old.get(s, SliceCounts()), live.get(s, SliceCounts())) for s in set(old) | set(live)}
+        """The fleet's counts of one arm since the rollout started: this replica's, plus every other
+        replica's last flush."""
+        role = "champion" if version == r.champion else "challenger"
+        return _sum([self._own_counts(r, version), *(_counts_from_json(d.get(role, {})) for d in self._others(r))])
 
     def _evidence(self, r: RolloutRecord) -> tuple[dict[str, SliceCounts], dict[str, SliceCounts], int]:
         """Champion and challenger counts since the rollout started, and the challenger's labelled
-        outcomes in this stage — across restarts (the flushed counts of the same stage count)."""
-        stage_started = float(r.evidence.get("stage_started_at", r.evidence.get("started_at", self.clock())))
-        labelled = self.slices.snapshot(r.model, r.challenger, since=stage_started)[OVERALL].labelled
-        base = self._baseline.get(r.model)
-        if base is not None and base.get("rollout") == r.id and base.get("stage_started_at") == stage_started:
-            labelled += int(base.get("stage_labelled", 0))
+        outcomes in this stage, fleet-wide and across restarts (flushed counts of the same stage count)."""
+        stage_key = r.evidence.get("stage_started_at")
+        labelled = self._own_stage_labelled(r) + sum(
+            int(d.get("stage_labelled", 0)) for d in self._others(r) if d.get("stage_started_at") == stage_key)
         return self._counts(r, r.champion), self._counts(r, r.challenger), labelled
 
     def _evidence_doc(self, r: RolloutRecord) -> dict[str, Any]:
-        champ, chall, labelled = self._evidence(r)
-        return {"rollout": r.id, "stage_index": r.stage_index, "phase": r.evidence.get("phase"),
-                "stage_started_at": float(r.evidence.get("stage_started_at", 0.0)), "stage_labelled": labelled,
-                "champion": _counts_to_json(champ), "challenger": _counts_to_json(chall), "at": self.clock()}
+        """This replica's own part of the evidence (what it flushes)."""
+        return {"rollout": r.id, "replica": self.replica_id, "stage_index": r.stage_index,
+                "phase": r.evidence.get("phase"), "stage_started_at": r.evidence.get("stage_started_at"),
+                "stage_labelled": self._own_stage_labelled(r),
+                "champion": _counts_to_json(self._own_counts(r, r.champion)),
+                "challenger": _counts_to_json(self._own_counts(r, r.challenger)), "at": self.clock()}
+
+    def fleet_evidence(self, r: RolloutRecord) -> dict[str, Any]:
+        """Per replica, what it contributes to ``r``'s evidence (labelled and requests per arm), and
+        who decides (for `rollout status`)."""
+        def brief(doc: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {"stage_labelled": int(doc.get("stage_labelled", 0)), "at": doc.get("at")}
+            for role in ("champion", "challenger"):
+                overall = (doc.get(role) or {}).get(OVERALL) or {}
+                out[role] = {"requests": int(overall.get("requests", 0)), "labelled": int(overall.get("labelled", 0))}
+            return out
+
+        replicas = {d.get("replica") or rid: brief(d) for rid, d in (self._parts.get(r.id, {}) if r.id else {}).items()
+                    if d.get("rollout") == r.id}
+        if r.active or r.evidence.get("phase") == "watch":
+            replicas[self.replica_id] = brief(self._evidence_doc(r))
+        return {"leader": self.leader(), "replicas": dict(sorted(replicas.items()))}
 
     async def flush_evidence(self) -> None:
-        """Write every active rollout's counts to the registry (one row per rollout, overwritten).
-        Never raises: while the registry is down the previous flush stays."""
+        """Write this replica's counts of every active rollout to its own evidence row (overwritten).
+        Never raises: while the registry is down the previous flush stays (and no flush is tried
+        until the lease's next renewal gets an answer)."""
+        if not self._registry_ok:
+            return
         for r in list(self._active.values()):
             if r.id is None:
                 continue
             doc = self._evidence_doc(r)
             try:
-                await self._db(self.registry.save_evidence, r.id, r.model, doc)
+                await self._db(self.registry.save_evidence, r.id, r.model, doc, self.replica_id)
             except SwapserveError as exc:
                 log.debug("rollout %s evidence not flushed: %s", r.id, exc.message)
 
@@ -476,18 +747,23 @@ class RolloutController:
         self._flushing = asyncio.get_running_loop().create_task(self.flush_evidence())
 
     async def _restore_evidence(self, r: RolloutRecord) -> None:
+        """What this replica (same replica id) flushed before this process started becomes the
+        baseline it adds its live counts to; the other replicas' rows are read by ``_sync``."""
+        assert r.id is not None
         try:
-            doc = await self._db(self.registry.load_evidence, r.id)
+            parts = await self._db(self.registry.load_evidence, r.id)
         except SwapserveError as exc:
             log.warning("rollout %s: flushed evidence not read (%s); gates start from no data (hold)", r.id,
                         exc.message)
             return
+        self._parts[r.id] = {k: v for k, v in parts.items() if k != self.replica_id}
+        doc = parts.get(self.replica_id)
         if doc is None:
             return
-        self._baseline[r.model] = {"rollout": r.id, "stage_started_at": doc.get("stage_started_at"),
-                                   "stage_labelled": doc.get("stage_labelled", 0),
-                                   "champion": _counts_from_json(doc.get("champion", {})),
-                                   "challenger": _counts_from_json(doc.get("challenger", {}))}
+        self._baseline[r.id] = {"stage_started_at": doc.get("stage_started_at"),
+                                "stage_labelled": doc.get("stage_labelled", 0),
+                                "champion": _counts_from_json(doc.get("champion", {})),
+                                "challenger": _counts_from_json(doc.get("challenger", {}))}
 
     async def _step(self, model: str) -> None:
         r = self._active.get(model)
@@ -497,12 +773,16 @@ class RolloutController:
         stage = self._stage(r, plan)
         now = self.clock()
         stage_started = float(r.evidence.get("stage_started_at", r.evidence.get("started_at", now)))
+        if r.id in self._watch_from and r.evidence.get("phase") == "watch":
+            stage_started = self._watch_from[r.id][1]
         champ, chall, labelled = self._evidence(r)
         decision = evaluate(plan.gates, champ, chall, stage=stage, stage_elapsed_s=now - stage_started,
                             challenger_labelled=labelled)
         if decision.verdict == "fail":
-            await self._rollback(r, decision)
+            await self._rollback(r, decision)  # always safe: taken even by a lease too old to fence with
             return
+        if not self.leading:
+            return  # the lease is not fresh (the registry does not answer): no decision that needs it
         if decision.verdict != "advance" or r.state == "paused":
             if r.evidence.get("last_hold") != decision.reason and decision.verdict == "hold":
                 # Remember what it waits for (shown by `rollout status`), without a registry write per tick.
@@ -526,7 +806,7 @@ class RolloutController:
         if r.stage_index < last:
             await self._enter_stage(r, r.stage_index + 1, decision.reason)
             return
-        mark = self.slices.mark(model)
+        mark = self._mark(model)
         self.slices.limit_reporters(model, plan.gates.max_reporter_share)
         history = list(r.evidence.get("history", [])) + [{"at": now, "event": "watch", "reason": decision.reason}]
         watching = dict(r.evidence, phase="watch", stage_started_at=mark, history=history)
@@ -563,8 +843,11 @@ class RolloutController:
             # Rollout state and the challenger's production stage: one transaction.
             crash_point("stage.before_commit")
             try:
+                fence = self._lease
+                if fence is None:
+                    raise NotLeader(f"replica '{self.replica_id}' does not hold the rollout lease")
                 _, stored = await self._db(lambda: self.registry.record_decision(
-                    r.model, rollout=promoted, production=r.challenger, actor="rollout-controller"))
+                    r.model, rollout=promoted, production=r.challenger, actor="rollout-controller", fence=fence))
             except BaseException:
                 if hook is not None:
                     self.control.outbox.done(hook.id)  # not promoted (yet): the next attempt journals anew

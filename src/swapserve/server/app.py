@@ -198,7 +198,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     webhooks = WebhookSender(outbox, settings.webhook_secret)
     outbox.subscribe(lambda: metrics.webhook_pending.set(len(outbox.pending("webhook"))))
     metrics.webhook_pending.set(len(outbox.pending("webhook")))
-    rollouts = RolloutController(control, slices, metrics, webhooks=webhooks)
+    replica_id = settings.replica_id or default_replica_id()
+    rollouts = RolloutController(control, slices, metrics, webhooks=webhooks, replica_id=replica_id,
+                                 lease_ttl_s=settings.rollout_lease_s)
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor])
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
@@ -252,7 +254,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                     metrics, port, metrics_port, control_port, _http=http)
     # The fleet: follow the registry's deployments (NOTIFY + poll). Not ready before a first full pass.
     advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
-    fleet = FleetSync(control, replica_id=settings.replica_id or default_replica_id(),
+    fleet = FleetSync(control, replica_id=replica_id,
                       address=f"{advertised}:{port}", poll_s=settings.fleet_poll_s)
     control.fleet = server.fleet = fleet
     manager.ready_gate = fleet.ready
