@@ -234,8 +234,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     feedback_auth = FeedbackAuth.from_settings(settings.feedback_token_file, settings.feedback_token,
                                                settings.feedback_open)
-    # Forwarded from the start (the fleet is known only once the port is bound: the directory reads
-    # it lazily); on SQLite there is one replica and nothing to forward.
+    # In a fleet (PostgreSQL), labels for another replica's predictions are forwarded to it
+    # (feedback.forward); on SQLite there is one replica and nothing to forward. The directory reads
+    # the fleet lazily and learns this replica's address once the port is bound (below).
     advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
     feedback_peers = GrpcPeers(replica_id)
     forwarder = None
