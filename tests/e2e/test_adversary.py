@@ -162,7 +162,7 @@ def test_guessed_ids_label_nothing_and_a_re_sent_id_is_refused(srv: ServerProces
     inp = grpcclient.InferInput("features", [1, 3], "FP32")
     inp.set_data_from_numpy(x)
     first = client.infer("oracle", [inp]).get_response()
-    assert len(first.id) == 32 and int(first.id, 16) >= 0  # 128 random bits, hex
+    assert len(first.id) == 40 and int(first.id, 16) >= 0  # the replica's 8-hex tag, then 128 random bits
     with pytest.raises(InferenceServerException) as refused:
         client.infer("oracle", [inp], request_id=first.id)
     assert refused.value.status() == "StatusCode.ALREADY_EXISTS" and "already used" in refused.value.message()

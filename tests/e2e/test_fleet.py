@@ -9,84 +9,22 @@ PostgreSQL is this module's own server (``tests.pg``), so stopping it touches no
 """
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.serverproc import ROOT, SWAPSERVE, ServerProcess, copy_models, wait_until
-from tests.pg import PostgresServer, find_pg_bindir
+from tests.e2e.fleetproc import KEYS, Replica, digits_input, pg  # noqa: F401 (pg: the module's PostgreSQL)
+from tests.e2e.serverproc import ROOT, SWAPSERVE, copy_models, wait_until
+from tests.pg import PostgresServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 #: The issue's bound: a change through one replica is served by all within this (preloaded versions).
 CONVERGE_S = 1.0
-KEYS = [f"user-{i}" for i in range(48)]
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    bindir = find_pg_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries not found; run scripts/ensure-postgres.sh")
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.cleanup()
-
-
-class Replica:
-    """One ``swapserve serve`` of the fleet plus a tritonclient and the CLI bound to it."""
-
-    def __init__(self, name: str, repo: Path, home: Path, registry: str) -> None:
-        self.name, self.repo, self.home, self.registry = name, repo, home, registry
-        self.proc: ServerProcess | None = None
-        self.client: grpcclient.InferenceServerClient | None = None
-
-    def start(self) -> Replica:
-        self.proc = ServerProcess(self.repo, "--registry", self.registry, "--replica-id", self.name,
-                                  "--frontend", "python", env={"SWAPSERVE_HOME": str(self.home)}).start()
-        self.client = grpcclient.InferenceServerClient(self.proc.url)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.proc is not None
-        self.proc.signal(signal.SIGKILL)
-        self.proc.wait(30)
-        if self.client is not None:
-            self.client.close()
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.proc is not None:
-            self.proc.stop()
-
-    def ctl(self, *argv: str) -> Any:
-        assert self.proc is not None
-        cmd = [*SWAPSERVE, *argv, "--json", "--url", self.proc.control_url]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
-        assert out.returncode == 0, f"{' '.join(argv)} via {self.name}: {out.stderr}\n{self.proc.log()[-2000:]}"
-        return json.loads(out.stdout)
-
-    def routed(self, inputs: list[grpcclient.InferInput], keys: list[str] = KEYS) -> dict[str, str]:
-        assert self.client is not None
-        return {k: self.client.infer("digits", inputs, parameters={"user": k}).get_response().model_version
-                for k in keys}
-
-
-def digits_input(repo: Path) -> list[grpcclient.InferInput]:
-    x = np.load(repo / "digits" / "holdout.npz")["x"][:1].astype(np.float32)
-    inp = grpcclient.InferInput("pixels", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    return [inp]
 
 
 @pytest.fixture(scope="module")

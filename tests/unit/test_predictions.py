@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-import uuid
 
 import numpy as np
 import pytest
 
+from swapserve.dataplane import RequestIds, replica_tag
 from swapserve.feedback.predictions import MAX_ID_CHARS, PredictionLog, PredictionRule, Task
 from swapserve.types import ModelSpec, TensorSpec
 from tests.fakes import FakeClock
@@ -100,7 +100,8 @@ def test_capacity_is_shared_fairly_per_version_and_evictions_before_a_label_are_
 def test_memory_per_entry_is_bounded() -> None:
     """The bound the module docstring states: under 300 bytes per single-row entry, ids included."""
     n = 100_000
-    ids = [uuid.uuid4().hex for _ in range(n)]  # like the server's ids; the log keeps them alive
+    new_id = RequestIds(replica_tag("replica-0"))
+    ids = [new_id() for _ in range(n)]  # the server's ids (40 characters); the log keeps them alive
     gc.collect()
     tracemalloc.start()
     try:

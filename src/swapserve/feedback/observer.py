@@ -74,6 +74,24 @@ class ReportSummary:
     duplicate: int = 0
 
 
+def check_report(model: str, n: int) -> None:
+    """Raises InvalidInput for a report that cannot be joined as a whole (no model, too many outcomes)."""
+    if not model:
+        raise InvalidInput("a feedback report needs the model name the requests were sent to")
+    if n > MAX_OUTCOMES_PER_REPORT:
+        raise InvalidInput(f"a feedback report may carry at most {MAX_OUTCOMES_PER_REPORT} outcomes, this one has "
+                           f"{n}; send them in batches (`swapserve feedback --batch`)")
+
+
+def summarize(results: Sequence[OutcomeResult]) -> ReportSummary:
+    """The summary of these results: counts per status, the results in the order given."""
+    counts = {"joined": 0, "excluded": 0, "duplicate": 0, "unknown": 0, "expired": 0, "invalid": 0}
+    for r in results:
+        counts[r.status] += 1
+    return ReportSummary(counts["joined"], counts["unknown"], counts["expired"], counts["invalid"], tuple(results),
+                         excluded=counts["excluded"], duplicate=counts["duplicate"])
+
+
 class FeedbackObserver:
     """The prediction log and per-slice counters behind the feedback service.
 
@@ -179,28 +197,30 @@ class FeedbackObserver:
 
     # -- the feedback service -----------------------------------------------------------------
 
-    def report(self, model: str, outcomes: Sequence[Outcome], reporter: str = ANONYMOUS) -> ReportSummary:
+    def report(self, model: str, outcomes: Sequence[Outcome], reporter: str = ANONYMOUS, *,
+               count: bool = True) -> ReportSummary:
         """Join each outcome with its logged prediction and count it; one result per outcome, in order.
 
         ``reporter`` is who vouches for the outcomes (authenticated by the feedback service); every
         joined label is booked under it, and its share of a rollout stage's evidence is capped
         when the plan says so. Raises InvalidInput only for the request as a whole (no model, too
-        many outcomes).
+        many outcomes). ``count=False`` leaves the results out of ``swapserve_feedback_outcomes_total``
+        (the joins themselves are booked as ever): for a report forwarded by another replica, which
+        counts the final result of each outcome itself (``count_results``).
         """
-        if not model:
-            raise InvalidInput("a feedback report needs the model name the requests were sent to")
-        if len(outcomes) > MAX_OUTCOMES_PER_REPORT:
-            raise InvalidInput(f"a feedback report may carry at most {MAX_OUTCOMES_PER_REPORT} outcomes, this one has "
-                               f"{len(outcomes)}; send them in batches (`swapserve feedback --batch`)")
-        results = [self._join(model, o, reporter) for o in outcomes]
-        counts = {"joined": 0, "excluded": 0, "duplicate": 0, "unknown": 0, "expired": 0, "invalid": 0}
-        for r in results:
-            counts[r.status] += 1
-        for status, n in counts.items():
+        check_report(model, len(outcomes))
+        summary = summarize([self._join(model, o, reporter) for o in outcomes])
+        if count:
+            self.count_results(model, summary)
+        return summary
+
+    def count_results(self, model: str, summary: ReportSummary) -> None:
+        """Count a report's results in ``swapserve_feedback_outcomes_total{model,result}``."""
+        for status, n in (("joined", summary.joined), ("excluded", summary.excluded),
+                          ("duplicate", summary.duplicate), ("unknown", summary.unknown),
+                          ("expired", summary.expired), ("invalid", summary.invalid)):
             if n:
                 self.slices.count_result(model, status, n)
-        return ReportSummary(counts["joined"], counts["unknown"], counts["expired"], counts["invalid"], tuple(results),
-                             excluded=counts["excluded"], duplicate=counts["duplicate"])
 
     def _join(self, model: str, o: Outcome, reporter: str) -> OutcomeResult:
         def invalid(message: str) -> OutcomeResult:

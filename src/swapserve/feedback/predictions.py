@@ -16,13 +16,15 @@ Guarantees
   Entries older than the join ``window`` (default 1 h) are dropped as newer ones arrive. Ids longer than
   ``MAX_ID_CHARS`` are not logged (a client cannot grow an entry without bound), nor are
   requests with more rows than ``capacity``.
-- Measured on CPython 3.11 (``tracemalloc``, server-style 32-character hex ids, single-row
-  classification entries; ``tests/unit/test_predictions.py`` re-checks it): about 240 bytes
-  per logged request (entry, time, dict slot, deque slot and the id string the log keeps
-  alive; 240-280 depending on how full the dict is), plus the eviction filter's 4 bytes per
-  unit of capacity. With the default capacity of 1,000,000 rows the log stays under ~285 MB
-  (~250 MB typical). Numeric (regression) predictions add 24 bytes per row, multi-row
-  requests ~8 bytes per extra row (32 for numbers). Size ``capacity`` as
+- Measured on CPython 3.11 (``tracemalloc``, server-style ids, single-row classification
+  entries; ``tests/unit/test_predictions.py`` re-checks it): about 250 bytes per logged
+  request (entry, time, dict slot, deque slot and the id string the log keeps alive; 250-290
+  depending on how full the dict is), plus the eviction filter's 4 bytes per unit of capacity.
+  A server id is 40 characters (the replica's 8-character tag + 32 random hex, see
+  ``dataplane.RequestIds``): 8 bytes more than the untagged 32 it used to be. With the
+  default capacity of 1,000,000 rows the log stays under ~295 MB (~260 MB typical). Numeric
+  (regression) predictions add 24 bytes per row, multi-row requests ~8 bytes per extra row
+  (32 for numbers). Size ``capacity`` as
   ``labelled requests/s x join window``.
 - ``join`` tells *unknown* ids from *expired* ones: an id that is still logged but older than
   the window, or that was evicted (by age or because the log was full), is ``expired``. Evicted

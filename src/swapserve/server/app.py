@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -22,9 +23,10 @@ from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.backends import backend_class, device_free_bytes, resolve_device
 from swapserve.config import ControlMode, Frontend, Settings, parse_bytes
 from swapserve.controlplane import ControlPlane
-from swapserve.controlplane.fleet import FleetSync, default_replica_id
-from swapserve.dataplane import DataPlane
+from swapserve.controlplane.fleet import STALE_AFTER_S, FleetSync, default_replica_id
+from swapserve.dataplane import DataPlane, RequestIds, replica_tag
 from swapserve.errors import ConfigError
+from swapserve.feedback.forward import Forwarder, Peer, PeerDirectory
 from swapserve.feedback.observer import FeedbackObserver
 from swapserve.feedback.predictions import PredictionLog
 from swapserve.feedback.slices import SliceStats
@@ -38,6 +40,7 @@ from swapserve.rollout.controller import RolloutController
 from swapserve.rollout.webhook import WebhookSender
 from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackAuth, FeedbackServicer
+from swapserve.server.feedback_forward import GrpcPeers
 from swapserve.server.inference import InferenceServicer
 from swapserve.server.transport import native as native_frontend
 from swapserve.telemetry.metrics import Metrics
@@ -51,6 +54,11 @@ FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_nam
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 #: How often drift windows are scored and alerts/triggers evaluated (seconds).
 MONITOR_TICK_S = 1.0
+
+
+def _peers(registry: Registry, model: str) -> list[Peer]:
+    """Every replica the registry lists (for feedback forwarding), stale ones marked. Registry thread."""
+    return [Peer(r.replica_id, r.address, r.stale) for r in registry.replica_states(model, stale_after_s=STALE_AFTER_S)]
 
 
 def _load_backend(spec: Any, path: Any, device: str) -> Any:
@@ -81,6 +89,7 @@ class Server:
     fleet: FleetSync | None = None
     monitor: MonitoringObserver | None = None
     slices: SliceStats | None = None
+    feedback_peers: GrpcPeers | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: Any = None
 
@@ -140,6 +149,8 @@ class Server:
         self.rollouts.webhooks.close()
         await self.control_server.stop(1.0)
         await self.grpc_server.stop(grace if grace is not None else self.settings.shutdown_grace_s)
+        if self.feedback_peers is not None:
+            await self.feedback_peers.close()
         await self.manager.close()
         self.registry.close()
         if self._http is not None:
@@ -201,7 +212,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     replica_id = settings.replica_id or default_replica_id()
     rollouts = RolloutController(control, slices, metrics, webhooks=webhooks, replica_id=replica_id,
                                  lease_ttl_s=settings.rollout_lease_s)
-    dataplane = DataPlane(manager, metrics, observers=[feedback, monitor])
+    tag = replica_tag(replica_id)  # starts every id this replica assigns: a label finds its way back here
+    dataplane = DataPlane(manager, metrics, observers=[feedback, monitor], request_ids=RequestIds(tag))
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
     limit = settings.grpc_max_message_bytes
     frontend = settings.frontend
@@ -223,7 +235,19 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     feedback_auth = FeedbackAuth.from_settings(settings.feedback_token_file, settings.feedback_token,
                                                settings.feedback_open)
-    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback, feedback_auth), grpc_server)
+    # In a fleet (PostgreSQL), labels for another replica's predictions are forwarded to it
+    # (feedback.forward); on SQLite there is one replica and nothing to forward. The directory reads
+    # the fleet lazily and learns this replica's address once the port is bound (below).
+    advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    feedback_peers = GrpcPeers(replica_id)
+    forwarder = None
+    if sa.engine.make_url(registry.url).get_backend_name() == "postgresql":
+        forwarder = Forwarder(feedback, PeerDirectory(
+            lambda model: registry.call(_peers, registry, model), replica_id=replica_id,
+            address="", tag=replica_tag), feedback_peers.send, tag=tag,
+            counter=metrics.feedback_forwarded)
+    feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(feedback, feedback_auth, forwarder),
+                                                     grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     # The asyncio reflection servicer, added directly: enable_server_reflection() would pick the
@@ -253,10 +277,11 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     server = Server(settings, grpc_server, control_server, control, rollouts, registry, manager, servicer, health_servicer,
                     metrics, port, metrics_port, control_port, _http=http)
     # The fleet: follow the registry's deployments (NOTIFY + poll). Not ready before a first full pass.
-    advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
-    fleet = FleetSync(control, replica_id=replica_id,
-                      address=f"{advertised}:{port}", poll_s=settings.fleet_poll_s)
+    fleet = FleetSync(control, replica_id=replica_id, address=f"{advertised}:{port}", poll_s=settings.fleet_poll_s)
+    if forwarder is not None:
+        forwarder.directory.address = fleet.address
     control.fleet = server.fleet = fleet
+    server.feedback_peers = feedback_peers
     manager.ready_gate = fleet.ready
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have

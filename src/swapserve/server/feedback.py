@@ -10,6 +10,10 @@ Who may report (``FeedbackAuth``), in this order:
   peer while no feedback token is configured; any other is UNAUTHENTICATED.
 
 Tokens are compared in constant time, against every configured token (no early exit).
+
+In a fleet (``forwarder``), outcomes for predictions another replica logged are forwarded to it
+with the caller's credential metadata, and that replica applies these same rules to the caller
+(``feedback.forward``): identity is never vouched for by the forwarding replica.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import grpc
 from swapserve._proto import feedback_pb2 as pb
 from swapserve._proto import feedback_pb2_grpc as pb_grpc
 from swapserve.errors import ConfigError, Unauthenticated
+from swapserve.feedback.forward import FORWARDED_METADATA, Forwarder
 from swapserve.feedback.observer import FeedbackObserver, Outcome, ReportSummary
 from swapserve.feedback.slices import ANONYMOUS
 from swapserve.server.errors import map_errors
@@ -146,13 +151,37 @@ def _is_loopback_peer(peer: str) -> bool:
         return False
 
 
+def credentials(metadata: Iterable[tuple[str, object]]) -> tuple[tuple[str, str], ...]:
+    """The call's credential metadata (``authorization``, TOKEN_METADATA), as it came: what a
+    forwarded report passes on, so the serving replica authenticates the reporter itself."""
+    return tuple((key.lower(), value) for key, value in metadata
+                 if isinstance(value, str) and key.lower() in ("authorization", TOKEN_METADATA))
+
+
+def _forwarded_by(metadata: Iterable[tuple[str, object]]) -> str:
+    for key, value in metadata:
+        if key.lower() == FORWARDED_METADATA and isinstance(value, str):
+            return value or "?"
+    return ""
+
+
 class FeedbackServicer(pb_grpc.FeedbackServicer):
-    def __init__(self, feedback: FeedbackObserver, auth: FeedbackAuth | None = None) -> None:
+    """``forwarder`` (a fleet): outcomes this replica did not log are joined where they were
+    (``feedback.forward``); a call another replica forwarded is joined here and never forwarded."""
+
+    def __init__(self, feedback: FeedbackObserver, auth: FeedbackAuth | None = None,
+                 forwarder: Forwarder | None = None) -> None:
         self._feedback = feedback
         self._auth = auth if auth is not None else FeedbackAuth()
+        self._forwarder = forwarder
 
     @map_errors
     async def Report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext) -> pb.ReportResponse:
-        reporter = self._auth.reporter(context.invocation_metadata() or (), context.peer() or "")
+        metadata = tuple(context.invocation_metadata() or ())
+        reporter = self._auth.reporter(metadata, context.peer() or "")
         outcomes = [outcome_from_pb(o) for o in request.outcomes]
-        return summary_to_pb(self._feedback.report(request.model, outcomes, reporter))
+        forwarded = _forwarded_by(metadata)
+        if self._forwarder is None or forwarded:  # the origin counts a forwarded report's final results
+            return summary_to_pb(self._feedback.report(request.model, outcomes, reporter, count=not forwarded))
+        return summary_to_pb(await self._forwarder.report(request.model, outcomes, reporter, credentials(metadata),
+                                                          deadline_s=context.time_remaining()))

@@ -127,6 +127,12 @@ class Metrics:
         self.webhook_pending = Gauge(
             "swapserve_webhook_pending", "Rollout webhook deliveries not yet acknowledged by the receiver",
             registry=self.registry)
+        self.feedback_forwarded = Counter(
+            "swapserve_feedback_forwarded",
+            "Feedback outcomes sent on to the replica that served them (or asked of every replica, for "
+            "client-chosen ids), by final result: joined, excluded, duplicate, unknown, expired, invalid, or "
+            "unreachable / refused when the serving replica did not answer / refused the forwarded report",
+            ["model", "result"], registry=self.registry)
         self.serving_version = Gauge(
             "swapserve_serving_version", "Version that unpinned requests are routed to", ["model"],
             registry=self.registry)
