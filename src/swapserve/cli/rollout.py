@@ -77,6 +77,8 @@ def render_rollout(doc: dict[str, Any]) -> None:
     if ev.get("rollback"):
         rb = ev["rollback"]
         out.print(Text(f"rolled back: {rb.get('reason')}", style="red"))
+    if r.get("fleet"):
+        render_fleet(out, r["fleet"])
     if r.get("sources"):
         render_sources(out, r["sources"])
     if ev.get("report"):
@@ -88,6 +90,22 @@ def render_rollout(doc: dict[str, Any]) -> None:
                 p99 = f"{c['latency_p99_s'] * 1e3:.1f}" if c.get("latency_p99_s") is not None else "-"
                 rep.add_row(arm, str(a["version"]), s, str(c["requests"]), str(c["labelled"]), acc, p99)
         out.print(rep)
+
+
+def render_fleet(out: Any, fleet: dict[str, Any]) -> None:
+    """Who decides (the rollout lease) and what each replica contributes to the evidence."""
+    lead = fleet.get("leader") or {}
+    who = lead.get("replica") or "nobody yet"
+    note = " (this replica)" if lead.get("replica") == lead.get("this_replica") else ""
+    out.print(f"decided by {who}{note}" + (f", lease epoch {lead['epoch']}" if lead.get("epoch") else ""))
+    replicas = fleet.get("replicas") or {}
+    if len(replicas) > 1 or (replicas and next(iter(replicas)) != lead.get("this_replica")):
+        table = Table("REPLICA", "CHAMPION REQ", "CHAMPION LABELLED", "CHALLENGER REQ", "CHALLENGER LABELLED",
+                      "STAGE LABELLED", title="evidence by replica (summed by the leader)", title_justify="left")
+        for rid, e in replicas.items():
+            table.add_row(rid, str(e["champion"]["requests"]), str(e["champion"]["labelled"]),
+                          str(e["challenger"]["requests"]), str(e["challenger"]["labelled"]), str(e["stage_labelled"]))
+        out.print(table)
 
 
 def render_sources(out: Any, sources: dict[str, Any]) -> None:

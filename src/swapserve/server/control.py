@@ -266,6 +266,8 @@ class ControlServicer(pb_grpc.ControlServicer):
         doc = r.to_dict() if r is not None else None
         if doc is not None and self._control.slices is not None:
             doc["sources"] = evidence_sources(self._control.slices, r)  # type: ignore[arg-type]
+        if doc is not None:
+            doc["fleet"] = rc.fleet_evidence(r)  # type: ignore[arg-type]
         return pb.RolloutStatus(rollout_json=_json(doc) if doc is not None else "",
                                 model=model_view_to_pb(await self._control.status(model)))
 
