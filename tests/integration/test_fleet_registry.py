@@ -85,3 +85,53 @@ def test_replica_reports_round_trip_and_age(reg: Registry, clock: FakeClock) -> 
     assert {k: s.stale for k, s in states.items()} == {"r1": False, "r2": True, "r3": True}
     reg.forget_replica("r2")
     assert [s.replica_id for s in reg.replica_states("m")] == ["r1", "r3"]
+
+
+# -- the rollout lease ---------------------------------------------------------------------------
+
+
+def test_replicas_racing_for_the_lease_get_exactly_one_holder_and_a_decision_is_fenced(url: str) -> None:
+    """Eight replicas (each its own Registry, so its own connections) try to take the free lease at
+    once: one holds it. A decision fenced with a stale epoch commits nothing, even when the race
+    for the row lock is run against a takeover."""
+    import threading
+
+    from swapserve.errors import NotLeader
+    from swapserve.registry.leases import ROLLOUT_LEASE
+
+    regs = [Registry(url) for _ in range(8)]
+    try:
+        barrier = threading.Barrier(len(regs))
+        results: dict[int, bool] = {}
+
+        def take(i: int) -> None:
+            barrier.wait()
+            results[i] = regs[i].acquire_lease(ROLLOUT_LEASE, f"r{i}", 30.0)[0]
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(regs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        holders = [i for i, held in results.items() if held]
+        assert len(results) == len(regs) and len(holders) == 1, results
+        lease = regs[0].lease(ROLLOUT_LEASE)
+        assert lease is not None and lease.holder == f"r{holders[0]}" and lease.epoch == 1
+        for v in (1, 2):
+            regs[0].register_version("m", v, source_path=f"/repo/m/{v}", sha256=f"{v:02x}" * 32)
+        args = {"champion": 1, "traffic": [(1, 10_000)], "action": "promote", "actor": "leader"}
+        dep, _ = regs[holders[0]].record_decision("m", deployment=args, fence=lease)
+        assert dep is not None and dep.generation == 1
+        # The holder lets go; another takes the lease: the old epoch fences nothing any more.
+        regs[holders[0]].release_lease(ROLLOUT_LEASE, lease.holder)
+        other = (holders[0] + 1) % len(regs)
+        held, newer = regs[other].acquire_lease(ROLLOUT_LEASE, f"r{other}", 30.0)
+        assert held and newer is not None and newer.epoch == 2
+        with pytest.raises(NotLeader, match=f"passed to replica 'r{other}'"):
+            regs[holders[0]].record_decision("m", deployment=dict(args, champion=2, traffic=[(2, 10_000)]),
+                                             fence=lease)
+        current = regs[0].current_deployment("m")
+        assert current is not None and (current.generation, current.champion) == (1, 1)
+    finally:
+        for r in regs:
+            r.close()

@@ -369,7 +369,8 @@ class RolloutController:
         seen = {r.model for r in active}
         for r in active:
             mine = self._active.get(r.model)
-            if mine is not None and mine.id == r.id and mine.updated_at == r.updated_at:
+            if mine is not None and (mine.id, mine.updated_at, mine.state, mine.stage_index) == \
+                    (r.id, r.updated_at, r.state, r.stage_index):
                 pass
             else:
                 decided = self._decided.get(r.model)
@@ -404,6 +405,7 @@ class RolloutController:
         if first or prev.evidence.get("stage_started_at") != r.evidence.get("stage_started_at"):
             self.slices.limit_reporters(r.model, self.plan_of(r).gates.max_reporter_share)  # a fresh stage budget
         self._active[r.model] = r
+        self._marks(r)  # this replica counts for the rollout (and for a new stage) from now on
         self._guard(r.model, frozenset({r.champion, r.challenger}))
         self._export(r)
         if first:
