@@ -209,6 +209,12 @@ class RolloutController:
     def _release(self, r: RolloutRecord) -> None:
         self._guard(r.model, frozenset())
         self.slices.limit_reporters(r.model, None, freeze=True)  # `rollout status` keeps its last stage's reporters
+        for book in (self._local, self._baseline, self._watch_from):
+            book.pop(r.id, None)  # type: ignore[arg-type]
+        # The other replicas' rows of ended rollouts: only the latest one per model (for `rollout status`).
+        keep = {d.id for d in self._decided.values()} | {a.id for a in self._active.values()}
+        for rid in [rid for rid in self._parts if rid not in keep]:
+            del self._parts[rid]
 
     def _guard(self, model: str, versions: frozenset[int]) -> None:
         """Keep ``versions`` resident (never evicted) while the rollout relies on them."""
