@@ -383,7 +383,10 @@ class RolloutController:
                 if decided is not None and decided.id == r.id:
                     continue  # this replica ended it; the record is on its way from the outbox
                 async with self._lock(r.model):
-                    await self._follow(r, resuming=resuming)
+                    mine = self._active.get(r.model)
+                    if mine is None or mine.id != r.id or mine.updated_at is None or r.updated_at is None \
+                            or r.updated_at >= mine.updated_at:  # never back to a record older than ours
+                        await self._follow(r, resuming=resuming)
             if r.id is not None and r.model in self._active:
                 parts = await self._db(self.registry.load_evidence, r.id)
                 self._parts[r.id] = {k: v for k, v in parts.items() if k != self.replica_id}
