@@ -17,7 +17,7 @@ from swapserve.cli.client import ControlClient
 from tests.e2e.serverproc import ServerProcess
 from tests.integration.test_monitoring import repo_with, request
 
-SECRETS = {"SWAPSERVE_TOKEN": "control-secret", "SWAPSERVE_FEEDBACK_TOKEN": "feedback-secret",
+SECRETS = {"SWAPSERVE_TOKEN": "control-secret", "SWAPSERVE_FEEDBACK_TOKEN": "feedback-secret-0123456789",
            "SWAPSERVE_WEBHOOK_SECRET": "hook-secret", "AWS_SECRET_ACCESS_KEY": "aws-secret"}
 
 JOB = """

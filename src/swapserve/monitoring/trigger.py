@@ -268,8 +268,8 @@ class RetrainingTrigger:
             return
         now = self.clock()
         if r.term_at is None:
-            if now - r.started < self.config.timeout_s:
-                return
+            if now - r.started < self.config.timeout_s or r.proc.poll() is not None:
+                return  # in time, or it exited on its own (only a webhook still runs): nothing to kill
             r.term_at = now
             log.warning("retraining command of %s (pid %d) ran past its timeout of %gs: SIGTERM to its process "
                         "group", self.model, r.proc.pid, self.config.timeout_s)
