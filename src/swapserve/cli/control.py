@@ -400,9 +400,46 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return _run(args, action)
 
 
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    """``swapserve audit verify``: read the registry itself (no server, nothing written) and walk the chain."""
+    from swapserve import errors
+    from swapserve.config import Settings
+    from swapserve.registry.audit import verify_registry
+
+    url = args.registry or Settings().registry_url
+    try:
+        verdict = verify_registry(url, expect_head=args.expect_head)
+    except errors.SwapserveError as exc:
+        _console(stderr=True).print(f"swapserve audit verify: {exc}", style="red", soft_wrap=True)
+        return EXIT_UNREACHABLE if isinstance(exc, errors.RegistryUnavailable) else EXIT_SERVER
+    if args.json:
+        _print_json(verdict.to_dict())
+    else:
+        out = _console()
+        if verdict.ok:
+            out.print(f"audit log intact: {verdict.rows} entries, head entry {verdict.head_id} "
+                      f"{verdict.head_hash}", style="green", soft_wrap=True)
+        else:
+            err = _console(stderr=True)
+            first = verdict.problems[0]
+            err.print(f"audit log BROKEN at entry {first.id}: {first.message}" if first.id else
+                      f"audit log BROKEN: {first.message}", style="red", soft_wrap=True)
+            for p in verdict.problems[1:]:
+                err.print(f"  also: {p.message}", soft_wrap=True)
+            out.print(f"{verdict.rows} entries, {len(verdict.problems)} problem(s), head entry {verdict.head_id} "
+                      f"{verdict.head_hash}", soft_wrap=True)
+    return EXIT_OK if verdict.ok else EXIT_SERVER
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.model == "verify" and not args.by_model:
+        return _cmd_audit_verify(args)
+    if args.registry is not None or args.expect_head is not None:
+        return _usage_error(args, UsageError("--registry and --expect-head belong to `swapserve audit verify`"))
+    model = args.by_model or args.model
+
     def action(c: ControlClient) -> int:
-        entries = c.audit_log(args.model, limit=args.limit)
+        entries = c.audit_log(model, limit=args.limit)
         if args.json:
             _print_json(entries)
         else:
@@ -487,9 +524,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="past events to show (default 100)")
     p.set_defaults(func=_cmd_events)
 
-    p = sub.add_parser("audit", parents=common, help="the audit log: who changed what, when and why")
-    p.add_argument("model", nargs="?", default=None)
+    p = sub.add_parser("audit", parents=common, help="the audit log: who changed what, when and why; "
+                                                     "`audit verify` checks its hash chain")
+    p.add_argument("model", nargs="?", default=None, help="a model, or `verify`: check the hash chain")
+    p.add_argument("--model", dest="by_model", default=None, metavar="NAME",
+                   help="the model whose entries to show (for a model named `verify`)")
     p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="entries to show (default 100)")
+    p.add_argument("--registry", default=None, metavar="URL",
+                   help="verify: the registry to read directly (default: SWAPSERVE_REGISTRY, else the SQLite "
+                        "file under SWAPSERVE_HOME)")
+    p.add_argument("--expect-head", default=None, metavar="HASH",
+                   help="verify: a head hash printed by an earlier verify; fails when it is no longer in the "
+                        "chain (entries deleted from the end, log rewritten)")
     p.set_defaults(func=_cmd_audit)
 
     for name in VERBS:  # for error messages in argparse's own form: "swapserve traffic: error: ..."

@@ -36,11 +36,22 @@ Durations are seconds (a number) or a string with units: ``500ms``, ``5s``, ``5m
       accuracy_floor: 0.9        # fire when live accuracy (feedback) is below this
       min_labelled: 100          # ... over at least this many labelled predictions
       schedule: 24h              # also fire periodically (reason "schedule")
-      min_interval: 1h           # never two firings for a model closer than this
+      min_interval: 1h           # never two firings for a model closer than this (>= 1m)
+      timeout: 1h                # the command's process group is killed after this
+      kill_grace: 10s            # ... SIGTERM first, SIGKILL this long after
+      pass_env: [AWS_PROFILE, "MLFLOW_*"]   # server variables the command may see (names or PREFIX*)
+      env: {RETRAIN_EPOCHS: "5"}             # literal variables for the command
+
+The command never inherits the server's environment: it sees ``DEFAULT_PASS_ENV``, the
+``SWAPSERVE_*`` variables of its context (see :mod:`swapserve.monitoring.trigger`),
+``pass_env`` and ``env`` -- so no control token, feedback token or registry password
+reaches a retraining job unless ``pass_env`` names it.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +65,20 @@ from swapserve.errors import ConfigError
 #: The file name, in the model directory next to config.pbtxt.
 FILENAME = "monitoring.yaml"
 
+log = logging.getLogger(__name__)
+
 QUALITY_KINDS = ("nan", "inf", "out_of_range", "constant")
+
+#: Server environment variables every retraining command sees (``PREFIX*`` = every name with
+#: that prefix). Nothing secret: locale, time zone, paths, who runs it.
+DEFAULT_PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "PYTHONPATH")
+#: The shortest ``trigger.min_interval`` accepted: an alert that flaps can start at most one
+#: retraining job a minute per model.
+MIN_INTERVAL_FLOOR_S = 60.0
+#: Tests only: an environment variable (seconds) that lowers MIN_INTERVAL_FLOOR_S for the server
+#: process that reads monitoring.yaml; a lowered floor is logged as a warning on every parse.
+MIN_INTERVAL_FLOOR_ENV = "SWAPSERVE_UNSAFE_TRIGGER_MIN_INTERVAL_FLOOR_S"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,14 @@ class TriggerConfig:
     min_labelled: int = 100
     schedule_s: float | None = None
     min_interval_s: float = 3600.0
+    #: The command's whole process group is killed this long after it started.
+    timeout_s: float = 3600.0
+    #: SIGTERM at the timeout, SIGKILL to the group this long after if anything is left.
+    kill_grace_s: float = 10.0
+    #: Server variables (exact names or ``PREFIX*``) passed on besides DEFAULT_PASS_ENV.
+    pass_env: tuple[str, ...] = ()
+    #: Literal variables set for the command.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def configured(self) -> bool:
@@ -122,6 +154,22 @@ class MonitoringConfig:
     drift: DriftConfig = DriftConfig()
     trigger: TriggerConfig = TriggerConfig()
     source: str = ""  # the file it came from ("" = defaults)
+
+
+def min_interval_floor_s() -> float:
+    """MIN_INTERVAL_FLOOR_S, or the value of MIN_INTERVAL_FLOOR_ENV (tests only; logged loudly)."""
+    raw = os.environ.get(MIN_INTERVAL_FLOOR_ENV, "")
+    if not raw:
+        return MIN_INTERVAL_FLOOR_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{MIN_INTERVAL_FLOOR_ENV}={raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{MIN_INTERVAL_FLOOR_ENV}={raw!r} must be a number of seconds >= 0")
+    log.warning("%s=%s: retraining trigger min_interval floor lowered from %s to %s (meant for tests only)",
+                MIN_INTERVAL_FLOOR_ENV, raw, units.format_duration(MIN_INTERVAL_FLOOR_S), units.format_duration(value))
+    return value
 
 
 def _seconds(value: Any, where: str) -> float:
@@ -231,6 +279,33 @@ def _ranges(sec: _Section) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _pass_env(sec: _Section) -> tuple[str, ...]:
+    if not sec.has("pass_env"):
+        return ()
+    raw = sec.data["pass_env"]
+    if not isinstance(raw, list) or not all(isinstance(n, str) and _ENV_NAME.fullmatch(n.removesuffix("*"))
+                                            for n in raw):
+        raise ConfigError(f"{sec.field('pass_env')} must be a list of environment variable names "
+                          f"(or PREFIX* patterns), e.g. [AWS_PROFILE, 'MLFLOW_*'], got {raw!r}")
+    return tuple(raw)
+
+
+def _literal_env(sec: _Section) -> dict[str, str]:
+    if not sec.has("env"):
+        return {}
+    raw = sec.data["env"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{sec.field('env')} must map variable names to values, e.g. {{RETRAIN_EPOCHS: '5'}}")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise ConfigError(f"{sec.field('env')}: {key!r} is not an environment variable name")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{sec.field('env')}: the value of {key} must be a string or a number, got {value!r}")
+        out[key] = str(value)
+    return out
+
+
 def parse_monitoring(data: Any, where: str) -> MonitoringConfig:
     """Validate a parsed monitoring.yaml document; ``where`` names it in errors."""
     top = _Section(data, where, "", {"enabled", "windows", "slots", "profile", "data_quality", "drift", "trigger"})
@@ -277,7 +352,8 @@ def parse_monitoring(data: Any, where: str) -> MonitoringConfig:
         top_k=dr.integer("top_k", DriftConfig.top_k, 0, 100),
     )
     tr = top.sub("trigger", {"command", "webhook", "webhook_timeout", "on_drift", "accuracy_floor",
-                             "min_labelled", "schedule", "min_interval"})
+                             "min_labelled", "schedule", "min_interval", "timeout", "kill_grace", "pass_env",
+                             "env"})
     command: tuple[str, ...] = ()
     if tr.has("command"):
         cmd = tr.data["command"]
@@ -289,6 +365,15 @@ def parse_monitoring(data: Any, where: str) -> MonitoringConfig:
     if webhook and not re.match(r"^https?://", webhook):
         raise ConfigError(f"{tr.field('webhook')} must be an http:// or https:// URL, got {webhook!r}")
     floor = tr.number("accuracy_floor", -1.0, 0.0, 1.0) if tr.has("accuracy_floor") else None
+    min_interval = TriggerConfig.min_interval_s
+    if tr.has("min_interval"):
+        min_interval = _seconds(tr.data["min_interval"], tr.field("min_interval"))
+        least = min_interval_floor_s()
+        if min_interval < least:
+            raise ConfigError(
+                f"{tr.field('min_interval')} must be at least {units.format_duration(least)} "
+                f"(one retraining job per model at most that often), got {tr.data['min_interval']!r}: "
+                f"set e.g. 'min_interval: 1h'")
     trigger = TriggerConfig(
         command=command,
         webhook=webhook,
@@ -297,7 +382,11 @@ def parse_monitoring(data: Any, where: str) -> MonitoringConfig:
         accuracy_floor=floor,
         min_labelled=tr.integer("min_labelled", TriggerConfig.min_labelled, 1),
         schedule_s=tr.duration("schedule", None, 1.0),
-        min_interval_s=tr.duration("min_interval", TriggerConfig.min_interval_s) or 0.0,
+        min_interval_s=min_interval,
+        timeout_s=tr.duration("timeout", TriggerConfig.timeout_s, 1.0) or TriggerConfig.timeout_s,
+        kill_grace_s=tr.duration("kill_grace", TriggerConfig.kill_grace_s, 0.0) or 0.0,
+        pass_env=_pass_env(tr),
+        env=_literal_env(tr),
     )
     return MonitoringConfig(
         enabled=top.boolean("enabled", True),

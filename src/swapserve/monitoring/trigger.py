@@ -12,10 +12,14 @@ and ``schedule`` (every ``schedule``). Rate limits, so an alert can never cause 
   with status ``skipped``).
 
 Actions never block the caller. A command is started with ``subprocess.Popen`` (argv, no
-shell); ``{context}``, ``{model}``, ``{version}``, ``{next_version}`` and ``{repository}`` in
-its arguments are replaced, and the environment carries ``SWAPSERVE_RETRAIN_CONTEXT`` (the path
-of the JSON context file), ``SWAPSERVE_MODEL`` and ``SWAPSERVE_MODEL_REPOSITORY``; stdout and
-stderr go to ``<context>.log``; its working directory is the server's. A webhook is a JSON
+shell) in a session and process group of its own; ``{context}``, ``{model}``, ``{version}``,
+``{next_version}`` and ``{repository}`` in its arguments are replaced. Its environment is built,
+never inherited (see ``job_environment``): the server's ``DEFAULT_PASS_ENV`` variables and those
+``pass_env`` names, the literal ``env``, then ``SWAPSERVE_RETRAIN_CONTEXT`` (the path of the JSON
+context file), ``SWAPSERVE_MODEL``, ``SWAPSERVE_MODEL_VERSION``, ``SWAPSERVE_NEXT_VERSION`` and
+``SWAPSERVE_MODEL_REPOSITORY``. stdout and stderr go to ``<context>.log``; its working directory
+is the server's. ``timeout`` after its start the whole process group gets SIGTERM and, whatever
+is left of it ``kill_grace`` later, SIGKILL; the outcome is ``failed`` with ``timed_out``. A webhook is a JSON
 POST (``Content-Type: application/json``) from a daemon thread with the configured timeout.
 The JSON context: ``model``, ``version``, ``reason``, ``episode``, ``fired_at``,
 ``repository``, ``model_dir``, ``next_version``, ``detail`` (why) and ``drift_report`` (the
@@ -27,9 +31,11 @@ finished since (``succeeded``/``failed`` with the exit code or HTTP status).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from swapserve.monitoring.monitor_config import TriggerConfig
+from swapserve.monitoring.monitor_config import DEFAULT_PASS_ENV, TriggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ class TriggerRecord:
     pid: int = 0
     exit_code: int | None = None
     http_status: int | None = None
+    timed_out: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,6 +86,51 @@ class _Running:
     proc: subprocess.Popen[bytes] | None = None
     thread: threading.Thread | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0  # the trigger's clock at the start
+    term_at: float | None = None  # when the group got SIGTERM (timeout)
+    killed: bool = False  # the group got SIGKILL
+
+    def command_done(self) -> bool:
+        """The command exited and, after a timeout, nothing of its group is left to kill."""
+        if self.proc is None:
+            return True
+        if self.proc.poll() is None:
+            return False
+        return self.term_at is None or self.killed or not _group_alive(self.proc.pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed its uid: still there
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def job_environment(config: TriggerConfig, context: dict[str, str],
+                    server_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a retraining command, built from nothing.
+
+    From ``server_env`` (default ``os.environ``) only names matching ``DEFAULT_PASS_ENV`` or
+    ``config.pass_env`` (exact names or ``PREFIX*``); then ``config.env``; then ``context``
+    (swapserve's own ``SWAPSERVE_*`` variables, which win). Secrets such as SWAPSERVE_TOKEN or a
+    registry URL with a password are never passed unless ``pass_env`` names them.
+    """
+    source = dict(os.environ if server_env is None else server_env)
+    patterns = (*DEFAULT_PASS_ENV, *config.pass_env)
+    env = {k: v for k, v in source.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    env.update(config.env)
+    env.update(context)
+    return env
 
 
 def next_version(model_dir: Path) -> int:
@@ -148,7 +200,7 @@ class RetrainingTrigger:
         self._last_fired = now
         action = "+".join(a for a, on in (("command", self.config.command), ("webhook", self.config.webhook)) if on)
         fired_at = self.wall_clock()
-        busy = [r for r in self._running if r.proc is not None and r.proc.poll() is None]
+        busy = [r for r in self._running if not r.command_done()]
         if busy and self.config.command:
             rec = TriggerRecord(self.model, version, reason, episode, fired_at, action, "skipped",
                                 detail=f"{detail}; previous retraining (pid {busy[0].record.pid}) still running")
@@ -174,11 +226,15 @@ class RetrainingTrigger:
                 argv = list(self.config.command)
                 for key, value in subs.items():  # plain replacement: other braces stay as they are
                     argv = [a.replace("{" + key + "}", value) for a in argv]
-                env = {**os.environ, "SWAPSERVE_RETRAIN_CONTEXT": str(ctx_path), "SWAPSERVE_MODEL": self.model,
-                       "SWAPSERVE_MODEL_REPOSITORY": str(self.repository_root)}
+                env = job_environment(self.config, {
+                    "SWAPSERVE_RETRAIN_CONTEXT": str(ctx_path), "SWAPSERVE_MODEL": self.model,
+                    "SWAPSERVE_MODEL_VERSION": str(version), "SWAPSERVE_NEXT_VERSION": str(nxt),
+                    "SWAPSERVE_MODEL_REPOSITORY": str(self.repository_root)})
                 with open(ctx_path.with_suffix(".log"), "wb") as logf:
+                    # A session of its own: its process group (pgid = pid) is what the timeout kills.
                     running.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                                                     stderr=subprocess.STDOUT, start_new_session=True)
+                running.started = self.clock()
                 rec = replace(rec, pid=running.proc.pid)
             if self.config.webhook:
                 running.thread = threading.Thread(target=self._post, args=(body.encode(), running.result),
@@ -206,12 +262,35 @@ class RetrainingTrigger:
         except Exception as exc:  # noqa: BLE001 - any network failure is an outcome, not a crash
             result["error"] = str(exc)
 
+    def _enforce_timeout(self, r: _Running) -> None:
+        """SIGTERM the command's group at its timeout, SIGKILL whatever is left after the grace."""
+        if r.proc is None or r.killed:
+            return
+        now = self.clock()
+        if r.term_at is None:
+            if now - r.started < self.config.timeout_s or r.proc.poll() is not None:
+                return  # in time, or it exited on its own (only a webhook still runs): nothing to kill
+            r.term_at = now
+            log.warning("retraining command of %s (pid %d) ran past its timeout of %gs: SIGTERM to its process "
+                        "group", self.model, r.proc.pid, self.config.timeout_s)
+            _signal_group(r.proc.pid, signal.SIGTERM)
+        if now - r.term_at >= self.config.kill_grace_s and (r.proc.poll() is None or _group_alive(r.proc.pid)):
+            log.warning("retraining command of %s (pid %d): SIGKILL to its process group", self.model, r.proc.pid)
+            _signal_group(r.proc.pid, signal.SIGKILL)
+            r.killed = True
+            try:  # the leader dies at once on SIGKILL; reap it so its exit code is known
+                r.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+
     def poll(self) -> list[TriggerRecord]:
-        """Records of actions that finished since the last poll (never blocks)."""
+        """Records of actions that finished since the last poll (never blocks, but for reaping a
+        command it has just SIGKILLed). Enforces the commands' timeouts."""
         done: list[TriggerRecord] = []
         still: list[_Running] = []
         for r in self._running:
-            proc_done = r.proc is None or r.proc.poll() is not None
+            self._enforce_timeout(r)
+            proc_done = r.command_done()
             hook_done = r.thread is None or not r.thread.is_alive()
             if not (proc_done and hook_done):
                 still.append(r)
@@ -220,22 +299,25 @@ class RetrainingTrigger:
             http = r.result.get("http_status")
             ok = (code in (None, 0)) and (r.thread is None or (http is not None and 200 <= http < 300))
             why = r.result.get("error", "")
-            if code not in (None, 0):
+            timed_out = r.term_at is not None
+            if timed_out:
+                ok = False
+                why = (f"timed out after {self.config.timeout_s:g}s: process group {r.record.pid} got SIGTERM"
+                       + (f", then SIGKILL after {self.config.kill_grace_s:g}s" if r.killed else "")
+                       + f"; see {Path(r.record.context_path).with_suffix('.log')}")
+            elif code not in (None, 0):
                 why = f"command exited with {code}; see {Path(r.record.context_path).with_suffix('.log')}"
             done.append(replace(r.record, status="succeeded" if ok else "failed", exit_code=code, http_status=http,
-                                detail=r.record.detail + (f"; {why}" if why else "")))
+                                timed_out=timed_out, detail=r.record.detail + (f"; {why}" if why else "")))
         self._running = still
         return done
 
     def join(self, timeout: float = 30.0) -> list[TriggerRecord]:
-        """Wait (up to ``timeout``) for running actions; returns their final records. For tests and shutdown."""
+        """Wait (up to ``timeout``) for running actions, enforcing their timeouts; returns their final
+        records. For tests and shutdown."""
         deadline = time.monotonic() + timeout
-        for r in self._running:
-            if r.proc is not None:
-                try:
-                    r.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            if r.thread is not None:
-                r.thread.join(max(0.0, deadline - time.monotonic()))
-        return self.poll()
+        done = self.poll()
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.02)
+            done += self.poll()
+        return done

@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from swapserve import errors
+from swapserve.registry import chain
 from swapserve.registry.models import AuditRow, EventRow
 from swapserve.registry.records import AuditEntry, Event
 from swapserve.registry.rows import audit_record, event_record
@@ -53,6 +54,11 @@ REGISTRY_THREADS = 8
 _WRITE_ATTEMPTS = 5
 
 _EVENTS_LOCK = "swapserve:events"
+#: The audit chain's writers on PostgreSQL: each row links to the newest committed one, so they
+#: must take turns until commit. The events lock itself: a lock of its own would deadlock with
+#: transactions that write an event before an audit row (record_decision), and both are written
+#: at the end of a transaction, so it changes no lock order.
+_AUDIT_LOCK = _EVENTS_LOCK
 _MIGRATE_LOCK = "swapserve:migrate"
 
 
@@ -284,9 +290,16 @@ class RegistryBase:
     ) -> AuditEntry:
         if not actor or not action:
             raise errors.InvalidInput("an audit entry needs an actor (who) and an action (what)")
+        # Serialise chain writers (SQLite already has one writer at a time), then link to the newest row.
+        self._pg_lock(s, _AUDIT_LOCK)
+        prev = s.scalar(sa.select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1))
         row = AuditRow(at=self._now(), actor=actor, action=action, model=model, version=version,
-                       before=before, after=after, reason=reason or "")
+                       before=before, after=after, reason=reason or "", prev_hash=prev or chain.GENESIS)
         s.add(row)
+        s.flush()  # assigns the id, which the hash covers
+        row.hash = chain.link(row.prev_hash or chain.GENESIS, chain.entry_fields(
+            id=row.id, at=row.at, actor=row.actor, action=row.action, model=row.model, version=row.version,
+            before=row.before, after=row.after, reason=row.reason))
         s.flush()
         return audit_record(row)
 

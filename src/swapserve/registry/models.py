@@ -170,6 +170,9 @@ class AuditRow(Base):
     before: Mapped[Any | None]
     after: Mapped[Any | None]
     reason: Mapped[str] = mapped_column(sa.Text)
+    #: The hash chain (swapserve.registry.chain): the previous row's hash and this row's.
+    prev_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    hash: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class EventRow(Base):
