@@ -93,7 +93,8 @@ def _typed_values(model: str, t: pb.ModelInferRequest.InferInputTensor, dt: np.d
             out[start:start + n] = np.fromiter(it, dt, n)
         return out
     except (OverflowError, ValueError) as exc:
-        raise InvalidInput(f"model '{model}': input '{t.name}' has a value that is not a {t.datatype}: {exc}") from None
+        raise InvalidInput(f"model '{model}': input '{t.name}' has a value that does not fit "
+                           f"{t.datatype} ({exc})") from None
 
 
 def _typed_inputs(model: str, request: pb.ModelInferRequest) -> list[Tensor]:
