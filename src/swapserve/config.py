@@ -15,8 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MAX_QUEUE_SIZE = 4096
 #: How long a worker waits for a batch before checking for shutdown (microseconds).
 WORKER_POLL_US = 100_000
-#: gRPC's own default of 4 MiB is too small for tensors; Triton users expect large messages.
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Largest gRPC message on the inference port by default (--grpc-max-message-bytes raises it).
+#: gRPC's own 4 MiB is too small for tensors (a batch of 64 224x224x3 FP32 images is 37 MiB);
+#: a message up to the limit is held whole in memory while it is decoded and run, so this is also
+#: roughly what one call can make the server hold. 64 MiB: 10x SageMaker's and TorchServe's 6 MB payloads, well below
+#: Triton's 2 GiB (which trusts its network); docs/serving.md "Limits".
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: How long graceful shutdown waits for in-flight requests (seconds).
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 
@@ -63,8 +67,9 @@ class Settings(BaseSettings):
     repository_poll_secs: float = 15.0
     """Rescan interval in poll mode."""
 
-    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest request or response message; larger ones get RESOURCE_EXHAUSTED."""
+    grpc_max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=2**31 - 1)
+    """Largest request or response message on the inference port (default 64 MiB); larger ones get
+    RESOURCE_EXHAUSTED. gRPC's limit is a 32-bit signed int, hence the ceiling."""
 
     frontend: Frontend = Frontend.AUTO
     """Inference port transport: auto (native when built), native (grpc++) or python (grpc.aio)."""

@@ -162,6 +162,40 @@ def test_errors_become_statuses_as_grpc_aio_answers_them(module: FakeFrontendMod
     run(scenario())
 
 
+def test_unknown_methods_are_answered_unimplemented_and_leave_nothing_behind(module: FakeFrontendModule) -> None:
+    """The method path is the client's to choose: answering a miss keeps no memory per path.
+
+    Before: every distinct unknown path stayed in the handler table (100k paths ~96 MiB).
+    """
+    import tracemalloc
+
+    async def scenario() -> None:
+        server, fe = await serve(module, Probe())
+        pad = "x" * 400
+
+        async def misses(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                fe.message(i, f"/attacker.Service/{pad}{i}", b"")
+            for i in range(first, first + n):
+                assert await answer(fe, i) == Finished(UNIMPLEMENTED, "Method not found!", None)
+            fe.finished.clear()  # the fake's record of answers, not the server's memory
+
+        await misses(1, 200)  # warm up: allocator pools, the loop's own structures
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await misses(1000, 3000)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 256 * 1024, f"3000 unknown methods kept {grown} bytes"
+        fe.message(9999, method("Echo"), b"known")  # a known method still resolves, and is cached
+        assert await answer(fe, 9999) == Finished(OK, "", b"known!")
+        await server.stop(0)
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("request_text", ["at-once", "after-a-turn"])
 def test_a_cancelled_call_cancels_its_handler_and_is_answered_cancelled(module: FakeFrontendModule,
                                                                         request_text: str) -> None:

