@@ -103,6 +103,16 @@ def test_clear_regression_fails_fast_naming_the_slice() -> None:
     assert "'eu'" in d.reason and "80.00%" in d.reason and "90.00%" in d.reason and "99.00% confidence" in d.reason
 
 
+def test_the_deciding_failure_is_listed_first_and_is_the_one_the_reason_names() -> None:
+    """Overall and one slice both fail: ``failures[0]`` is the worse of the two, the one in
+    ``reason`` (what the rollback record names as its gate and slice)."""
+    champ = with_overall({"a": counts(5000, 4500), "c": counts(5000, 4500)})
+    chall = with_overall({"a": counts(5000, 4300), "c": counts(5000, 1500)})
+    d = evaluate(GATES, champ, chall, stage=CANARY, stage_elapsed_s=60, challenger_labelled=10_000)
+    assert d.verdict == "fail" and {r.slice for r in d.failures} >= {"c", OVERALL}
+    assert d.failures[0].slice == "c" and "slice 'c'" in d.reason
+
+
 def test_a_a_streams_checked_every_second_rarely_fail() -> None:
     """A small version of benchmarks/bench_gates.py through evaluate() itself: identical models,
     5 slices, 100 streams x 300 checks (one per second). Expected rate <= 1%; bound generous."""

@@ -98,7 +98,9 @@ class Decision:
 
     @property
     def failures(self) -> tuple[GateResult, ...]:
-        return tuple(r for r in self.results if not r.passed)
+        """The failed gates, the deciding one (the one ``reason`` names) first."""
+        failed = [r for r in self.results if not r.passed]
+        return tuple(sorted(failed, key=_excess, reverse=True)) if failed else ()
 
 
 def _pct(x: float) -> str:
@@ -248,7 +250,7 @@ def evaluate(
 
     failed = [r for r in results if not r.passed]
     if failed:
-        worst = max(failed, key=lambda r: _excess(r))
+        worst = max(failed, key=_excess)  # what ``Decision.failures`` lists first
         more = f" (and {len(failed) - 1} more failing gate(s))" if len(failed) > 1 else ""
         per_test = f"; per-test level {alpha:.2g} after Bonferroni over {n_acc + n_mae + 1} tests" \
             if worst.gate != "latency" else ""
