@@ -73,3 +73,11 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
     yield make
     for s in servers:
         s.__exit__(None, None, None)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A registry URL: a SQLite file, and a fresh database on the suite's PostgreSQL (``tests.pg``)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))

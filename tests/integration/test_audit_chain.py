@@ -4,7 +4,6 @@ inserted entry is found and named, on SQLite and on a real PostgreSQL, through t
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -21,21 +20,9 @@ from swapserve.registry import Registry, chain
 from swapserve.registry.audit import verify_registry
 from swapserve.registry.engine import MIGRATIONS_DIR
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-pytest_plugins = ["tests.pg"]
-
-from tests.fakes import FakeClock  # noqa: E402 - needs the path above
+from tests.fakes import FakeClock
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
-    return str(request.getfixturevalue("fresh_postgres_url"))
 
 
 @pytest.fixture

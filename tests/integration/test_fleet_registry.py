@@ -3,10 +3,8 @@ for a write that did not commit), and replicas' reports round-trip (SQLite and P
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 
@@ -14,21 +12,9 @@ from swapserve.errors import GenerationConflict
 from swapserve.registry import Registry
 from swapserve.registry.deployments import DEPLOYMENTS_CHANNEL
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-pytest_plugins = ["tests.pg"]
-
-from tests.fakes import FakeClock  # noqa: E402 - needs the path above
+from tests.fakes import FakeClock
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
-    return str(request.getfixturevalue("fresh_postgres_url"))
 
 
 @pytest.fixture

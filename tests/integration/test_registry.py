@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -22,22 +21,10 @@ from swapserve.registry.models import Base
 from swapserve.routing.policy import RoutingPolicy
 
 # `tests.pg` must be importable however pytest was started (rootdir on sys.path).
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-pytest_plugins = ["tests.pg"]
-
-from tests.fakes import FakeClock  # noqa: E402 - needs the path above
+from tests.fakes import FakeClock
 
 REGISTRY_T0 = datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp()
 SHA = {v: f"{v:02x}" * 32 for v in range(1, 10)}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
-    return str(request.getfixturevalue("fresh_postgres_url"))
 
 
 @pytest.fixture
