@@ -36,7 +36,7 @@ from typing import Any
 
 from swapserve.controlplane.reconcile import Reconciler, rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import (FailedPrecondition, GenerationConflict, InvalidInput, ModelNotFound,
+from swapserve.errors import (FailedPrecondition, GenerationConflict, ModelNotFound,
                               RegistryUnavailable, SwapserveError)
 from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
