@@ -653,6 +653,10 @@ class ModelManager:
                     log.error("model '%s': could not restore deployment generation %d: %s", name,
                               policy.generation, exc.message)
                     continue
+                except Exception:  # noqa: BLE001 - one model's files never stop the restore of the others
+                    m.wanted = True
+                    log.exception("model '%s': could not restore deployment generation %d", name, policy.generation)
+                    continue
             log.info("model '%s': restored deployment generation %d (champion %d)", name, policy.generation,
                      policy.champion)
             restored.append(name)
