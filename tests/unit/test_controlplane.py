@@ -249,8 +249,9 @@ def test_the_repository_api_loads_and_unloads_through_the_control_plane(tmp_path
         # Nor anything during a rollout (a reload could replace the versions it compares).
         await c.load("m", 1, actor=ALICE)
         stack.registry.save_rollout(RolloutRecord(model="m", challenger=1, champion=2, state="running"))
-        with pytest.raises(FailedPrecondition, match="running rollout"):
+        with pytest.raises(FailedPrecondition, match="running rollout") as err:
             await c.load_model("m", actor=ALICE)
+        assert "--force" not in err.value.message  # the repository API cannot force
         with pytest.raises(FailedPrecondition, match="running rollout"):
             await c.unload_model("m", actor=ALICE)
         assert served_by(stack) == {2: 400}
@@ -272,3 +273,17 @@ def test_control_verbs_validate_names_and_versions(tmp_path: Path) -> None:
         await stack.manager.close()
 
     run(scenario())
+
+
+def test_repository_access_is_closed_by_default_and_names_the_flag() -> None:
+    from swapserve.errors import PermissionDenied
+    from swapserve.server.access import RepositoryAccess
+
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:10.0.0.7:5123"
+
+    with pytest.raises(PermissionDenied, match=r"--repository-api \(SWAPSERVE_REPOSITORY_API=true\)"):
+        RepositoryAccess().authorize("RepositoryModelLoad", Context())
+    assert RepositoryAccess(enabled=True).authorize("RepositoryModelLoad", Context()) == \
+        "repository-api (ipv4:10.0.0.7:5123)"

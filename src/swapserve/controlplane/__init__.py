@@ -160,11 +160,13 @@ class ControlPlane:
             return None, f"the registry did not answer within {wait_s:g}s"
 
     async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None,
-                             failsafe: bool = False) -> str:
+                             failsafe: bool = False, forceable: bool = True) -> str:
         """Refuse an action that conflicts with a running rollout unless forced. Returns an audit note.
 
         ``failsafe`` (a rollback): the registry gets FAILSAFE_READ_S to answer; without it, a rollout
-        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises."""
+        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises.
+        ``forceable`` False (the repository API, which has no --force): the message does not offer it."""
+        force_hint = ", or pass --force" if forceable else ""
         if failsafe:
             rollout, down = await self._read_failsafe(self.registry.active_rollout, model, wait_s=FAILSAFE_READ_S)
         else:
@@ -176,7 +178,7 @@ class ControlPlane:
             if not force:
                 raise FailedPrecondition(
                     f"model '{model}' has a running rollout (the registry is unavailable: {down}); "
-                    f"`swapserve rollout abort {model}` first (it does not need the registry), or pass --force")
+                    f"`swapserve rollout abort {model}` first (it does not need the registry){force_hint}")
             return "[forced over a running rollout] "
         if rollout is not None and any((e.payload.get("rollout") or {}).get("id") == rollout.id
                                        for e in self.outbox.pending("decision", model)):
@@ -188,8 +190,8 @@ class ControlPlane:
         if not force:
             raise FailedPrecondition(
                 f"model '{model}' has a running rollout (id {rollout.id}, challenger {rollout.challenger}, "
-                f"state {rollout.state}); `swapserve rollout pause|abort {model}` first, or pass --force "
-                f"to {action} anyway (audited)")
+                f"state {rollout.state}); `swapserve rollout pause|abort {model}` first"
+                + (f", or pass --force to {action} anyway (audited)" if forceable else f" to {action} the model"))
         return f"[forced over rollout {rollout.id}] "
 
     def _resident_ready(self, m: ManagedModel, version: int, action: str) -> None:
@@ -603,7 +605,7 @@ class ControlPlane:
         changes nothing that serves (``ModelManager.load_locked``, tentative) and is raised."""
         m = self._model(check_model_name(model))
         async with m.lock:
-            await self._check_rollout(model, "reload", force=False)
+            await self._check_rollout(model, "reload", force=False, forceable=False)
             before = self._residency(m)
             await self.manager.load_locked(m, tentative=True)
             await self._db(lambda: self.registry.audit(
@@ -620,7 +622,7 @@ class ControlPlane:
         policy loaded, as in Triton) is unloaded."""
         m = self._model(check_model_name(model))
         async with m.lock:
-            await self._check_rollout(model, "unload", force=False)
+            await self._check_rollout(model, "unload", force=False, forceable=False)
             if m.policy is not None and m.policy.pinned:
                 raise FailedPrecondition(
                     f"model '{model}' serves version {m.policy.champion} as its champion, recorded by the control "
