@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     load_model: list[str] = Field(default_factory=list)
     """Models to load at start in explicit mode ("*" loads all)."""
 
+    repository_api: bool = False
+    """Allow RepositoryModelLoad/RepositoryModelUnload on the inference port (SWAPSERVE_REPOSITORY_API).
+    Off by default (PERMISSION_DENIED, as with Triton's restricted protocol); when on, they need
+    explicit mode and go through the control plane: audited, refused during a rollout, a recorded
+    champion protected. RepositoryIndex is always readable. See docs/security.md."""
+
     repository_poll_secs: float = 15.0
     """Rescan interval in poll mode."""
 

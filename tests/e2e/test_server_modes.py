@@ -58,7 +58,7 @@ def index(client: grpcclient.InferenceServerClient) -> dict[tuple[str, str], dic
 
 def test_explicit_mode_load_unload(example_repo: Path, tmp_path: Path) -> None:
     repo = copy_models(example_repo, tmp_path / "repo", ["simple", "digits"])
-    with ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "simple") as srv:
+    with ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "simple", "--repository-api") as srv:
         c = grpcclient.InferenceServerClient(srv.url)
         assert c.is_model_ready("simple") and not c.is_model_ready("digits")
         with pytest.raises(InferenceServerException) as err:
@@ -79,12 +79,23 @@ def test_explicit_mode_load_unload(example_repo: Path, tmp_path: Path) -> None:
         assert c.infer("simple", simple()).as_numpy("OUTPUT0")[0, 0] == 2
 
 
-def test_none_mode_refuses_repository_rpcs(server: ServerProcess) -> None:
+def test_the_repository_rpcs_are_refused_by_default(server: ServerProcess) -> None:
+    """Closed by default (tests/e2e/test_repository_api.py has the rest), on both transports."""
     c = grpcclient.InferenceServerClient(server.url)
     with pytest.raises(InferenceServerException) as err:
         c.unload_model("simple")
-    assert "FAILED_PRECONDITION" in str(err.value.status()) and "explicit" in err.value.message()
+    assert "PERMISSION_DENIED" in str(err.value.status()) and "--repository-api" in err.value.message()
     assert c.is_model_ready("simple")
+
+
+def test_none_mode_refuses_repository_rpcs_even_when_the_api_is_enabled(example_repo: Path, tmp_path: Path) -> None:
+    repo = copy_models(example_repo, tmp_path / "repo", ["simple"])
+    with ServerProcess(repo, "--repository-api") as srv:
+        c = grpcclient.InferenceServerClient(srv.url)
+        with pytest.raises(InferenceServerException) as err:
+            c.unload_model("simple")
+        assert "FAILED_PRECONDITION" in str(err.value.status()) and "explicit" in err.value.message()
+        assert c.is_model_ready("simple")
 
 
 def test_invalid_config_and_model_failure_are_isolated(example_repo: Path, tmp_path: Path) -> None:

@@ -221,3 +221,69 @@ def test_register_records_the_files_hash_and_lineage(tmp_path: Path) -> None:
         await stack.manager.close()
 
     run(scenario())
+
+
+def test_the_repository_api_loads_and_unloads_through_the_control_plane(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1, 2))
+    c = stack.control
+
+    async def scenario() -> None:
+        for bad in ("../m", "/etc", "x" * 300):
+            with pytest.raises(InvalidInput, match="not allowed"):
+                await c.load_model(bad, actor=ALICE)
+            with pytest.raises(InvalidInput, match="not allowed"):
+                await c.unload_model(bad, actor=ALICE)
+        view = await c.load_model("m", actor="repository-api (ipv4:127.0.0.1:5)")
+        assert view.champion == 2 and stack.manager.server_ready()
+        await c.unload_model("m", actor="repository-api (ipv4:127.0.0.1:5)")
+        assert not stack.manager.is_ready("m") and stack.manager.server_ready()
+        audit = [(a.action, a.actor) for a in await c.audit_log("m")]
+        assert audit[:2] == [("repository_unload", "repository-api (ipv4:127.0.0.1:5)"),
+                             ("repository_load", "repository-api (ipv4:127.0.0.1:5)")]
+        # A champion the control plane recorded is not unloaded by the repository API.
+        await c.load_model("m", actor=ALICE)
+        await c.promote("m", 2, actor=ALICE)
+        with pytest.raises(FailedPrecondition, match=r"recorded by the control plane.*swapserve promote\|traffic"):
+            await c.unload_model("m", actor=ALICE)
+        assert served_by(stack) == {2: 400}
+        # Nor anything during a rollout (a reload could replace the versions it compares).
+        await c.load("m", 1, actor=ALICE)
+        stack.registry.save_rollout(RolloutRecord(model="m", challenger=1, champion=2, state="running"))
+        with pytest.raises(FailedPrecondition, match="running rollout") as err:
+            await c.load_model("m", actor=ALICE)
+        assert "--force" not in err.value.message  # the repository API cannot force
+        with pytest.raises(FailedPrecondition, match="running rollout"):
+            await c.unload_model("m", actor=ALICE)
+        assert served_by(stack) == {2: 400}
+        await stack.manager.close()
+
+    run(scenario())
+
+
+def test_control_verbs_validate_names_and_versions(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1,))
+    c = stack.control
+
+    async def scenario() -> None:
+        for verb in (c.load, c.register, c.unload):
+            with pytest.raises(InvalidInput, match="not allowed"):
+                await verb("../m", 1, actor=ALICE)  # type: ignore[operator]
+            with pytest.raises(InvalidInput, match="positive integers"):
+                await verb("m", 0, actor=ALICE)  # type: ignore[operator]
+        await stack.manager.close()
+
+    run(scenario())
+
+
+def test_repository_access_is_closed_by_default_and_names_the_flag() -> None:
+    from swapserve.errors import PermissionDenied
+    from swapserve.server.access import RepositoryAccess
+
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:10.0.0.7:5123"
+
+    with pytest.raises(PermissionDenied, match=r"--repository-api \(SWAPSERVE_REPOSITORY_API=true\)"):
+        RepositoryAccess().authorize("RepositoryModelLoad", Context())
+    assert RepositoryAccess(enabled=True).authorize("RepositoryModelLoad", Context()) == \
+        "repository-api (ipv4:10.0.0.7:5123)"

@@ -213,3 +213,14 @@ def test_large_inputs_are_subsampled(tmp_path: Path) -> None:
     obs.tick()
     names = [f["name"] for f in obs._versions[("convnet", 1)].profile.inputs.to_dict()["features"]]  # type: ignore[union-attr,index]
     assert len(names) == 256 and names[:3] == ["image[0]", "image[4]", "image[8]"]
+
+
+@pytest.mark.parametrize("reference", ["../../../outside.npz", "/etc/passwd", "link.npz"])
+def test_a_reference_file_outside_the_version_directory_is_never_read(tmp_path: Path, reference: str) -> None:
+    root = repo(tmp_path / "repo", f"windows: [10s, 60s]\nprofile: {{reference_file: {reference!r}}}\n")
+    np.savez(tmp_path / "outside.npz", pixels=data(np.random.default_rng(1), 1000))  # type: ignore[arg-type]
+    (root / "digits" / "1" / "link.npz").symlink_to(tmp_path / "outside.npz")
+    obs = MonitoringObserver(root, None, FakeClock(), context_dir=tmp_path / "c")
+    stream(obs, FakeClock(), data(np.random.default_rng(7), 5), rate_hz=10)
+    report = obs.report("digits")
+    assert "reference_file" in report.error and "capturing" in report.profile_source, report

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from swapserve.errors import FailedPrecondition, InvalidInput, ModelNotFound, ResourceExhausted, VersionNotReady
+from swapserve.errors import (ConfigError, FailedPrecondition, InvalidInput, ModelNotFound, ResourceExhausted,
+                              VersionNotReady)
 from swapserve.lifecycle.manager import IndexEntry, ModelManager
 from swapserve.routing.policy import RoutingPolicy
 from tests.fakes import scaled_model, write_model
@@ -292,6 +293,57 @@ def test_each_snapshot_is_published_after_a_serving_table_that_holds_every_versi
         assert set(m.tables["m"].runtimes) == {2}
         with pytest.raises(VersionNotReady, match="version 1 is not loaded; resident versions: \\[2\\]"):
             m.route("m", "1")
+        await shutdown(stack)
+
+    run(scenario())
+
+
+def test_a_failed_load_request_leaves_serving_state_as_it_was(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1,))
+    write_model(stack.repo, "broken", extra="max_batch_size: oops\n")
+    write_model(stack.repo, "empty", ())
+
+    async def scenario() -> None:
+        m = stack.manager
+        await m.load("m")
+        assert m.server_ready()
+        for name in ("broken", "empty"):
+            with pytest.raises((ConfigError, VersionNotReady)):
+                await m.load(name, tentative=True)
+            assert m.server_ready(), name  # a refused request wants nothing
+        # A failed reload of a serving model: it keeps serving with the config it loaded with.
+        config = stack.repo / "m" / "config.pbtxt"
+        good = config.read_text()
+        config.write_text(good + "max_batch_size: oops\n")
+        with pytest.raises(ConfigError, match="keep serving"):
+            await m.load("m", tentative=True)
+        assert m.server_ready() and m.model("m").entry.spec is not None and m.route("m")[0].version == 1
+        # Start-up and poll loads are not tentative: the control mode wants the model, so the
+        # failure shows in ServerReady and the index.
+        await m.load_all(["broken"])
+        assert not m.server_ready()
+        assert any(e.name == "broken" and "max_batch_size" in e.reason for e in m.index())
+        await shutdown(stack)
+
+    run(scenario())
+
+
+def test_a_bad_model_directory_never_stops_load_all_or_the_poll(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, (1,))
+    warmup = ('model_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value: { data_type: TYPE_FP32 '
+              'dims: [ 4 ] input_data_file: "absent.bin" } } } ]\n')
+    write_model(stack.repo, "aaa", extra=warmup)  # sorts first
+    write_model(stack.repo, "zzz", (1,))
+
+    async def scenario() -> None:
+        m = stack.manager
+        await m.load_all(["aaa", "m", "zzz"])
+        assert m.is_ready("m") and m.is_ready("zzz") and not m.is_ready("aaa")
+        assert any(e.name == "aaa" and "absent.bin" in e.reason for e in m.index())
+        write_model(stack.repo, "m", (1, 2))
+        (stack.repo / "aaa" / "config.pbtxt").write_text("garbage {")  # changed, still bad
+        await m.poll_once()
+        assert m.route("m")[0].version == 2  # the poll went past the bad model
         await shutdown(stack)
 
     run(scenario())

@@ -22,6 +22,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="none: load all at start; explicit: --load-model then RPC; poll: rescan the repository")
     p.add_argument("--load-model", action="append", default=None, metavar="NAME",
                    help="explicit mode: model to load at start (repeatable; '*' loads all)")
+    p.add_argument("--repository-api", action="store_const", const=True, default=None,
+                   help="allow RepositoryModelLoad/Unload on the inference port (explicit mode; audited, through "
+                        "the control plane); refused with PERMISSION_DENIED by default")
     p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: rescan interval (default 15)")
     p.add_argument("--grpc-max-message-bytes", type=int, default=None,
                    help="largest gRPC message accepted or sent on the inference port (default 64 MiB = 67108864)")

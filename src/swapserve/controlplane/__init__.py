@@ -36,13 +36,14 @@ from typing import Any
 
 from swapserve.controlplane.reconcile import Reconciler, rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import (FailedPrecondition, GenerationConflict, InvalidInput, ModelNotFound,
+from swapserve.errors import (FailedPrecondition, GenerationConflict, ModelNotFound,
                               RegistryUnavailable, SwapserveError)
 from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.registry import Registry
 from swapserve.registry.outbox import Outbox, OutboxEntry
 from swapserve.registry.records import AuditEntry, Deployment, Event, Lease, RolloutRecord
+from swapserve.repository.paths import check_model_name, check_version
 from swapserve.routing.policy import RoutingPolicy, check_split
 from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
 
@@ -159,11 +160,13 @@ class ControlPlane:
             return None, f"the registry did not answer within {wait_s:g}s"
 
     async def _check_rollout(self, model: str, action: str, force: bool, version: int | None = None,
-                             failsafe: bool = False) -> str:
+                             failsafe: bool = False, forceable: bool = True) -> str:
         """Refuse an action that conflicts with a running rollout unless forced. Returns an audit note.
 
         ``failsafe`` (a rollback): the registry gets FAILSAFE_READ_S to answer; without it, a rollout
-        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises."""
+        this server is driving (its versions are guarded) counts. Otherwise a registry failure raises.
+        ``forceable`` False (the repository API, which has no --force): the message does not offer it."""
+        force_hint = ", or pass --force" if forceable else ""
         if failsafe:
             rollout, down = await self._read_failsafe(self.registry.active_rollout, model, wait_s=FAILSAFE_READ_S)
         else:
@@ -175,7 +178,7 @@ class ControlPlane:
             if not force:
                 raise FailedPrecondition(
                     f"model '{model}' has a running rollout (the registry is unavailable: {down}); "
-                    f"`swapserve rollout abort {model}` first (it does not need the registry), or pass --force")
+                    f"`swapserve rollout abort {model}` first (it does not need the registry){force_hint}")
             return "[forced over a running rollout] "
         if rollout is not None and any((e.payload.get("rollout") or {}).get("id") == rollout.id
                                        for e in self.outbox.pending("decision", model)):
@@ -187,8 +190,8 @@ class ControlPlane:
         if not force:
             raise FailedPrecondition(
                 f"model '{model}' has a running rollout (id {rollout.id}, challenger {rollout.challenger}, "
-                f"state {rollout.state}); `swapserve rollout pause|abort {model}` first, or pass --force "
-                f"to {action} anyway (audited)")
+                f"state {rollout.state}); `swapserve rollout pause|abort {model}` first"
+                + (f", or pass --force to {action} anyway (audited)" if forceable else f" to {action} the model"))
         return f"[forced over rollout {rollout.id}] "
 
     def _resident_ready(self, m: ManagedModel, version: int, action: str) -> None:
@@ -418,6 +421,8 @@ class ControlPlane:
         from this server, registry fields are then empty and a warning says why."""
         m = self._model(model)
         warnings = list(warnings) + self.pending_warnings(model)
+        if m.entry.error:
+            warnings.append(f"unavailable: {m.entry.error}")
         listed, down = await self._read_failsafe(self.registry.list_versions, model)
         rollout = None
         if not down:
@@ -549,8 +554,7 @@ class ControlPlane:
                        metadata: dict[str, Any] | None = None) -> ModelView:
         """Record a version directory in the registry (sha256 of its model file). Idempotent for the same files."""
         m = self._model(model)
-        if version < 1:
-            raise InvalidInput(f"model '{model}': version {version} is invalid; versions are positive integers")
+        version = check_version(version, model)
         async with m.lock:
             await self.manager.ensure_registered(
                 m, version, actor=actor, reason=reason or "registered by operator", training_run=training_run,
@@ -562,6 +566,7 @@ class ControlPlane:
     async def load(self, model: str, version: int, *, actor: str, reason: str = "", force: bool = False) -> ModelView:
         """Preload and warm a version (registering it first if needed). Idempotent when resident."""
         m = self._model(model)
+        version = check_version(version, model)
         async with m.lock:
             was_resident = bool(m.slots.get(version) and m.slots[version].resident)
             warnings = await self.manager.ensure_resident_locked(m, version, actor=actor)
@@ -572,6 +577,7 @@ class ControlPlane:
 
     async def unload(self, model: str, version: int, *, actor: str, reason: str = "", force: bool = False) -> ModelView:
         m = self._model(model)
+        version = check_version(version, model)
         async with m.lock:
             note = ""
             if version in m.rollout_versions:
@@ -591,6 +597,48 @@ class ControlPlane:
                                                        before={"resident": True}, after={"resident": False},
                                                        reason=note + reason))
         return await self.status(model)
+
+    async def load_model(self, model: str, *, actor: str, reason: str = "") -> ModelView:
+        """Load (or reload) a whole model per its config and version policy: the repository API's
+        RepositoryModelLoad. Audited with ``actor``. Refused (FAILED_PRECONDITION) while a rollout
+        runs on the model: a reload may replace the versions the rollout compares. A failed load
+        changes nothing that serves (``ModelManager.load_locked``, tentative) and is raised."""
+        m = self._model(check_model_name(model))
+        async with m.lock:
+            await self._check_rollout(model, "reload", force=False, forceable=False)
+            before = self._residency(m)
+            await self.manager.load_locked(m, tentative=True)
+            await self._db(lambda: self.registry.audit(
+                actor=actor, action="repository_load", model=model, before=before, after=self._residency(m),
+                reason=reason or "RepositoryModelLoad"))
+        return await self.status(model)
+
+    async def unload_model(self, model: str, *, actor: str, reason: str = "") -> ModelView:
+        """Stop serving a whole model and free its versions: the repository API's RepositoryModelUnload.
+        Audited with ``actor``. Refused (FAILED_PRECONDITION, nothing changed) while a rollout runs on
+        the model, and while its champion is one the control plane recorded (promote, traffic,
+        rollback, a rollout): that deployment is the fleet's, restored on every restart, and only the
+        control service changes it. A model served by the default routing (the highest version its
+        policy loaded, as in Triton) is unloaded."""
+        m = self._model(check_model_name(model))
+        async with m.lock:
+            await self._check_rollout(model, "unload", force=False, forceable=False)
+            if m.policy is not None and m.policy.pinned:
+                raise FailedPrecondition(
+                    f"model '{model}' serves version {m.policy.champion} as its champion, recorded by the control "
+                    f"plane (deployment generation {m.policy.generation}); the repository API does not unload a "
+                    f"recorded champion: change it with the control service (`swapserve promote|traffic|rollback "
+                    f"{model}`), and `swapserve unload {model} VERSION` unloads versions that take no traffic")
+            before = self._residency(m)
+            await self.manager.unload_locked(m)
+            await self._db(lambda: self.registry.audit(
+                actor=actor, action="repository_unload", model=model, before=before, after=self._residency(m),
+                reason=reason or "RepositoryModelUnload"))
+        return await self.status(model)
+
+    @staticmethod
+    def _residency(m: ManagedModel) -> dict[str, Any]:
+        return {"resident": m.resident_versions(), "champion": m.policy.champion if m.policy else None}
 
     async def promote(self, model: str, version: int, *, actor: str, reason: str = "", force: bool = False) -> ModelView:
         """100% of traffic to ``version``; the old champion goes on the history and stays resident

@@ -508,65 +508,99 @@ class ModelManager:
 
     # -- model-level operations (Triton RPCs, start-up, poll) ------------------------------
 
-    async def load(self, name: str) -> ManagedModel:
+    async def load(self, name: str, *, tentative: bool = False) -> ManagedModel:
         """Load (or reload) a model per its config and version policy; hot: current versions serve meanwhile.
 
         An operator's routing (a registry deployment) is kept; otherwise unpinned requests go to the
         highest resident version, as in Triton. Raises ModelNotFound, ConfigError (invalid config) or
         VersionNotReady (no version could load); a failed extra version is reported in the index only.
+        See :meth:`load_locked` for ``tentative``.
         """
         m = self.entry_model(name)
         async with m.lock:
-            m.wanted = True
-            entry = self.repository.entry(name)
-            old_spec = m.entry.spec
-            m.entry = entry
-            self._publish_table(m)
-            if entry.error or entry.spec is None:
-                message = entry.error or f"model '{name}' has an invalid config.pbtxt"
-                if m.policy is not None:
-                    message += " (the versions loaded with the previous config keep serving)"
-                raise ConfigError(message)
-            wanted = entry.policy_versions()
-            pinned = m.policy is not None and m.policy.pinned
-            if not wanted and not pinned:
-                raise VersionNotReady(f"model '{name}' has no version directory that its version policy selects; "
-                                      f"found {sorted(entry.versions)}")
-            config_changed = old_spec is not None and old_spec != entry.spec
-            keep = set(wanted) | (m.policy.serving_versions() if pinned and m.policy else set())
-            for v in sorted(keep):
+            return await self.load_locked(m, tentative=tentative)
+
+    async def load_locked(self, m: ManagedModel, *, tentative: bool = False) -> ManagedModel:
+        """:meth:`load` for a caller that holds ``m.lock``.
+
+        ``tentative`` (a load someone asked for: RepositoryModelLoad): when it raises, the model's
+        serving state is as it was: it is wanted only if it was before (so a failed request never
+        makes ServerReady false) and a model that was serving keeps its previous config. Otherwise
+        (start-up, poll: the control mode wants every model) the model stays wanted and its entry
+        shows why it is not served, so ServerReady and RepositoryIndex report the failure.
+        """
+        was_wanted, old_entry = m.wanted, m.entry
+        try:
+            return await self._load_locked(m)
+        except BaseException:
+            if tentative:
+                m.wanted = was_wanted
+                if old_entry.spec is not None and m.policy is not None:
+                    m.entry = old_entry  # the serving versions keep the config they loaded with
+                    self._publish_table(m)
+            raise
+
+    async def _load_locked(self, m: ManagedModel) -> ManagedModel:
+        name = m.name
+        m.wanted = True
+        entry = self.repository.entry(name)
+        old_spec = m.entry.spec
+        m.entry = entry
+        self._publish_table(m)
+        if entry.error or entry.spec is None:
+            message = entry.error or f"model '{name}' has an invalid config.pbtxt"
+            if m.policy is not None:
+                message += " (the versions loaded with the previous config keep serving)"
+            raise ConfigError(message)
+        wanted = entry.policy_versions()
+        pinned = m.policy is not None and m.policy.pinned
+        if not wanted and not pinned:
+            raise VersionNotReady(f"model '{name}' has no version directory that its version policy selects; "
+                                  f"found {sorted(entry.versions)}")
+        config_changed = old_spec is not None and old_spec != entry.spec
+        keep = set(wanted) | (m.policy.serving_versions() if pinned and m.policy else set())
+        for v in sorted(keep):
+            slot = m.slots.get(v)
+            if slot is not None and slot.resident and not config_changed:
+                continue
+            if v not in entry.versions:
+                continue
+            try:
+                await self.ensure_resident_locked(m, v, spec=entry.spec, replace=config_changed)
+            except SwapserveError as exc:
+                log.error("model '%s' version %d: %s", name, v, exc.message)
+            except Exception as exc:  # noqa: BLE001 - one version's files (unreadable, vanished) fail only it
+                log.exception("model '%s' version %d failed to load", name, v)
                 slot = m.slots.get(v)
-                if slot is not None and slot.resident and not config_changed:
-                    continue
-                if v not in entry.versions:
-                    continue
-                try:
-                    await self.ensure_resident_locked(m, v, spec=entry.spec, replace=config_changed)
-                except SwapserveError as exc:
-                    log.error("model '%s' version %d: %s", name, v, exc.message)
-            if pinned and m.policy is not None:
-                if self.router.snapshot(name) is None:
-                    await self.apply_locked(m, m.policy)
-            else:
-                resident = [v for v in m.resident_versions() if v in wanted]
-                if resident and (m.policy is None or m.policy.champion != resident[-1]):
-                    await self.apply_locked(m, RoutingPolicy.single(resident[-1]))
-            protected = m.protected()
-            for v in [v for v in m.resident_versions() if v not in keep and v not in protected]:
-                await self.retire_locked(m, v)
-            if m.policy is None:
-                reasons = "; ".join(f"version {v}: {s.reason}" for v, s in sorted(m.slots.items()) if s.reason)
-                raise VersionNotReady(f"model '{name}' failed to load: {reasons or 'no version became ready'}")
-            return m
+                if slot is not None and not slot.resident:
+                    await self._set_state(m, slot, VersionState.FAILED, f"{type(exc).__name__}: {exc}")
+        if pinned and m.policy is not None:
+            if self.router.snapshot(name) is None:
+                await self.apply_locked(m, m.policy)
+        else:
+            resident = [v for v in m.resident_versions() if v in wanted]
+            if resident and (m.policy is None or m.policy.champion != resident[-1]):
+                await self.apply_locked(m, RoutingPolicy.single(resident[-1]))
+        protected = m.protected()
+        for v in [v for v in m.resident_versions() if v not in keep and v not in protected]:
+            await self.retire_locked(m, v)
+        if m.policy is None:
+            reasons = "; ".join(f"version {v}: {s.reason}" for v, s in sorted(m.slots.items()) if s.reason)
+            raise VersionNotReady(f"model '{name}' failed to load: {reasons or 'no version became ready'}")
+        return m
 
     async def unload(self, name: str) -> None:
         """Stop serving a model: route nothing to it, let in-flight requests finish, free it."""
         m = self.model(name) if name in self.models else self.entry_model(name)
         async with m.lock:
-            m.wanted = False
-            await self._unpublish_locked(m)
-            for v in list(m.slots):
-                await self.retire_locked(m, v)
+            await self.unload_locked(m)
+
+    async def unload_locked(self, m: ManagedModel) -> None:
+        """:meth:`unload` for a caller that holds ``m.lock``."""
+        m.wanted = False
+        await self._unpublish_locked(m)
+        for v in list(m.slots):
+            await self.retire_locked(m, v)
 
     async def load_all(self, names: list[str]) -> None:
         """Load several models; failures are logged and visible in the index, never raised."""
@@ -575,6 +609,8 @@ class ModelManager:
                 await self.load(name)
             except SwapserveError as exc:
                 log.error("model '%s' not loaded: %s", name, exc.message)
+            except Exception:  # noqa: BLE001 - one bad model never stops the others (or the server)
+                log.exception("model '%s' not loaded", name)
 
     async def apply_deployment_locked(self, m: ManagedModel, policy: RoutingPolicy) -> None:
         """Make a recorded deployment (``policy`` from the registry) this server's routing. Caller
@@ -617,6 +653,10 @@ class ModelManager:
                     log.error("model '%s': could not restore deployment generation %d: %s", name,
                               policy.generation, exc.message)
                     continue
+                except Exception:  # noqa: BLE001 - one model's files never stop the restore of the others
+                    m.wanted = True
+                    log.exception("model '%s': could not restore deployment generation %d", name, policy.generation)
+                    continue
             log.info("model '%s': restored deployment generation %d (champion %d)", name, policy.generation,
                      policy.champion)
             restored.append(name)
@@ -628,12 +668,12 @@ class ModelManager:
         names = set(self.repository.names())
         for name in sorted(names):
             m = self.models.get(name)
-            entry = self.repository.entry(name)
-            unchanged = (m is not None and m.wanted and entry.stamp == m.entry.stamp
-                         and set(entry.versions) == set(m.entry.versions))
-            if unchanged:
-                continue
             try:
+                entry = self.repository.entry(name)
+                unchanged = (m is not None and m.wanted and entry.stamp == m.entry.stamp
+                             and set(entry.versions) == set(m.entry.versions))
+                if unchanged:
+                    continue
                 if entry.spec is not None:
                     mm = self.entry_model(name)
                     for v in sorted(set(entry.versions) - set(mm.entry.versions if m else ())):
@@ -641,6 +681,8 @@ class ModelManager:
                 await self.load(name)
             except SwapserveError as exc:
                 log.error("poll: model '%s': %s", name, exc.message)
+            except Exception:  # noqa: BLE001 - the poll goes on with the next model
+                log.exception("poll: model '%s' failed", name)
         for name in [n for n in self.models if n not in names and self.models[n].wanted]:
             await self.unload(name)
             self.models.pop(name, None)

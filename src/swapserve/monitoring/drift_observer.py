@@ -46,12 +46,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from swapserve import units
-from swapserve.errors import ConfigError, ModelNotFound, SwapserveError
+from swapserve.errors import ConfigError, InvalidInput, ModelNotFound, SwapserveError
 from swapserve.monitoring.drift import STATES, DriftReport, Sketch, WindowReport, score_window
 from swapserve.monitoring.monitor_config import MonitoringConfig, load_monitoring_config
 from swapserve.monitoring.profile import FeatureLayout, FeatureProfile, Profile, build_profile, load_reference
 from swapserve.monitoring.quality import KINDS, QualityChecker
 from swapserve.monitoring.trigger import RetrainingTrigger, TriggerRecord
+from swapserve.repository.paths import inside
 from swapserve.types import InferRequest, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,10 @@ class _Version:
         sources = []
         ref = None
         try:
-            ref = load_reference(version_dir / config.profile.reference_file, spec, version)
-        except ConfigError as exc:
+            reference = inside(version_dir, config.profile.reference_file,
+                               what=f"model '{spec.name}' version {version} monitoring.yaml profile.reference_file")
+            ref = load_reference(reference, spec, version)
+        except (ConfigError, InvalidInput) as exc:
             self.error = exc.message
             log.error("%s; capturing the profile from live traffic instead", exc.message)
         if ref is not None and ref.rows < config.profile.min_reference_rows:

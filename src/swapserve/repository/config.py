@@ -15,7 +15,8 @@ from google.protobuf import text_format
 
 from swapserve import dtypes
 from swapserve._proto import model_config_pb2 as mc
-from swapserve.errors import ConfigError
+from swapserve.errors import ConfigError, InvalidInput
+from swapserve.repository.paths import inside
 from swapserve.types import (
     DynamicBatching,
     ModelSpec,
@@ -28,12 +29,22 @@ from swapserve.types import (
 #: Triton backend names -> platform names, and the model file each expects by default.
 PLATFORMS: dict[str, str] = {"pytorch": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}
 DEFAULT_FILENAMES: dict[str, str] = {"pytorch_libtorch": "model.pt", "onnxruntime_onnx": "model.onnx"}
+#: Largest warmup sample (all its inputs together): a config cannot make the server allocate more.
+MAX_WARMUP_SAMPLE_BYTES = 64 * 1024 * 1024
+#: Largest config.pbtxt read (Triton's are a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Most runtime worker threads one version may ask for (``instance_group.count``, summed).
+MAX_INSTANCE_COUNT = 64
+#: Most times one warmup sample may run (``model_warmup.count``): loading must end.
+MAX_WARMUP_COUNT = 1000
 
 
 def parse_config(model_dir: Path) -> mc.ModelConfig:
     """Parse ``model_dir/config.pbtxt``; ConfigError with the parser's line and column on failure."""
     path = model_dir / "config.pbtxt"
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"model '{model_dir.name}': {path} is larger than {MAX_CONFIG_BYTES} bytes")
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"model '{model_dir.name}': {path} is missing; every model directory needs a config.pbtxt") from None
@@ -111,6 +122,7 @@ def _warmup(config: mc.ModelConfig, spec_inputs: dict[str, TensorSpec], model_di
     for w in config.model_warmup:
         batch = max(1, w.batch_size)
         arrays: dict[str, np.ndarray] = {}
+        size = 0
         for name, inp in w.inputs.items():
             if name not in spec_inputs:
                 raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' names unknown input '{name}'")
@@ -119,15 +131,40 @@ def _warmup(config: mc.ModelConfig, spec_inputs: dict[str, TensorSpec], model_di
                 raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' gives input '{name}' "
                                   f"{mc.DataType.Name(inp.data_type)}, but the input is "
                                   f"{dtypes.to_config(spec_inputs[name].datatype)}")
+            if any(d < 1 for d in inp.dims):
+                raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' input '{name}' dims "
+                                  f"{list(inp.dims)} must all be positive (a warmup sample has a fixed shape)")
+            if config.max_batch_size > 0 and batch > config.max_batch_size:
+                raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' batch_size {batch} is larger "
+                                  f"than max_batch_size {config.max_batch_size}")
             shape = ((batch,) if config.max_batch_size > 0 else ()) + tuple(inp.dims)
+            size += math.prod(shape) * dtype.itemsize
+            if size > MAX_WARMUP_SAMPLE_BYTES:
+                raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' needs {size} bytes, more than "
+                                  f"the {MAX_WARMUP_SAMPLE_BYTES} a warmup sample may use; make it smaller")
             source = inp.WhichOneof("input_data_type")
             if source == "random_data":
                 arrays[name] = (rng.random(shape) * 10).astype(dtype)
             elif source == "input_data_file":
-                raw = (model_dir / "warmup" / inp.input_data_file).read_bytes()
-                arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+                try:
+                    file = inside(model_dir / "warmup", inp.input_data_file,
+                                  what=f"model_warmup '{w.name}' input '{name}' input_data_file")
+                except InvalidInput as exc:
+                    raise ConfigError(f"model '{config.name}': {exc.message}") from None
+                expected = math.prod(shape) * dtype.itemsize
+                if not file.is_file():
+                    raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' input '{name}': "
+                                      f"input_data_file {file} is missing (it is read from {model_dir / 'warmup'})")
+                if file.stat().st_size != expected:
+                    raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' input '{name}': "
+                                      f"{file} holds {file.stat().st_size} bytes; shape {list(shape)} of "
+                                      f"{dtypes.to_config(spec_inputs[name].datatype)} needs {expected}")
+                arrays[name] = np.frombuffer(file.read_bytes(), dtype=dtype).reshape(shape)
             else:
                 arrays[name] = np.zeros(shape, dtype=dtype)
+        if w.count > MAX_WARMUP_COUNT:
+            raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' count {w.count} is more than "
+                              f"{MAX_WARMUP_COUNT}")
         samples.append(WarmupSample(w.name, batch, arrays, max(1, w.count)))
     return tuple(samples)
 
@@ -181,8 +218,15 @@ def spec_from_config(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
             max_queue_size=int(db.default_queue_policy.max_queue_size),
         )
     count = sum(g.count or 1 for g in config.instance_group) or 1
+    if count > MAX_INSTANCE_COUNT:
+        raise ConfigError(f"model '{name}': instance_group asks for {count} instances; at most {MAX_INSTANCE_COUNT} "
+                          "(each is a runtime worker thread)")
     kinds = {mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
     filename = config.default_model_filename or DEFAULT_FILENAMES[platform]
+    try:  # where it resolves is checked again in each version directory, when the file is opened
+        inside(model_dir, filename, what="default_model_filename")
+    except InvalidInput as exc:
+        raise ConfigError(f"model '{name}': {exc.message}") from None
     if not config.instance_group:
         config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
     parameters = {k: v.string_value for k, v in config.parameters.items()}

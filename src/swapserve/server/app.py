@@ -41,6 +41,7 @@ from swapserve.rollout.webhook import WebhookSender
 from swapserve.server.control import ControlServicer
 from swapserve.server.feedback import FeedbackAuth, FeedbackServicer
 from swapserve.server.feedback_forward import GrpcPeers
+from swapserve.server.access import RepositoryAccess
 from swapserve.server.inference import InferenceServicer
 from swapserve.server.transport import native as native_frontend
 from swapserve.telemetry.metrics import Metrics
@@ -214,7 +215,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                                  lease_ttl_s=settings.rollout_lease_s)
     tag = replica_tag(replica_id)  # starts every id this replica assigns: a label finds its way back here
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor], request_ids=RequestIds(tag))
-    servicer = InferenceServicer(dataplane, manager, settings.model_control_mode)
+    servicer = InferenceServicer(dataplane, manager, settings.model_control_mode, control,
+                                 RepositoryAccess(enabled=settings.repository_api))
     limit = settings.grpc_max_message_bytes
     frontend = settings.frontend
     if frontend is Frontend.AUTO:

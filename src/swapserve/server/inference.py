@@ -12,9 +12,12 @@ from swapserve import __version__
 from swapserve._proto import grpc_service_pb2 as pb
 from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.config import ControlMode
+from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
 from swapserve.errors import FailedPrecondition, ModelNotFound, Unimplemented
 from swapserve.lifecycle.manager import ModelManager
+from swapserve.repository.paths import check_model_name
+from swapserve.server.access import RepositoryAccess
 from swapserve.server import converters
 from swapserve.server.errors import map_errors, status_of
 from swapserve.types import InferRequest
@@ -54,10 +57,14 @@ def _stats_pb(s: object) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, manager: ModelManager, mode: ControlMode) -> None:
+    def __init__(self, dataplane: DataPlane, manager: ModelManager, mode: ControlMode,
+                 control: ControlPlane | None = None, access: RepositoryAccess | None = None) -> None:
         self._dataplane = dataplane
         self._manager = manager
         self._mode = mode
+        #: Where the repository API's load/unload go when ``access`` allows them.
+        self._control = control
+        self._access = access or RepositoryAccess()
         self.live = True
 
     @map_errors
@@ -132,27 +139,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             out.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
         return out
 
-    def _check_explicit(self, verb: str) -> None:
-        if self._mode is not ControlMode.EXPLICIT:
+    def _repository_call(self, rpc: str, verb: str, context: grpc.aio.ServicerContext) -> tuple[ControlPlane, str]:
+        """The control plane and the audited actor for a repository load/unload, or the refusal:
+        PERMISSION_DENIED unless the repository API is enabled, FAILED_PRECONDITION outside explicit mode."""
+        actor = self._access.authorize(rpc, context)
+        if self._mode is not ControlMode.EXPLICIT or self._control is None:
             raise FailedPrecondition(
                 f"model {verb} by RPC needs --model-control-mode explicit (the server runs in "
                 f"'{self._mode.value}' mode); operators can use the swapserve control service instead")
+        return self._control, actor
 
     @map_errors
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
-        self._check_explicit("load")
+        control, actor = self._repository_call("RepositoryModelLoad", "load", context)
         if request.parameters:
             raise Unimplemented("RepositoryModelLoad parameters (config override, file upload) are not supported; "
                                 "put the model in the repository and load it by name")
-        await self._manager.load(request.model_name)
+        await control.load_model(check_model_name(request.model_name), actor=actor)
         return pb.RepositoryModelLoadResponse()
 
     @map_errors
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
-        self._check_explicit("unload")
-        await self._manager.unload(request.model_name)
+        control, actor = self._repository_call("RepositoryModelUnload", "unload", context)
+        await control.unload_model(check_model_name(request.model_name), actor=actor)
         return pb.RepositoryModelUnloadResponse()
 
     async def _typed_request(self, request: pb.ModelInferRequest) -> InferRequest:
