@@ -248,6 +248,9 @@ def _prepare_monitoring(monitor: MonitoringObserver, spec: ModelSpec, version: i
 async def create_server(settings: Settings, metrics: Metrics | None = None) -> Server:
     """Build, load models per the control mode, and start serving. Returns once the ports are bound
     and the start-up loads have finished (models that failed are UNAVAILABLE with their reason)."""
+    # Transport first: a refusal should not wait for torch to import.
+    tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    check_transport(settings, tls)
     import torch
 
     torch.set_num_threads(max(1, settings.torch_threads))
@@ -264,8 +267,6 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
                           "address, without authentication; set --control-token-file (or SWAPSERVE_CONTROL_TOKEN) "
                           "or use 127.0.0.1")
-    tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    check_transport(settings, tls)
     if settings.device_memory_budget:
         budget = parse_bytes(settings.device_memory_budget)
     else:
