@@ -42,7 +42,10 @@ RUN pip install "$(ls /dist/swapserve-*-manylinux*.whl)[onnx,postgres,gpu,exampl
 
 VOLUME ["/models", "/var/lib/swapserve"]
 EXPOSE 8001 8002 8003
-# The control service stays on loopback inside the container unless a token is configured:
-# pass -e SWAPSERVE_CONTROL_TOKEN=... and --control-address 0.0.0.0:8003 to reach it from outside.
+# A container is reached from outside its loopback, and swapserve refuses plaintext beyond loopback:
+# mount certificates and pass --tls-cert/--tls-key (--tls-ca for mTLS), or --insecure only behind a
+# network that encrypts and authenticates (a service mesh). docs/tls.md. The control service stays on
+# loopback unless --control-address 0.0.0.0:8003 and a token (-e SWAPSERVE_CONTROL_TOKEN_FILE=...).
 ENTRYPOINT ["swapserve"]
-CMD ["serve", "--model-repository", "/models", "--device", "auto"]
+CMD ["serve", "--model-repository", "/models", "--device", "auto", "--host", "0.0.0.0", \
+     "--tls-cert", "/etc/swapserve/tls/tls.crt", "--tls-key", "/etc/swapserve/tls/tls.key"]

@@ -12,7 +12,8 @@
 # - deploy/schemas/servicemonitor.crd.yaml: our own schema of the ServiceMonitor fields the chart renders.
 #
 # Renders: default values; ci/fleet-gpu-values.yaml (3 GPU replicas, PostgreSQL Secret, PDB
-# minAvailable 2, ServiceMonitor, PVC); ci/pvc-url-values.yaml (chart-made Secrets and PVC). Runs
+# minAvailable 2, ServiceMonitor, PVC); ci/pvc-url-values.yaml (chart-made Secrets and PVC);
+# ci/tls-values.yaml (TLS and mTLS from a Secret, in-pod probes). Runs
 # `helm lint --strict` on each, checks that the chart refuses unsafe or misspelt values, then validates each
 # object against Kubernetes 1.27 (the chart's floor) and $LATEST_KUBE.
 # Exit status: 0 all valid; 1 a lint, render or validation error; 3 a tool could not be installed
@@ -96,6 +97,7 @@ refuses() {  # WHAT EXPECTED-MESSAGE [helm args...]: the chart must fail to rend
 render default
 render fleet-gpu -f "$CHART/ci/fleet-gpu-values.yaml"
 render pvc-url -f "$CHART/ci/pvc-url-values.yaml"
+render tls -f "$CHART/ci/tls-values.yaml"
 refuses "several replicas without the PostgreSQL registry" "needs the shared PostgreSQL registry" --set replicaCount=3
 refuses "a termination grace shorter than the drain" "terminationGracePeriodSeconds (20) must cover" \
   --set terminationGracePeriodSeconds=20
@@ -106,5 +108,5 @@ kube_args=()
 for v in "${KUBE_VERSIONS[@]}"; do kube_args+=(--kube-version "$v"); done
 "$VENV/bin/python" "$ROOT/scripts/lib/validate_manifests.py" "${kube_args[@]}" \
   --crd "$ROOT/deploy/schemas/servicemonitor.crd.yaml" \
-  "$OUT/default.yaml" "$OUT/fleet-gpu.yaml" "$OUT/pvc-url.yaml"
+  "$OUT/default.yaml" "$OUT/fleet-gpu.yaml" "$OUT/pvc-url.yaml" "$OUT/tls.yaml"
 echo "validate-deploy: chart valid (helm $HELM_VERSION; Kubernetes ${KUBE_VERSIONS[*]}); rendered in $OUT"

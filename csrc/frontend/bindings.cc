@@ -25,6 +25,7 @@ using swapserve::frontend::Event;
 using swapserve::frontend::EventKind;
 using swapserve::frontend::Frontend;
 using swapserve::frontend::PollResult;
+using swapserve::frontend::TlsFiles;
 
 PYBIND11_MODULE(_frontend, m) {
   m.doc() = "Native gRPC front end (grpc++ generic async server); typed access through swapserve.native.";
@@ -36,12 +37,15 @@ PYBIND11_MODULE(_frontend, m) {
   m.attr("POLL_PENDING") = static_cast<int>(PollResult::kPending);
 
   py::class_<Frontend>(m, "Frontend", py::release_gil_before_calling_cpp_dtor())
-      .def(py::init([](std::string address, int max_message_bytes) {
+      .def(py::init([](std::string address, int max_message_bytes, std::string tls_key, std::string tls_cert,
+                       std::string tls_ca) {
              std::unique_ptr<Frontend> f;
-             Check(Frontend::Create(std::move(address), max_message_bytes, &f));
+             Check(Frontend::Create(std::move(address), max_message_bytes, &f,
+                                    TlsFiles{std::move(tls_key), std::move(tls_cert), std::move(tls_ca)}));
              return f;
            }),
-           py::arg("address"), py::arg("max_message_bytes"))
+           py::arg("address"), py::arg("max_message_bytes"), py::arg("tls_key") = "", py::arg("tls_cert") = "",
+           py::arg("tls_ca") = "")
       .def("start",
            [](Frontend& f, bool polled) {
              int port = 0;

@@ -1,6 +1,9 @@
 #include "frontend.h"
 
 #include <grpcpp/alarm.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -62,7 +65,8 @@ void WriteOne(int fd) {
 
 // ---------------------------------------------------------------------------- life cycle
 
-Status Frontend::Create(std::string address, int max_message_bytes, std::unique_ptr<Frontend>* out) {
+Status Frontend::Create(std::string address, int max_message_bytes, std::unique_ptr<Frontend>* out,
+                        TlsFiles tls) {
   const std::string who = "native front end for " + address + ": ";
   int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (efd < 0) return SystemError(who + "eventfd()", errno);
@@ -83,13 +87,15 @@ Status Frontend::Create(std::string address, int max_message_bytes, std::unique_
     close(efd);
     return st;
   }
-  out->reset(new Frontend(std::move(address), max_message_bytes, efd, watch_epoll, watch_stop));
+  out->reset(new Frontend(std::move(address), max_message_bytes, efd, watch_epoll, watch_stop, std::move(tls)));
   return Status::Ok();
 }
 
-Frontend::Frontend(std::string address, int max_message_bytes, int efd, int watch_epoll, int watch_stop)
+Frontend::Frontend(std::string address, int max_message_bytes, int efd, int watch_epoll, int watch_stop,
+                   TlsFiles tls)
     : address_(std::move(address)),
       max_message_bytes_(max_message_bytes),
+      tls_(std::move(tls)),
       efd_(efd),
       watch_epoll_(watch_epoll),
       watch_stop_(watch_stop) {}
@@ -106,12 +112,30 @@ Frontend::~Frontend() {
   close(watch_stop_);
 }
 
+std::shared_ptr<grpc::ServerCredentials> Frontend::Credentials() const {
+  if (tls_.key_path.empty()) return grpc::InsecureServerCredentials();
+  namespace gx = grpc::experimental;
+  // grpc++ 1.51 reloads only through a certificate provider; the file watcher is the one that
+  // changes what new handshakes use without touching open connections.
+  auto provider = std::make_shared<gx::FileWatcherCertificateProvider>(tls_.key_path, tls_.cert_path, tls_.ca_path,
+                                                                       kTlsRefreshS);
+  gx::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (!tls_.ca_path.empty()) {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return gx::TlsServerCredentials(options);
+}
+
 Status Frontend::Start(bool polled, int* port) {
   if (start_called_) return Status::FailedPrecondition("native front end for " + address_ + ": Start may be called once");
   start_called_ = true;
   grpc::ServerBuilder builder;
   int bound = 0;
-  builder.AddListeningPort(address_, grpc::InsecureServerCredentials(), &bound);
+  builder.AddListeningPort(address_, Credentials(), &bound);
   builder.SetMaxReceiveMessageSize(max_message_bytes_);
   builder.SetMaxSendMessageSize(max_message_bytes_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -89,6 +89,17 @@ struct Event {
 // shut down or the front end is not polled (the caller then waits on its descriptors alone).
 enum class PollResult : int { kOff = 0, kIdle = 1, kPending = 2 };
 
+// TLS for the port: PEM files grpc++ watches (FileWatcherCertificateProvider), so a new
+// handshake uses what the files hold at most kTlsRefreshS seconds after they change and an
+// open connection keeps the certificate it was made with. Empty key_path: plaintext. With a
+// ca_path, clients must present a certificate that CA issued (mTLS). Python points these at
+// private copies it rewrites on SIGHUP (swapserve.tls), never at the operator's own files.
+struct TlsFiles {
+  std::string key_path;
+  std::string cert_path;
+  std::string ca_path;
+};
+
 // Thread-safety: Poll, Watch and Drain are called by the event loop's thread only; Write,
 // Stream and Finish by any thread; Stop by any one thread (it may block for the grace period).
 class Frontend {
@@ -97,7 +108,8 @@ class Frontend {
   // the watcher's epoll set and its stop eventfd); serving starts with Start. Errors:
   // kResourceExhausted (out of descriptors or memory; the message names the limit to raise),
   // kInternal (any other failure of the system call).
-  static Status Create(std::string address, int max_message_bytes, std::unique_ptr<Frontend>* out);
+  static Status Create(std::string address, int max_message_bytes, std::unique_ptr<Frontend>* out,
+                       TlsFiles tls = {});
   // Stops (no grace), joins every thread, deletes the calls Stop left and closes the descriptors.
   ~Frontend();
   Frontend(const Frontend&) = delete;
@@ -147,8 +159,10 @@ class Frontend {
 
  private:
   static constexpr int kListening = 16;  // calls always waiting for the next client
+  static constexpr unsigned kTlsRefreshS = 1;  // how often grpc++ looks at the TLS files
 
-  Frontend(std::string address, int max_message_bytes, int efd, int watch_epoll, int watch_stop);
+  Frontend(std::string address, int max_message_bytes, int efd, int watch_epoll, int watch_stop, TlsFiles tls);
+  std::shared_ptr<grpc::ServerCredentials> Credentials() const;
 
   void Listen();
   Call* Find(uint64_t id, std::unique_lock<std::mutex>* held);
@@ -168,6 +182,7 @@ class Frontend {
   // -- immutable after Create / Start --
   const std::string address_;
   const int max_message_bytes_;
+  const TlsFiles tls_;     // empty key_path: plaintext
   const int efd_;          // owned eventfd: Drain's wake-up; closed in the destructor
   const int watch_epoll_;  // owned epoll set of the watcher (watch_stop_ + the loop's fd); closed in the destructor
   const int watch_stop_;   // owned eventfd that ends the watcher; closed in the destructor

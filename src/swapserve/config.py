@@ -48,8 +48,23 @@ class Settings(BaseSettings):
     """Triton-style repository: <repo>/<model>/config.pbtxt and <repo>/<model>/<version>/<file>.
     ``swapserve serve`` without one serves ``<home>/model_repository`` (the examples on a fresh install)."""
 
-    host: str = "0.0.0.0"
-    """Address the inference gRPC and metrics HTTP servers bind to."""
+    host: str = "127.0.0.1"
+    """Address the inference gRPC and metrics HTTP servers bind to. Loopback by default: binding
+    beyond it (0.0.0.0, a pod IP) needs ``tls_cert``/``tls_key`` or, explicitly, ``insecure``."""
+
+    tls_cert: Path | None = None
+    """Server certificate chain, PEM (SWAPSERVE_TLS_CERT). With ``tls_key``, every port (inference,
+    control, metrics) speaks TLS with it; reloaded on SIGHUP (docs/tls.md)."""
+
+    tls_key: Path | None = None
+    """Private key of ``tls_cert``, PEM (SWAPSERVE_TLS_KEY)."""
+
+    tls_ca: Path | None = None
+    """CA bundle, PEM (SWAPSERVE_TLS_CA): every port then requires a client certificate it issued (mTLS)."""
+
+    insecure: bool = False
+    """Allow plaintext ports beyond loopback (SWAPSERVE_INSECURE): for a network that encrypts and
+    authenticates itself (a service mesh's mTLS). Logged as a warning at start."""
 
     grpc_port: int = 8001
     """KServe v2 / Triton gRPC inference port (0 picks a free port)."""
@@ -96,7 +111,25 @@ class Settings(BaseSettings):
     """Operator control service. A non-loopback address needs ``control_token``."""
 
     control_token: str | None = None
-    """Bearer token the control service requires (SWAPSERVE_CONTROL_TOKEN)."""
+    """Bearer token the control service requires (SWAPSERVE_CONTROL_TOKEN). Prefer ``control_token_file``:
+    a token in argv is visible to every user of the machine (``ps``)."""
+
+    control_token_file: Path | None = None
+    """File holding the control token (SWAPSERVE_CONTROL_TOKEN_FILE; surrounding whitespace ignored)."""
+
+    def control_token_value(self) -> str | None:
+        """The control token: ``control_token``, else the first line of ``control_token_file``."""
+        if self.control_token:
+            return self.control_token
+        if self.control_token_file is None:
+            return None
+        try:
+            token = self.control_token_file.read_text().strip()
+        except OSError as e:
+            from swapserve.errors import ConfigError
+
+            raise ConfigError(f"cannot read --control-token-file {self.control_token_file}: {e.strerror}") from None
+        return token or None
 
     feedback_token_file: Path | None = None
     """Feedback credentials (SWAPSERVE_FEEDBACK_TOKEN_FILE): one ``NAME TOKEN`` per line (``#`` comments).

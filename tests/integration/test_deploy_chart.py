@@ -22,7 +22,8 @@ from swapserve.server.app import INFERENCE_SERVICE
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "swapserve"
 RENDERS = {"default": {}, "fleet-gpu": yaml.safe_load((CHART / "ci" / "fleet-gpu-values.yaml").read_text()),
-           "pvc-url": yaml.safe_load((CHART / "ci" / "pvc-url-values.yaml").read_text())}
+           "pvc-url": yaml.safe_load((CHART / "ci" / "pvc-url-values.yaml").read_text()),
+           "tls": yaml.safe_load((CHART / "ci" / "tls-values.yaml").read_text())}
 #: scripts/validate-deploy.sh's exit status when a tool cannot be installed (no network to PyPI).
 CANNOT_INSTALL = 3
 #: Environment variables the operator CLI (not `swapserve serve`) reads, set for `kubectl exec`.
@@ -77,13 +78,27 @@ def test_server_flags_and_environment_are_what_swapserve_serve_accepts(rendered,
         if name.startswith("SWAPSERVE_") and name not in CLI_ENV:
             assert name[len("SWAPSERVE_"):].lower() in Settings.model_fields, name
     assert args.device == ("cuda" if render == "fleet-gpu" else "cpu")
+    # Closed by default: the pod binds beyond loopback, so TLS from the Secret, or --insecure said
+    # explicitly (a mesh's mTLS expected), never neither.
+    assert args.host == "0.0.0.0"
+    if render == "tls":
+        assert not args.insecure and str(args.tls_cert) == "/etc/swapserve/tls/tls.crt"
+        assert str(args.tls_key) == "/etc/swapserve/tls/tls.key" and str(args.tls_ca) == "/etc/swapserve/tls/ca.crt"
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["tls"]["mountPath"] == "/etc/swapserve/tls" and "subPath" not in mounts["tls"]
+    else:
+        assert args.insecure and args.tls_cert is None
 
 
 @pytest.mark.parametrize("render", list(RENDERS))
 def test_probes_point_at_the_inference_port(rendered, render: str) -> None:  # type: ignore[no-untyped-def]
     c = server_container(rendered[render])
     grpc_port = container_port(c, "grpc")
-    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": INFERENCE_SERVICE}
+    if render == "tls":  # the kubelet's gRPC probe speaks plaintext: in-pod probes over mTLS
+        command = c["readinessProbe"]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and "ServerReady" in command[2] and "secure_channel" in command[2]
+    else:
+        assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": INFERENCE_SERVICE}
     for probe in ("livenessProbe", "startupProbe"):
         command = c[probe]["exec"]["command"]
         assert command[:2] == ["python", "-c"] and "ServerLive" in command[2]
@@ -137,7 +152,7 @@ def test_secret_refs_exist(rendered, render: str) -> None:  # type: ignore[no-un
     for ref in refs:
         assert ref["name"] in external or ref["key"] in made.get(ref["name"], set()), (ref, made, external)
     registry = [r for r in refs if r["key"] == "url"]
-    if render == "default":
+    if render in ("default", "tls"):
         assert not registry, "one SQLite replica by default: no registry Secret"
     else:
         assert registry and "SWAPSERVE_REGISTRY" in env_of(server_container(docs))

@@ -14,7 +14,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--model-repository", type=Path, default=None,
                    help="Triton-style model repository directory (default: $SWAPSERVE_HOME/model_repository, "
                         "where the example models are written on first start)")
-    p.add_argument("--host", default=None, help="address to bind the gRPC and metrics servers (default 0.0.0.0)")
+    p.add_argument("--host", default=None, help="address to bind the gRPC and metrics servers (default 127.0.0.1; "
+                   "beyond loopback needs --tls-cert/--tls-key or --insecure)")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                   help="server certificate chain (PEM): every port (inference, control, metrics) speaks TLS; "
+                        "reloaded on SIGHUP")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="FILE",
+                   help="CA bundle (PEM): every port then requires a client certificate it issued (mTLS)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="serve plaintext beyond loopback (only where the network encrypts and authenticates, "
+                        "e.g. a service mesh with mTLS); logged as a warning")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC inference port (default 8001; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 8002; -1 = off)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
@@ -35,8 +45,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--registry", default=None,
                    help="registry URL, any SQLAlchemy URL (default: SQLite under $SWAPSERVE_HOME, ~/.swapserve)")
     p.add_argument("--control-address", default=None,
-                   help="control service HOST:PORT (default 127.0.0.1:8003; non-loopback needs --control-token)")
-    p.add_argument("--control-token", default=None, help="bearer token the control service requires")
+                   help="control service HOST:PORT (default 127.0.0.1:8003; non-loopback needs a control token "
+                        "and TLS or --insecure)")
+    p.add_argument("--control-token", default=None,
+                   help="bearer token the control service requires (visible in ps: prefer --control-token-file)")
+    p.add_argument("--control-token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the control service token (SWAPSERVE_CONTROL_TOKEN_FILE)")
     p.add_argument("--feedback-token-file", type=Path, default=None, metavar="FILE",
                    help="feedback credentials, one 'NAME TOKEN' per line: reporting ground truth then needs one "
                         "(metadata 'authorization: Bearer TOKEN'); NAME is the reporter every label records")
@@ -70,7 +84,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model_repository is None:
         settings.model_repository = _example_repository(settings.home.expanduser() / "model_repository")
-    return native_frontend.run(serve(settings))
+    from swapserve.errors import ConfigError
+
+    try:
+        return native_frontend.run(serve(settings))
+    except ConfigError as e:  # a setting the operator must fix: the message, not a traceback
+        print(f"swapserve serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _example_repository(path: Path) -> Path:

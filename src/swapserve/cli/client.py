@@ -63,6 +63,7 @@ import grpc
 
 from swapserve._proto import control_pb2 as pb
 from swapserve._proto import control_pb2_grpc as pb_grpc
+from swapserve.tls import ClientTls, channel
 
 #: Metadata key carrying the caller's identity (the server adds the peer address).
 ACTOR_METADATA = "x-swapserve-actor"
@@ -195,10 +196,11 @@ class ControlClient:
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, actor: str | None = None,
-                 timeout: float = 60) -> None:
+                 timeout: float = 60, tls: ClientTls | None = None) -> None:
+        """``tls``: the server's CA (and for mTLS this client's certificate and key); None: plaintext."""
         self.url = url
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(url)
+        self._channel = channel(url, tls)
         self._stub = pb_grpc.ControlStub(self._channel)
         md = [(ACTOR_METADATA, _header_value(actor or default_actor()))]
         if token:

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from swapserve import units
+from swapserve.cli.tlsargs import add_tls_arguments, client_tls
 from swapserve.errors import InvalidInput
 from swapserve.routing.policy import check_split
 
@@ -281,7 +283,13 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
     url = args.url or os.environ.get("SWAPSERVE_URL") or DEFAULT_URL
     token = args.token if args.token is not None else os.environ.get("SWAPSERVE_TOKEN")
-    return ControlClient(url, token=token or None)
+    token_file = getattr(args, "token_file", None) or os.environ.get("SWAPSERVE_TOKEN_FILE")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"swapserve: cannot read --token-file {token_file}: {e.strerror}") from None
+    return ControlClient(url, token=token or None, tls=client_tls(args))
 
 
 def _usage_error(args: argparse.Namespace, exc: UsageError) -> int:
@@ -456,7 +464,11 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="control service address (default: $SWAPSERVE_URL or localhost:8003)")
-    p.add_argument("--token", default=None, help="control service token (default: $SWAPSERVE_TOKEN)")
+    p.add_argument("--token", default=None, help="control service token (default: $SWAPSERVE_TOKEN; prefer "
+                   "--token-file, argv is visible in ps)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the control service token (default: $SWAPSERVE_TOKEN_FILE)")
+    add_tls_arguments(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON (schemas: swapserve.cli.client)")
     p.add_argument("--reason", default="", metavar="TEXT", help="why: recorded in the audit log")
     return p

@@ -29,9 +29,13 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swapserve.cli.control import positive_int
+from swapserve.cli.tlsargs import add_tls_arguments, client_tls
+
+if TYPE_CHECKING:
+    from swapserve.tls import ClientTls
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_URL = "localhost:8001"
@@ -131,7 +135,7 @@ _COUNTS = ("joined", "excluded", "duplicate", "unknown", "expired", "invalid")
 
 
 def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float = 60,
-         token: str | None = None) -> dict[str, Any]:
+         token: str | None = None, tls: ClientTls | None = None) -> dict[str, Any]:
     """Send ``rows`` in batches; the totals document (see the module docstring). Raises _Refused."""
     import grpc
 
@@ -140,7 +144,9 @@ def send(url: str, model: str, rows: Sequence[Row], batch: int, timeout: float =
 
     totals: dict[str, Any] = {"model": model, "sent": 0, **{k: 0 for k in _COUNTS}, "not_joined": []}
     metadata = (("authorization", f"Bearer {token}"),) if token else None
-    with grpc.insecure_channel(url) as channel:
+    from swapserve.tls import channel as open_channel
+
+    with open_channel(url, tls) as channel:
         stub = pb_grpc.FeedbackStub(channel)
         for chunk in _batches(rows, batch):
             request = pb.ReportRequest(model=model)
@@ -196,7 +202,8 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     url = args.url or os.environ.get("SWAPSERVE_INFER_URL") or DEFAULT_URL
     try:
-        totals = send(url, args.model, rows, args.batch, token=args.token or os.environ.get("SWAPSERVE_FEEDBACK_TOKEN"))
+        totals = send(url, args.model, rows, args.batch, token=args.token or os.environ.get("SWAPSERVE_FEEDBACK_TOKEN"),
+                      tls=client_tls(args))
     except _Refused as exc:
         if exc.unreachable:
             print(f"error: cannot reach the swapserve inference service at {url} ({exc.message}); is `swapserve "
@@ -222,6 +229,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="inference gRPC address (default: $SWAPSERVE_INFER_URL or localhost:8001)")
     p.add_argument("--token", default=None, help="feedback credential (default: $SWAPSERVE_FEEDBACK_TOKEN)")
+    add_tls_arguments(p)
     p.add_argument("--json", action="store_true", help="print the totals and non-joined outcomes as JSON")
     p.add_argument("--batch", type=positive_int, default=1000, metavar="N", help="outcomes per request (default 1000)")
     p.set_defaults(func=_cmd_feedback, prog=p.prog)

@@ -279,8 +279,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not champion:
             raise UsageError(f"model '{args.model}' has no champion; pass --champion VERSION")
         infer_url = args.infer_url or os.environ.get("SWAPSERVE_INFER_URL") or DEFAULT_INFER_URL
-        with grpc.insecure_channel(infer_url, options=[("grpc.max_receive_message_length", 256 << 20),
-                                                       ("grpc.max_send_message_length", 256 << 20)]) as ch:
+        from swapserve.cli.tlsargs import client_tls
+        from swapserve.tls import channel
+
+        with channel(infer_url, client_tls(args), options=[("grpc.max_receive_message_length", 256 << 20),
+                                                           ("grpc.max_send_message_length", 256 << 20)]) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             try:
                 meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model), timeout=30)

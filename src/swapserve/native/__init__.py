@@ -360,13 +360,16 @@ class Frontend:
 
     __slots__ = ("_native",)
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, tls: tuple[str, str, str] | None = None) -> None:
+        """``tls``: (key, cert, CA) PEM paths grpc++ watches (reread within a second of a change;
+        CA "" for no client certificates), None for plaintext."""
         problem = _frontend_problem()
         if problem:
             raise FailedPrecondition(problem)
         from swapserve import _frontend
 
-        self._native = _frontend.Frontend(address, max_message_bytes)
+        key, cert, ca = tls or ("", "", "")
+        self._native = _frontend.Frontend(address, max_message_bytes, key, cert, ca)
 
     def start(self, polled: bool = False) -> int:
         """Bind and serve; returns the bound port.

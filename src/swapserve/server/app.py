@@ -6,7 +6,9 @@ import gc
 import logging
 import signal
 import socket
+from http.server import ThreadingHTTPServer
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
+from prometheus_client.exposition import MetricsHandler
 
 from swapserve._proto import control_pb2, control_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 from swapserve._proto import grpc_service_pb2 as pb
@@ -45,6 +48,7 @@ from swapserve.server.access import RepositoryAccess
 from swapserve.server.inference import InferenceServicer
 from swapserve.server.transport import native as native_frontend
 from swapserve.telemetry.metrics import Metrics
+from swapserve.tls import ServerTls, server_tls
 from swapserve.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -91,8 +95,22 @@ class Server:
     monitor: MonitoringObserver | None = None
     slices: SliceStats | None = None
     feedback_peers: GrpcPeers | None = None
+    tls: ServerTls | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _http: Any = None
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: reread the TLS files; new handshakes on every port use them, open connections
+        stay. False (logged, the old set kept) when the new files cannot be used or there is no TLS."""
+        if self.tls is None:
+            log.warning("SIGHUP: this server runs without TLS (--tls-cert/--tls-key): nothing to reload")
+            return False
+        try:
+            self.tls.reload()
+        except ConfigError as e:
+            log.error("SIGHUP: TLS files not reloaded, the previous certificate stays in use: %s", e)
+            return False
+        return True
 
     async def _set_health(self) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if self.manager.server_ready() \
@@ -157,9 +175,67 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.tls is not None:
+            self.tls.close()
 
     async def wait(self) -> None:
         await self.grpc_server.wait_for_termination()
+
+
+def _beyond_loopback(host: str) -> bool:
+    return host.strip("[]") not in {"127.0.0.1", "localhost", "::1"} and not host.startswith("127.")
+
+
+def check_transport(settings: Settings, tls: ServerTls | None) -> None:
+    """Closed by default: a port bound beyond loopback needs TLS, or ``--insecure`` said out loud."""
+    if tls is not None:
+        return
+    exposed = []
+    if _beyond_loopback(settings.host):
+        exposed.append(f"inference {settings.host}:{settings.grpc_port}")
+        if settings.metrics_port >= 0:
+            exposed.append(f"metrics {settings.host}:{settings.metrics_port}")
+    if _beyond_loopback(settings.control_address.rpartition(":")[0]):
+        exposed.append(f"control {settings.control_address}")
+    if not exposed:
+        return
+    if not settings.insecure:
+        raise ConfigError(f"refusing to serve plaintext beyond loopback ({', '.join(exposed)}): pass --tls-cert FILE "
+                          "--tls-key FILE (and --tls-ca FILE for client certificates; SWAPSERVE_TLS_CERT, "
+                          "SWAPSERVE_TLS_KEY, SWAPSERVE_TLS_CA), or --insecure (SWAPSERVE_INSECURE=1) when the "
+                          "network itself encrypts and authenticates (a service mesh), or bind 127.0.0.1")
+    log.warning("INSECURE: serving PLAINTEXT beyond loopback (%s) because of --insecure: anyone who can reach "
+                "these ports can read and alter requests, predictions and control tokens. Use --tls-cert/--tls-key "
+                "unless a service mesh provides mTLS.", ", ".join(exposed))
+
+
+class _HttpsServer(ThreadingHTTPServer):
+    """Metrics over HTTPS: each accepted connection is wrapped with the TLS context current then
+    (so a reload changes new connections only); the handshake runs in the connection's thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: ServerTls) -> None:
+        self.tls = tls
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = self.socket.accept()
+        return self.tls.wrap(sock), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: connection from %s failed (TLS handshake?)", client_address, exc_info=True)
+
+
+def start_https_server(port: int, host: str, registry: Any, tls: ServerTls) -> _HttpsServer:
+    """prometheus_client's exposition on HTTPS (mTLS with a CA), served by a daemon thread."""
+    family_host = host.strip("[]")
+    server_class = _HttpsServer
+    if ":" in family_host:
+        server_class = type("_HttpsServer6", (_HttpsServer,), {"address_family": socket.AF_INET6})
+    httpd = server_class((family_host, port), MetricsHandler.factory(registry), tls)
+    threading.Thread(target=httpd.serve_forever, name="metrics-https", daemon=True).start()
+    return httpd
 
 
 def _prepare_monitoring(monitor: MonitoringObserver, spec: ModelSpec, version: int) -> None:
@@ -173,6 +249,9 @@ def _prepare_monitoring(monitor: MonitoringObserver, spec: ModelSpec, version: i
 async def create_server(settings: Settings, metrics: Metrics | None = None) -> Server:
     """Build, load models per the control mode, and start serving. Returns once the ports are bound
     and the start-up loads have finished (models that failed are UNAVAILABLE with their reason)."""
+    # Transport first: a refusal should not wait for torch to import.
+    tls = server_tls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    check_transport(settings, tls)
     import torch
 
     torch.set_num_threads(max(1, settings.torch_threads))
@@ -184,10 +263,11 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     repository_dir = settings.model_repository
     repository = ModelRepository(repository_dir)
     control_host, _, control_port_text = settings.control_address.rpartition(":")
-    if control_host not in LOOPBACK_HOSTS and not settings.control_token:
+    control_token = settings.control_token_value()
+    if control_host not in LOOPBACK_HOSTS and not control_token:
         raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
-                          "address, without authentication; set --control-token (or SWAPSERVE_CONTROL_TOKEN) or "
-                          "use 127.0.0.1")
+                          "address, without authentication; set --control-token-file (or SWAPSERVE_CONTROL_TOKEN) "
+                          "or use 127.0.0.1")
     if settings.device_memory_budget:
         budget = parse_bytes(settings.device_memory_budget)
     else:
@@ -241,7 +321,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     # (feedback.forward); on SQLite there is one replica and nothing to forward. The directory reads
     # the fleet lazily and learns this replica's address once the port is bound (below).
     advertised = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
-    feedback_peers = GrpcPeers(replica_id)
+    feedback_peers = GrpcPeers(replica_id, None if tls is None else grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes() if tls.ca else None, private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes()))
     forwarder = None
     if sa.engine.make_url(registry.url).get_backend_name() == "postgresql":
         forwarder = Forwarder(feedback, PeerDirectory(
@@ -257,27 +339,37 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(
         [INFERENCE_SERVICE, FEEDBACK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME]), grpc_server)
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    if tls is None:
+        port = grpc_server.add_insecure_port(address)
+    elif frontend is Frontend.NATIVE:
+        port = grpc_server.add_tls_port(address, tls)
+    else:
+        port = grpc_server.add_secure_port(address, tls.grpc_credentials())
     if port == 0:
         raise OSError(f"could not bind the gRPC port {settings.host}:{settings.grpc_port}")
 
     control_server = grpc.aio.server()
     control_pb2_grpc.add_ControlServicer_to_server(
-        ControlServicer(control, settings.control_token, rollouts, drift=lambda model: monitor.report(model).to_dict()),
+        ControlServicer(control, control_token, rollouts, drift=lambda model: monitor.report(model).to_dict()),
         control_server)
     reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], control_server)
-    control_port = control_server.add_insecure_port(settings.control_address)
+    control_port = control_server.add_insecure_port(settings.control_address) if tls is None else \
+        control_server.add_secure_port(settings.control_address, tls.grpc_credentials())
     if control_port == 0:
         raise OSError(f"could not bind the control service on {settings.control_address}")
 
     http = None
     metrics_port = None
     if settings.metrics_port >= 0:
-        http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        if tls is None:
+            http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        else:
+            http = start_https_server(settings.metrics_port, settings.host, metrics.registry, tls)
         metrics_port = http.server_port
 
     server = Server(settings, grpc_server, control_server, control, rollouts, registry, manager, servicer, health_servicer,
-                    metrics, port, metrics_port, control_port, _http=http)
+                    metrics, port, metrics_port, control_port, tls=tls, _http=http)
     # The fleet: follow the registry's deployments (NOTIFY + poll). Not ready before a first full pass.
     fleet = FleetSync(control, replica_id=replica_id, address=f"{advertised}:{port}", poll_s=settings.fleet_poll_s)
     if forwarder is not None:
@@ -288,8 +380,10 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     await server._set_health()
     await grpc_server.start()  # live (ServerLive) while models load; ready once they have
     await control_server.start()
-    log.info("gRPC inference on %s:%d (%s front end), control on %s:%d, metrics on %s", settings.host, port,
-             frontend.value, control_host, control_port, metrics_port)
+    log.info("gRPC inference on %s:%d (%s front end), control on %s:%d, metrics on %s; %s", settings.host, port,
+             frontend.value, control_host, control_port, metrics_port,
+             "plaintext" if tls is None else f"TLS{' with client certificates (mTLS)' if tls.mutual else ''} "
+             f"on every port ({tls.cert})")
 
     # Decisions journaled before a crash reach the registry before it is read back, so a rollback
     # stays rolled back (and its rollout is not resumed).
@@ -338,6 +432,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     control_host = settings.control_address.rpartition(":")[0]
     print(f"swapserve ready: grpc={settings.host}:{server.grpc_port} metrics={server.metrics_port} "
           f"control={control_host}:{server.control_port}", flush=True)

@@ -34,15 +34,18 @@ class GrpcPeers:
     """``send`` for ``feedback.forward.Forwarder``: one Report per call, a channel per address
     (made on first use, kept until ``close``). Use on the server's event loop only."""
 
-    def __init__(self, origin: str) -> None:
-        """``origin``: this replica's id, sent as FORWARDED_METADATA."""
+    def __init__(self, origin: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """``origin``: this replica's id, sent as FORWARDED_METADATA. ``credentials``: TLS to the peers
+        (the server's own certificate as the client's, its CA as the roots), None for plaintext."""
         self.origin = origin
+        self._credentials = credentials
         self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.FeedbackStub]] = {}
 
     def _stub(self, address: str) -> pb_grpc.FeedbackStub:
         cached = self._stubs.get(address)
         if cached is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.secure_channel(address, self._credentials) if self._credentials else \
+                grpc.aio.insecure_channel(address)
             cached = self._stubs[address] = (channel, pb_grpc.FeedbackStub(channel))
         return cached[1]
 

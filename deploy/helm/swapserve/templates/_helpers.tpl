@@ -67,9 +67,23 @@ ServerLive over the inference port, from inside the container (the image's Pytho
 swapserve's generated protos). Exit 0 only when the server answers live=true.
 */}}
 {{- define "swapserve.liveCommand" -}}
+{{- if .Values.tls.secretName }}
+{{- include "swapserve.tlsProbeCommand" (dict "root" . "rpc" "ServerLive" "field" "live") }}
+{{- else }}
 - python
 - -c
 - "import sys, grpc; from swapserve._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as rpc; sys.exit(0 if rpc.GRPCInferenceServiceStub(grpc.insecure_channel('127.0.0.1:{{ .Values.ports.grpc }}')).ServerLive(pb.ServerLiveRequest(), timeout=4).live else 1)"
+{{- end }}
+{{- end }}
+
+{{/* With TLS (tls.secretName) the kubelet's gRPC probe cannot connect (it speaks plaintext): probes
+run in the pod, with the pod's certificate as their client certificate (mTLS) and its CA as roots;
+the certificate must name tls.probeServerName (a DNS SAN). */}}
+{{- define "swapserve.tlsProbeCommand" -}}
+{{- $v := .root.Values }}
+- python
+- -c
+- "import sys, grpc; from swapserve._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as rpc; r=lambda f: open('/etc/swapserve/tls/'+f,'rb').read(); c=grpc.ssl_channel_credentials(r('{{ if $v.tls.clientCA }}ca.crt{{ else }}tls.crt{{ end }}'), r('tls.key'), r('tls.crt')); ch=grpc.secure_channel('127.0.0.1:{{ $v.ports.grpc }}', c, options=[('grpc.ssl_target_name_override', '{{ $v.tls.probeServerName }}')]); sys.exit(0 if rpc.GRPCInferenceServiceStub(ch).{{ .rpc }}(pb.{{ .rpc }}Request(), timeout=4).{{ .field }} else 1)"
 {{- end }}
 
 {{/* Refuse configurations that would break a promise rather than render them. */}}

@@ -33,6 +33,7 @@ import grpc
 
 from swapserve.errors import SwapserveError
 from swapserve.native import EventKind, Frontend, PollResult, frontend_available
+from swapserve.tls import ServerTls
 from swapserve.types import ARRIVALS
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ _END = object()
 class NativeServer:
     """A grpc.aio-like server for the inference port on the native front end. Create, add, start, stop."""
 
-    def __init__(self, max_message_bytes: int, *, frontend: Callable[[str, int], Frontend] = Frontend) -> None:
-        """``frontend(address, max_message_bytes)`` makes the transport (a fake in unit tests)."""
+    def __init__(self, max_message_bytes: int, *, frontend: Callable[..., Frontend] = Frontend) -> None:
+        """``frontend(address, max_message_bytes[, tls])`` makes the transport (a fake in unit tests)."""
         if frontend is Frontend and not frontend_available():
             raise RuntimeError("the native front end is not built (grpc++ was missing at install); "
                                "use --frontend python or install libgrpc++-dev and reinstall")
@@ -242,7 +243,15 @@ class NativeServer:
             self._methods[f"/{service}/{name}"] = handler
 
     def add_insecure_port(self, address: str) -> int:
-        self._native = self._make_frontend(address, self._max)
+        return self._add_port(address, None)
+
+    def add_tls_port(self, address: str, tls: ServerTls) -> int:
+        """A TLS port (mTLS when ``tls`` has a CA); new handshakes follow ``tls.reload()`` within a second."""
+        return self._add_port(address, tls.staged())
+
+    def _add_port(self, address: str, files: tuple[str, str, str] | None) -> int:
+        self._native = self._make_frontend(address, self._max, files) if files else \
+            self._make_frontend(address, self._max)
         self._address = address
         try:
             loop = asyncio.get_running_loop()
