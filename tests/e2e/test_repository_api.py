@@ -17,25 +17,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.serverproc import ServerProcess, copy_models, wait_until
 from tests.e2e.test_control_cli import control_url, run_cli
-
-
-def simple(n: int = 1) -> list[grpcclient.InferInput]:
-    a = np.ones((n, 16), dtype=np.int32)
-    inputs = [grpcclient.InferInput("INPUT0", [n, 16], "INT32"), grpcclient.InferInput("INPUT1", [n, 16], "INT32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(a)
-    return inputs
-
-
-def index(client: grpcclient.InferenceServerClient) -> dict[tuple[str, str], dict[str, str]]:
-    return {(e["name"], e.get("version", "")): e for e in client.get_model_repository_index(as_json=True)["models"]}
+from tests.e2e.test_server_modes import index, simple
 
 
 def refused(call, *args: object) -> InferenceServerException:  # type: ignore[no-untyped-def]
