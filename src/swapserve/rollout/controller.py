@@ -248,7 +248,7 @@ class RolloutController:
                          rec.id, rec.model, rec.state)
         await self._maintain_lease()
         try:
-            await self._sync(resuming=True)
+            await self._sync()  # due at once: nothing has been read yet
         except SwapserveError as exc:
             log.warning("rollouts not read at start (%s); following them once the registry answers", exc.message)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -363,12 +363,12 @@ class RolloutController:
                 "epoch": lease.epoch if lease is not None else None,
                 "this_replica": self.replica_id, "leading": self.leading}
 
-    async def _sync(self, *, resuming: bool = False) -> None:
+    async def _sync(self) -> None:
         """Follow the registry: adopt every active rollout as recorded (started, paused, approved or
         advanced through any replica), let go of those ended elsewhere, and read the other
         replicas' flushed evidence. At most every SYNC_S (at once after a change of leader)."""
         now = self.clock()
-        if now < self._next_sync and not resuming:
+        if now < self._next_sync:
             return
         self._next_sync = now + SYNC_S
         active = await self._db(self.registry.active_rollouts)
@@ -386,7 +386,7 @@ class RolloutController:
                     mine = self._active.get(r.model)
                     if mine is None or mine.id != r.id or mine.updated_at is None or r.updated_at is None \
                             or r.updated_at >= mine.updated_at:  # never back to a record older than ours
-                        await self._follow(r, resuming=resuming)
+                        await self._follow(r)
             if r.id is not None and r.model in self._active:
                 parts = await self._db(self.registry.load_evidence, r.id)
                 self._parts[r.id] = {k: v for k, v in parts.items() if k != self.replica_id}
@@ -398,7 +398,7 @@ class RolloutController:
                         if self._active.get(model) is r:
                             self._adopt(ended)
 
-    async def _follow(self, r: RolloutRecord, *, resuming: bool = False) -> None:
+    async def _follow(self, r: RolloutRecord) -> None:
         """Make the registry's record of an active rollout this replica's view (caller holds the
         model's lock). A rollout new to this process restores its own flushed counts (same
         replica id) as the baseline it adds its live counts to."""
@@ -407,7 +407,7 @@ class RolloutController:
         if first and r.id is not None and r.id not in self._baseline:
             await self._restore_evidence(r)
         if first and r.evidence.get("phase") == "watch" and r.id is not None and r.id not in self._watch_from \
-                and (resuming or r.evidence.get("started_at") not in self._own_marks):
+                and r.evidence.get("started_at") not in self._own_marks:
             # The champion's baseline is what was counted before; a watch resumed by a process that
             # did not see it run starts over from a fresh mark instead of ending on time not watched.
             self._watch_from[r.id] = (self.slices.mark(r.model), self.clock())
