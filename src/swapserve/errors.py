@@ -55,6 +55,11 @@ class GenerationConflict(FailedPrecondition):
     changed the model in between). The control plane catches up and retries before it gives up."""
 
 
+class StaleRollout(FailedPrecondition):
+    """A rollout update made from a record that someone else (another replica, the leader) saved
+    since it was read: nothing was written; re-read the rollout and try again."""
+
+
 class NotLeader(FailedPrecondition):
     """A decision taken under a lease that has since moved to another replica (or expired): it is
     refused in the transaction that would have recorded it, so a deposed leader decides nothing."""

@@ -83,7 +83,7 @@ class RolloutTables(LeaseTables):
                     return rollout_record(row)  # already decided (a replayed outbox entry): it stays decided
                 # A final decision was taken on this server's record and wins over a stale stamp.
                 if not final and r.updated_at is not None and row.updated_at != r.updated_at:
-                    raise errors.FailedPrecondition(
+                    raise errors.StaleRollout(
                         f"model '{r.model}': rollout {r.id} was saved by someone else at "
                         f"{row.updated_at.isoformat()}; reload it and retry"
                     )

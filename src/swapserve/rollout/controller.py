@@ -51,10 +51,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from swapserve.controlplane import ControlPlane
+from swapserve.controlplane import FAILSAFE_READ_S, ControlPlane
 from swapserve.controlplane.reconcile import rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import FailedPrecondition, InvalidInput, NotLeader, SwapserveError
+from swapserve.errors import FailedPrecondition, InvalidInput, NotLeader, StaleRollout, SwapserveError
 from swapserve.feedback.slices import SliceStats
 from swapserve.registry.leases import ROLLOUT_LEASE
 from swapserve.registry.records import Lease, RolloutRecord
@@ -494,8 +494,10 @@ class RolloutController:
         async with self._lock(model):
             for attempt in range(CONFLICT_RETRIES):
                 try:
-                    current = await self._db(self.registry.active_rollout, model)
-                except SwapserveError:
+                    read = self._db(self.registry.active_rollout, model)
+                    # An abort never waits on the registry longer than any fail-safe read does.
+                    current = await (asyncio.wait_for(read, FAILSAFE_READ_S) if action == "abort" else read)
+                except (SwapserveError, asyncio.TimeoutError):
                     if action != "abort":
                         raise
                     current = None  # the registry is down: abort what this replica knows of
@@ -513,8 +515,8 @@ class RolloutController:
                 try:
                     r = await self._act(r, action, actor=actor, reason=reason)
                     break
-                except FailedPrecondition as exc:
-                    if "saved by someone else" not in exc.message or attempt == CONFLICT_RETRIES - 1:
+                except StaleRollout:
+                    if attempt == CONFLICT_RETRIES - 1:
                         raise
                     log.info("rollout of model '%s' changed meanwhile; re-reading it and retrying %s", model, action)
             if action == "abort":
