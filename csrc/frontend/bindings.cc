@@ -92,6 +92,19 @@ PYBIND11_MODULE(_frontend, m) {
              return py::make_tuple(py::str(peer), md);
            },
            py::arg("id"))
+      .def("auth_info",
+           [](Frontend& f, uint64_t id) -> py::object {
+             std::vector<std::pair<std::string, std::string>> properties;
+             if (!f.AuthInfo(id, &properties)) return py::none();
+             py::dict out;
+             for (const auto& [name, value] : properties) {
+               py::str key(name);
+               if (!out.contains(key)) out[key] = py::list();
+               out[key].cast<py::list>().append(py::bytes(value));
+             }
+             return out;
+           },
+           py::arg("id"))
       .def("write",
            [](Frontend& f, uint64_t id, const py::bytes& data) {
              std::string s = data;

@@ -309,6 +309,21 @@ bool Frontend::CallInfo(uint64_t id, std::string* peer,
   return true;
 }
 
+bool Frontend::AuthInfo(uint64_t id, std::vector<std::pair<std::string, std::string>>* properties) {
+  std::unique_lock<std::mutex> lock;
+  Call* c = Find(id, &lock);
+  if (c == nullptr) return false;
+  // The auth context is fixed by the handshake, before the call arrives.
+  std::shared_ptr<const grpc::AuthContext> auth = c->ctx.auth_context();
+  if (auth == nullptr) return true;
+  for (const char* name : {"x509_common_name", "x509_subject_alternative_name", "transport_security_type"}) {
+    for (const auto& value : auth->FindPropertyValues(name)) {
+      properties->emplace_back(name, std::string(value.data(), value.size()));
+    }
+  }
+  return true;
+}
+
 bool Frontend::Stream(uint64_t id) {
   std::shared_lock<std::shared_mutex> ops(ops_mu_);
   if (closed_) return false;

@@ -143,6 +143,11 @@ class Frontend {
   // inference path) pay nothing. False when the call is gone.
   bool CallInfo(uint64_t id, std::string* peer, std::vector<std::pair<std::string, std::string>>* metadata);
 
+  // The TLS identity of a call's connection: (property, value) pairs for the client
+  // certificate's common name and subject alternative names, and the transport security type
+  // (empty without TLS). Read on demand, like CallInfo. False when the call is gone.
+  bool AuthInfo(uint64_t id, std::vector<std::pair<std::string, std::string>>* properties);
+
   // Send one response message (streaming responses). False when the call is gone or finished.
   bool Write(uint64_t id, std::string data);
   // A client-streaming call: read every message (and report the half-close), not only the

@@ -131,6 +131,16 @@ class Settings(BaseSettings):
             raise ConfigError(f"cannot read --control-token-file {self.control_token_file}: {e.strerror}") from None
         return token or None
 
+    auth_file: Path | None = None
+    """Identities and roles (SWAPSERVE_AUTH_FILE, YAML): principals with token hashes or client
+    certificate names, their roles, the models they may call and their rate limits
+    (docs/security.md, "Identities and roles"). With it, loopback callers get no control rights
+    unless ``loopback_roles`` grants them."""
+
+    inference_open: bool | None = None
+    """Whether any caller may call any model on the inference port (SWAPSERVE_INFERENCE_OPEN).
+    Default: the auth file's ``inference.open``, else open only when the port binds loopback."""
+
     feedback_token_file: Path | None = None
     """Feedback credentials (SWAPSERVE_FEEDBACK_TOKEN_FILE): one ``NAME TOKEN`` per line (``#`` comments).
     With any feedback token configured, reporting ground truth needs one; NAME is the reporter

@@ -87,6 +87,12 @@ class Unauthenticated(SwapserveError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class NotFound(SwapserveError):
+    """Something other than a model does not exist (a token name, ...)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class ModelExecutionError(SwapserveError):
     """The model itself raised while running a batch; fails only that batch's requests."""
 

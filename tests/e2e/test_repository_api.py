@@ -80,7 +80,7 @@ def test_the_repository_api_validates_names_and_goes_through_the_control_plane(e
         audit = json.loads(run_cli("audit", "digits", "--json", url=url).stdout)
         actions = [(a["action"], a["actor"]) for a in audit]
         assert [a for a, _ in actions[:2]] == ["repository_unload", "repository_load"], actions
-        assert all(actor.startswith("repository-api (") and "127.0.0.1" in actor for _, actor in actions[:2])
+        assert all(actor.startswith("local (loopback, ipv4:127.0.0.1:") for _, actor in actions[:2]), actions
 
         # A champion the control plane recorded is protected from the repository API.
         out = run_cli("promote", "simple", "1", url=url)

@@ -25,7 +25,9 @@ from swapserve.cli.client import audit_to_dict, event_to_dict, status_to_dict, s
 from swapserve.cli.control import UsageError, check_traffic, parse_cohort, parse_share, percent_to_bp
 from swapserve.errors import InvalidInput, ModelNotFound
 from swapserve.registry.records import AuditEntry, Event
+from swapserve.identity import hash_token
 from swapserve.server import control as server_control
+from swapserve.server.auth import Authenticator, AuthPolicy
 from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
 
 
@@ -333,15 +335,19 @@ def test_format_percent(p: float, text: str) -> None:
 
 
 class FakeContext:
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = (), peer: str = "ipv4:127.0.0.1:50412") -> None:
         self.metadata = metadata
+        self._peer = peer
         self.aborted: tuple[grpc.StatusCode, str] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
 
     def peer(self) -> str:
-        return "ipv4:127.0.0.1:50412"
+        return self._peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
@@ -381,14 +387,42 @@ def _call(servicer: server_control.ControlServicer, method: str, request: Any, c
 
 
 def test_servicer_requires_the_token() -> None:
-    servicer = server_control.ControlServicer(FakePlane(), "s3cret")  # type: ignore[arg-type]
-    for md in ((), (("authorization", "Bearer nope"),), (("authorization", "s3cret"),)):
-        ctx = FakeContext(md)
+    servicer = server_control.ControlServicer(FakePlane(), Authenticator(control_token="s3cret"))  # type: ignore[arg-type]
+    for md, says in (((), "--token-file"), ((("authorization", "Bearer nope"),), "not one the server accepts"),
+                     ((("authorization", "s3cret"),), "--token-file")):
+        ctx = FakeContext(md)  # loopback: no exemption once a control token is configured
         assert _call(servicer, "GetStatus", pb.ModelRequest(model="digits"), ctx) is None
         assert ctx.aborted is not None and ctx.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
-        assert "--token" in ctx.aborted[1] and "SWAPSERVE_TOKEN" in ctx.aborted[1]
+        assert says in ctx.aborted[1]
     ok = FakeContext((("authorization", "Bearer s3cret"),))
     assert _call(servicer, "GetStatus", pb.ModelRequest(model="digits"), ok).name == "digits"
+
+
+def test_roles_decide_which_verbs_a_principal_may_call() -> None:
+    plane = FakePlane()
+    policy = AuthPolicy.parse({"principals": {
+        "viewer-bot": {"roles": ["viewer"], "token_sha256": hash_token("v" * 20)},
+        "ci": {"roles": ["operator"], "token_sha256": hash_token("o" * 20)},
+        "payments": {"models": ["fraud"], "mtls": ["payments.internal"]}}})
+    servicer = server_control.ControlServicer(plane, Authenticator(policy))  # type: ignore[arg-type]
+    viewer, operator = (FakeContext((("authorization", f"Bearer {t * 20}"),), peer="ipv4:10.0.0.9:4000")
+                        for t in "vo")
+    assert _call(servicer, "GetStatus", pb.ModelRequest(model="digits"), viewer).name == "digits"
+    assert _call(servicer, "Rollback", pb.RollbackRequest(model="digits"), viewer) is None
+    assert viewer.aborted is not None and viewer.aborted[0] is grpc.StatusCode.PERMISSION_DENIED
+    assert "needs the 'operator' role; 'viewer-bot' (token) has: viewer" in viewer.aborted[1]
+    assert _call(servicer, "Rollback", pb.RollbackRequest(model="digits"), operator).name == "digits"
+    assert plane.calls[-1][2]["actor"] == "ci (token, ipv4:10.0.0.9:4000)"
+    _call(servicer, "Register", pb.RegisterRequest(model="digits", version=3), operator)
+    assert operator.aborted is not None and operator.aborted[0] is grpc.StatusCode.PERMISSION_DENIED
+    assert "'admin' role" in operator.aborted[1] and len(plane.calls) == 1
+    # An auth file closes loopback: without a credential even a local caller is refused.
+    local = FakeContext()
+    _call(servicer, "GetStatus", pb.ModelRequest(model="digits"), local)
+    assert local.aborted is not None and local.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
+
+
+LOCAL = "local (loopback, ipv4:127.0.0.1:50412)"
 
 
 def test_servicer_maps_errors_and_converts_arguments() -> None:
@@ -398,7 +432,7 @@ def test_servicer_maps_errors_and_converts_arguments() -> None:
     _call(servicer, "GetStatus", pb.ModelRequest(model="nope"), ctx)
     assert ctx.aborted == (grpc.StatusCode.NOT_FOUND, "model 'nope' is not in the repository")
 
-    alice = FakeContext((("x-swapserve-actor", "alice@box"),))
+    alice = FakeContext((("x-swapserve-actor", "alice@box"),))  # a self-declared name: never recorded
     _call(servicer, "Rollback", pb.RollbackRequest(model="digits", reason="bad canary"), alice)
     _call(servicer, "Rollback", pb.RollbackRequest(model="digits", to_version=1, force=True), FakeContext())
     _call(servicer, "SetTraffic", pb.SetTrafficRequest(
@@ -408,14 +442,13 @@ def test_servicer_maps_errors_and_converts_arguments() -> None:
     reg.metrics["overall"].values["accuracy"] = 0.97
     _call(servicer, "Register", reg, alice)
     assert plane.calls == [
-        ("rollback", ("digits", None), {"actor": "alice@box (ipv4:127.0.0.1:50412)", "reason": "bad canary",
-                                         "force": False}),
-        ("rollback", ("digits", 1), {"actor": "anonymous (ipv4:127.0.0.1:50412)", "reason": "", "force": True}),
+        ("rollback", ("digits", None), {"actor": LOCAL, "reason": "bad canary", "force": False}),
+        ("rollback", ("digits", 1), {"actor": LOCAL, "reason": "", "force": True}),
         ("set_traffic", ("digits", [(1, 9500), (2, 500)]),
          {"shadows": [3], "cohorts": [("country", "de", 2)], "key_attribute": None,
-          "actor": "alice@box (ipv4:127.0.0.1:50412)", "reason": "", "force": False}),
+          "actor": LOCAL, "reason": "", "force": False}),
         ("register", ("digits", 3),
-         {"actor": "alice@box (ipv4:127.0.0.1:50412)", "reason": "", "training_run": None, "data_ref": None,
+         {"actor": LOCAL, "reason": "", "training_run": None, "data_ref": None,
           "parent_version": 2, "metrics": {"overall": {"accuracy": 0.97}}, "metadata": {"framework": "torch"}}),
     ]
 
@@ -429,8 +462,3 @@ def test_metadata_must_be_an_object() -> None:
     assert server_control.metadata_from_json("") is None
     with pytest.raises(InvalidInput, match="JSON object, not list"):
         server_control.metadata_from_json("[1]")
-
-
-def test_only_loopback_without_a_token() -> None:
-    assert all(map(server_control.is_loopback, ["127.0.0.1:8003", "[::1]:8003", "localhost:8003"]))
-    assert not any(map(server_control.is_loopback, ["0.0.0.0:8003", "[::]:8003", "10.1.2.3:8003", "box:8003"]))

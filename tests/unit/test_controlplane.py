@@ -279,11 +279,29 @@ def test_repository_access_is_closed_by_default_and_names_the_flag() -> None:
     from swapserve.errors import PermissionDenied
     from swapserve.server.access import RepositoryAccess
 
-    class Context:
-        def peer(self) -> str:
-            return "ipv4:10.0.0.7:5123"
+    from swapserve.errors import Unauthenticated
+    from swapserve.server.auth import Authenticator
 
+    class Context:
+        def __init__(self, peer: str, token: str = "") -> None:
+            self._peer, self._token = peer, token
+
+        def peer(self) -> str:
+            return self._peer
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("authorization", f"Bearer {self._token}"),) if self._token else ()
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}
+
+    remote = Context("ipv4:10.0.0.7:5123")
     with pytest.raises(PermissionDenied, match=r"--repository-api \(SWAPSERVE_REPOSITORY_API=true\)"):
-        RepositoryAccess().authorize("RepositoryModelLoad", Context())
-    assert RepositoryAccess(enabled=True).authorize("RepositoryModelLoad", Context()) == \
-        "repository-api (ipv4:10.0.0.7:5123)"
+        RepositoryAccess().authorize("RepositoryModelLoad", remote)
+    with pytest.raises(Unauthenticated, match="RepositoryModelLoad needs a credential"):
+        RepositoryAccess(enabled=True).authorize("RepositoryModelLoad", remote)
+    assert RepositoryAccess(enabled=True).authorize("RepositoryModelLoad", Context("ipv4:127.0.0.1:5123")) == \
+        "local (loopback, ipv4:127.0.0.1:5123)"
+    admin = RepositoryAccess(enabled=True, auth=Authenticator(control_token="t" * 20))
+    assert admin.authorize("RepositoryModelUnload", Context("ipv4:10.0.0.7:5123", "t" * 20)) == \
+        "admin (control-token, ipv4:10.0.0.7:5123)"

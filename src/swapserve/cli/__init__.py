@@ -51,6 +51,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="bearer token the control service requires (visible in ps: prefer --control-token-file)")
     p.add_argument("--control-token-file", type=Path, default=None, metavar="FILE",
                    help="file holding the control service token (SWAPSERVE_CONTROL_TOKEN_FILE)")
+    p.add_argument("--auth-file", type=Path, default=None, metavar="FILE",
+                   help="identities and roles (YAML): principals with token hashes or client certificate names, "
+                        "roles, the models they may call, rate limits (docs/security.md)")
+    open_ = p.add_mutually_exclusive_group()
+    open_.add_argument("--inference-open", dest="inference_open", action="store_const", const=True, default=None,
+                       help="any caller may call any model on the inference port (the default only on loopback)")
+    open_.add_argument("--no-inference-open", dest="inference_open", action="store_const", const=False,
+                       help="every inference call needs a principal allowed the model, even on loopback")
     p.add_argument("--feedback-token-file", type=Path, default=None, metavar="FILE",
                    help="feedback credentials, one 'NAME TOKEN' per line: reporting ground truth then needs one "
                         "(metadata 'authorization: Bearer TOKEN'); NAME is the reporter every label records")
@@ -158,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     from swapserve.cli.control import add_parsers as add_control
     from swapserve.cli.feedback import add_parsers as add_feedback
     from swapserve.cli.rollout import add_parsers as add_rollout
+    from swapserve.cli.tokens import add_parsers as add_tokens
 
     add_control(sub)
     add_rollout(sub)
     add_feedback(sub)
+    add_tokens(sub)
     add_bench(sub)
     return parser
 

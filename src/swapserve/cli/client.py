@@ -52,9 +52,7 @@ optional text (training_run, data_ref, times, rollout_state).
 """
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -65,8 +63,6 @@ from swapserve._proto import control_pb2 as pb
 from swapserve._proto import control_pb2_grpc as pb_grpc
 from swapserve.tls import ClientTls, channel
 
-#: Metadata key carrying the caller's identity (the server adds the peer address).
-ACTOR_METADATA = "x-swapserve-actor"
 DEFAULT_URL = "localhost:8003"
 #: How long to wait for a connection before calling a failed call "unreachable" rather than the server's answer.
 _PROBE_S = 1.0
@@ -89,20 +85,6 @@ class ServerUnreachable(ControlError):
                                         "`swapserve serve` running there? Point --url or SWAPSERVE_URL at its "
                                         "control address")
         self.url = url
-
-
-def default_actor() -> str:
-    """``$USER@hostname``: who the audit log says made a change."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry, no USER: still usable
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def _header_value(text: str) -> str:
-    """gRPC metadata values must be printable ASCII."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
 
 
 # -- protobuf -> JSON-safe dicts ------------------------------------------------------------------
@@ -185,6 +167,12 @@ def audit_to_dict(a: pb.AuditEntry) -> dict[str, Any]:
             "reason": a.reason}
 
 
+def token_to_dict(t: pb.TokenInfo) -> dict[str, Any]:
+    return {"id": t.id, "name": t.name, "roles": list(t.roles), "models": list(t.models), "created_at": t.created_at,
+            "created_by": t.created_by, "expires_at": _opt_str(t.expires_at), "revoked_at": _opt_str(t.revoked_at),
+            "revoked_by": _opt_str(t.revoked_by), "sha256_prefix": t.sha256_prefix}
+
+
 # -- the client ----------------------------------------------------------------------------------
 
 
@@ -195,17 +183,15 @@ class ControlClient:
     no deadline.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, actor: str | None = None,
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
                  timeout: float = 60, tls: ClientTls | None = None) -> None:
         """``tls``: the server's CA (and for mTLS this client's certificate and key); None: plaintext."""
         self.url = url
         self.timeout = timeout
         self._channel = channel(url, tls)
         self._stub = pb_grpc.ControlStub(self._channel)
-        md = [(ACTOR_METADATA, _header_value(actor or default_actor()))]
-        if token:
-            md.append(("authorization", f"Bearer {token}"))
-        self._metadata = tuple(md)
+        # Who the audit log names is the principal this token (or the client certificate) proves.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self) -> None:
         self._channel.close()
@@ -259,6 +245,22 @@ class ControlClient:
     def audit_log(self, model: str | None = None, *, limit: int = 100) -> list[dict[str, Any]]:
         response = self._call(self._stub.AuditLog, pb.AuditLogRequest(model=model or "", limit=limit))
         return [audit_to_dict(a) for a in response.entries]
+
+    # -- tokens (admin)
+
+    def create_token(self, name: str, sha256: str, *, roles: Sequence[str] = (), models: Sequence[str] = (),
+                     expires_in_s: float = 0.0, reason: str = "") -> dict[str, Any]:
+        return token_to_dict(self._call(self._stub.CreateToken, pb.CreateTokenRequest(
+            name=name, sha256=sha256, roles=list(roles), models=list(models), expires_in_s=expires_in_s,
+            reason=reason)))
+
+    def list_tokens(self, *, include_inactive: bool = False) -> list[dict[str, Any]]:
+        response = self._call(self._stub.ListTokens, pb.ListTokensRequest(include_inactive=include_inactive))
+        return [token_to_dict(t) for t in response.tokens]
+
+    def revoke_token(self, name: str, *, reason: str = "") -> list[dict[str, Any]]:
+        response = self._call(self._stub.RevokeToken, pb.RevokeTokenRequest(name=name, reason=reason))
+        return [token_to_dict(t) for t in response.tokens]
 
     # -- changes: each returns the model's new status
 

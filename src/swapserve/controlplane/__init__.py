@@ -30,19 +30,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from swapserve.controlplane.reconcile import Reconciler, rollout_from_dict
 from swapserve.crashpoints import crash_point
-from swapserve.errors import (FailedPrecondition, GenerationConflict, ModelNotFound,
+from swapserve.errors import (FailedPrecondition, GenerationConflict, InvalidInput, ModelNotFound,
                               RegistryUnavailable, SwapserveError)
 from swapserve.feedback.slices import SliceStats
 from swapserve.lifecycle.manager import ManagedModel, ModelManager, VersionState
 from swapserve.registry import Registry
 from swapserve.registry.outbox import Outbox, OutboxEntry
-from swapserve.registry.records import AuditEntry, Deployment, Event, Lease, RolloutRecord
+from swapserve.registry.records import AuditEntry, Deployment, Event, Lease, RolloutRecord, TokenRecord
 from swapserve.repository.paths import check_model_name, check_version
 from swapserve.routing.policy import RoutingPolicy, check_split
 from swapserve.types import ModelSummaryView, ModelView, ReplicaView, VersionView
@@ -96,6 +97,9 @@ class ControlPlane:
         self._export_pending()
         #: The fleet sync (set by the server): this replica's id and convergence for ``status``.
         self.fleet: Any = None
+        #: Called on a registry thread after this server creates or revokes a token (the
+        #: authenticator rereads them then, not only on its timer).
+        self.on_tokens_changed: Callable[[], None] | None = None
 
     def _export_pending(self) -> None:
         self.manager.metrics.registry_pending_writes.set(len(self.outbox.pending("decision")))
@@ -545,6 +549,30 @@ class ControlPlane:
 
     async def audit_log(self, model: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return list(await self._db(lambda: self.registry.audit_log(model, limit=limit)))
+
+    async def tokens(self, include_inactive: bool = False) -> list[TokenRecord]:
+        return list(await self._db(lambda: self.registry.tokens(include_inactive=include_inactive)))
+
+    async def create_token(self, name: str, sha256: str, *, roles: list[str], models: list[str], actor: str,
+                           expires_in_s: float = 0.0, reason: str = "") -> TokenRecord:
+        """Store an API token by its hash (audited). ``expires_in_s`` 0: it never expires."""
+        if expires_in_s < 0 or not math.isfinite(expires_in_s):
+            raise InvalidInput("expires_in_s must be a positive number of seconds, or 0 for never")
+        expires = datetime.now(timezone.utc) + timedelta(seconds=expires_in_s) if expires_in_s else None
+        record = await self._db(lambda: self.registry.create_token(
+            name, sha256, roles=roles, models=models, actor=actor, expires_at=expires, reason=reason))
+        await self._tokens_changed()
+        return record
+
+    async def revoke_token(self, name: str, *, actor: str, reason: str = "") -> list[TokenRecord]:
+        """Revoke every active token named ``name`` (audited); this server stops accepting them at once."""
+        records = await self._db(lambda: self.registry.revoke_token(name, actor=actor, reason=reason))
+        await self._tokens_changed()
+        return list(records)
+
+    async def _tokens_changed(self) -> None:
+        if self.on_tokens_changed is not None:
+            await self._db(self.on_tokens_changed)
 
     # -- mutations -----------------------------------------------------------------------
 

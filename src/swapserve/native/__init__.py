@@ -406,6 +406,12 @@ class Frontend:
         binary headers left out); None when the call is gone. Read on demand: free for calls that never ask."""
         return self._native.call_info(call)
 
+    def auth_info(self, call: int) -> dict[str, list[bytes]] | None:
+        """The TLS identity of a live call's connection, as grpc.aio's ``auth_context()`` gives it
+        (``x509_common_name``, ``x509_subject_alternative_name``, ``transport_security_type``;
+        empty without TLS); None when the call is gone."""
+        return self._native.auth_info(call)
+
     def write(self, call: int, data: bytes) -> bool:
         """Send one message of a streamed response. False when the call is gone or finished."""
         return self._native.write(call, data)

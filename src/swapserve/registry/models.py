@@ -135,6 +135,25 @@ class LeaseRow(Base):
     expires_at: Mapped[datetime]
 
 
+class TokenRow(Base):
+    """An API token (``swapserve token create``): only its SHA-256 is stored. ``roles`` and
+    ``models`` are JSON lists; a revoked token keeps its row (``revoked_at``) for the record."""
+
+    __tablename__ = "tokens"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(128), index=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    roles: Mapped[Any]
+    models: Mapped[Any]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(sa.String(255))
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(sa.String(255))
+
+
 class RolloutRow(Base):
     __tablename__ = "rollouts"
     __table_args__ = (

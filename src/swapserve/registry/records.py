@@ -212,6 +212,26 @@ class ReplicaModelState(_Record):
 
 
 @dataclass(frozen=True)
+class TokenRecord(_Record):
+    """An API token as stored: its name, roles, the models it may call and its SHA-256 (never
+    the token). ``active`` at a time when it is neither revoked nor expired."""
+
+    id: int
+    name: str
+    sha256: str
+    roles: tuple[str, ...]
+    models: tuple[str, ...]
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+    def active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(frozen=True)
 class Lease(_Record):
     """A named lease as stored: ``holder`` may act for the fleet until ``expires_at`` (by the
     registry's clock). ``epoch`` changes with every new holder; a decision carries the epoch it

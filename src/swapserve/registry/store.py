@@ -39,12 +39,14 @@ from swapserve.registry.engine import MIGRATIONS_DIR, RegistryBase
 from swapserve.registry.leases import LeaseTables
 from swapserve.registry.replicas import ReplicaTables
 from swapserve.registry.rollouts import RolloutTables
+from swapserve.registry.tokens import TokenTables
 from swapserve.registry.versions import VersionTables
 
 __all__ = ["MIGRATIONS_DIR", "Registry", "RegistryBase"]
 
 
-class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, LeaseTables, AuditTables, ReplicaTables):
+class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, LeaseTables, AuditTables, ReplicaTables,
+               TokenTables):
     """Versions, metrics by slice, deployments, rollouts, audit log and events.
 
     ``url`` is any SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``);
@@ -53,5 +55,5 @@ class Registry(DecisionTables, VersionTables, DeploymentTables, RolloutTables, L
     ``clock`` returns the current time (timezone-aware); tests pass a fake one.
 
     One façade over the table groups, each in its own module: ``versions``,
-    ``deployments``, ``rollouts``, ``audit``, ``replicas`` (the fleet), ``leases`` (the rollout lease), ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
+    ``deployments``, ``rollouts``, ``audit``, ``replicas`` (the fleet), ``leases`` (the rollout lease), ``tokens`` (API tokens), ``decisions`` (writes that go together) (plumbing in ``engine``, row helpers in ``rows``).
     """

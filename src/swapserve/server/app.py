@@ -28,7 +28,7 @@ from swapserve.config import ControlMode, Frontend, Settings, parse_bytes
 from swapserve.controlplane import ControlPlane
 from swapserve.controlplane.fleet import STALE_AFTER_S, FleetSync, default_replica_id
 from swapserve.dataplane import DataPlane, RequestIds, replica_tag
-from swapserve.errors import ConfigError
+from swapserve.errors import ConfigError, SwapserveError
 from swapserve.feedback.forward import Forwarder, Peer, PeerDirectory
 from swapserve.feedback.observer import FeedbackObserver
 from swapserve.feedback.predictions import PredictionLog
@@ -42,7 +42,8 @@ from swapserve.repository import ModelRepository
 from swapserve.rollout.controller import RolloutController
 from swapserve.rollout.webhook import WebhookSender
 from swapserve.server.control import ControlServicer
-from swapserve.server.feedback import FeedbackAuth, FeedbackServicer
+from swapserve.server.auth import Authenticator, AuthPolicy, InferenceGate
+from swapserve.server.feedback import FeedbackAuth, FeedbackServicer, feedback_pairs
 from swapserve.server.feedback_forward import GrpcPeers
 from swapserve.server.access import RepositoryAccess
 from swapserve.server.inference import InferenceServicer
@@ -264,15 +265,26 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     repository = ModelRepository(repository_dir)
     control_host, _, control_port_text = settings.control_address.rpartition(":")
     control_token = settings.control_token_value()
-    if control_host not in LOOPBACK_HOSTS and not control_token:
+    policy = AuthPolicy.load(settings.auth_file) if settings.auth_file is not None else AuthPolicy()
+    if control_host not in LOOPBACK_HOSTS and not control_token and not policy.principals:
         raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
-                          "address, without authentication; set --control-token-file (or SWAPSERVE_CONTROL_TOKEN) "
-                          "or use 127.0.0.1")
+                          "address, without authentication; set --auth-file or --control-token-file (or "
+                          "SWAPSERVE_CONTROL_TOKEN) or use 127.0.0.1")
+    inference_open = settings.inference_open
+    if inference_open is None and policy.inference_open is None:
+        inference_open = not _beyond_loopback(settings.host)
     if settings.device_memory_budget:
         budget = parse_bytes(settings.device_memory_budget)
     else:
         budget = int(device_free_bytes(device) * (0.5 if device == "cpu" else 0.8))
     registry = await asyncio.to_thread(Registry, settings.registry_url())
+    auth = Authenticator(policy, control_token=control_token,
+                         feedback_tokens=feedback_pairs(settings.feedback_token_file, settings.feedback_token),
+                         inference_open=inference_open, registry=registry)
+    try:  # the registry's tokens before the first call; the server starts without them when it is down
+        await registry.call(auth.refresh)
+    except SwapserveError as e:
+        log.warning("could not read the registry's tokens at start (retrying every few seconds): %s", e)
     manager = ModelManager(repository, device=device, metrics=metrics, router=Router(), registry=registry,
                            backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
     slices = SliceStats(metrics.registry)
@@ -295,8 +307,9 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                                  lease_ttl_s=settings.rollout_lease_s)
     tag = replica_tag(replica_id)  # starts every id this replica assigns: a label finds its way back here
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor], request_ids=RequestIds(tag))
+    control.on_tokens_changed = auth.refresh
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode, control,
-                                 RepositoryAccess(enabled=settings.repository_api))
+                                 RepositoryAccess(enabled=settings.repository_api, auth=auth), InferenceGate.needed(auth))
     limit = settings.grpc_max_message_bytes
     frontend = settings.frontend
     if frontend is Frontend.AUTO:
@@ -316,7 +329,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     feedback_auth = FeedbackAuth.from_settings(settings.feedback_token_file, settings.feedback_token,
-                                               settings.feedback_open)
+                                               settings.feedback_open, authenticator=auth)
     # In a fleet (PostgreSQL), labels for another replica's predictions are forwarded to it
     # (feedback.forward); on SQLite there is one replica and nothing to forward. The directory reads
     # the fleet lazily and learns this replica's address once the port is bound (below).
@@ -351,7 +364,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
 
     control_server = grpc.aio.server()
     control_pb2_grpc.add_ControlServicer_to_server(
-        ControlServicer(control, control_token, rollouts, drift=lambda model: monitor.report(model).to_dict()),
+        ControlServicer(control, auth, rollouts, drift=lambda model: monitor.report(model).to_dict()),
         control_server)
     reflection.enable_server_reflection([CONTROL_SERVICE, reflection.SERVICE_NAME], control_server)
     control_port = control_server.add_insecure_port(settings.control_address) if tls is None else \
@@ -391,6 +404,7 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         log.error("outbox: %d decision(s) could not be recorded at start (%s); retrying in the background",
                   len(control.reconciler.pending()), control.reconciler.last_error)
     server._tasks.append(asyncio.create_task(control.reconciler.run()))
+    server._tasks.append(asyncio.create_task(auth.run(registry.call)))  # registry tokens, now and every 2 s
     server._tasks.append(asyncio.create_task(webhooks.run()))
     # The registry's record of what is live wins over the start-up load rules (promise 5).
     restored = await manager.restore()

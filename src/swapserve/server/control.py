@@ -1,14 +1,13 @@
 """``swapserve.v1.Control``: the operator control service. Convert, delegate to the ControlPlane, convert back.
 
-Every RPC is authenticated (when a token is configured) and knows its caller: the
-``x-swapserve-actor`` metadata (the CLI sends ``$USER@hostname``; "anonymous" without it)
-plus the gRPC peer, e.g. ``"alice@box (ipv4:127.0.0.1:50412)"``. That string is what
-the audit log records as the actor. Weights on the wire are basis points (10000 = 100 %).
+Every RPC is authorised by role (``swapserve.server.auth``): viewer for reads, operator for
+traffic, promote, rollback, rollouts and metrics, admin for register, load, unload and tokens.
+The audit log records the authenticated principal and the gRPC peer, e.g.
+``"alice (token, ipv4:10.0.0.7:50412)"``; nothing the client says about itself.
+Weights on the wire are basis points (10000 = 100 %).
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from swapserve.errors import ConfigError, InvalidInput, Unauthenticated, Unimplemented
+from swapserve.errors import InvalidInput, Unimplemented
+from swapserve.identity import Role
+from swapserve.server.auth import Authenticator, call_credentials
 from swapserve.rollout.plan import builtin_plan, parse_plan
 from swapserve.server.errors import map_errors
 from swapserve.types import ModelSummaryView, ModelView, VersionView
@@ -29,12 +30,10 @@ if TYPE_CHECKING:  # the control plane imports the whole server; the servicer ne
     from swapserve.feedback.slices import SliceStats
     from swapserve.registry.records import RolloutRecord
     from swapserve.rollout.controller import RolloutController
-    from swapserve.registry.records import AuditEntry, Event
+    from swapserve.registry.records import AuditEntry, Event, TokenRecord
 
 log = logging.getLogger(__name__)
 
-#: Metadata key naming the human or system behind a call (recorded in the audit log).
-ACTOR_METADATA = "x-swapserve-actor"
 #: Past events sent before following when EventsRequest.limit is 0.
 DEFAULT_EVENTS_LIMIT = 100
 DEFAULT_AUDIT_LIMIT = 100
@@ -102,6 +101,12 @@ def audit_to_pb(a: AuditEntry) -> pb.AuditEntry:
                          reason=a.reason)
 
 
+def token_to_pb(t: TokenRecord) -> pb.TokenInfo:
+    return pb.TokenInfo(id=t.id, name=t.name, roles=list(t.roles), models=list(t.models), created_at=_iso(t.created_at),
+                        created_by=t.created_by, expires_at=_iso(t.expires_at), revoked_at=_iso(t.revoked_at),
+                        revoked_by=t.revoked_by or "", sha256_prefix=t.sha256[:8])
+
+
 # -- conversions: protobuf -> arguments ----------------------------------------------------------
 
 
@@ -129,50 +134,36 @@ def metadata_from_json(text: str) -> dict[str, Any] | None:
 
 
 class ControlServicer(pb_grpc.ControlServicer):
-    """Thin edge over ``ControlPlane``; ``token`` (when set) is required as ``authorization: Bearer <token>``."""
+    """Thin edge over ``ControlPlane``; ``auth`` decides who may call what (None: loopback only)."""
 
-    def __init__(self, control: ControlPlane, token: str | None, rollouts: RolloutController | None = None,
+    def __init__(self, control: ControlPlane, auth: Authenticator | None, rollouts: RolloutController | None = None,
                  drift: Callable[[str], dict[str, Any]] | None = None) -> None:
         self._control = control
-        self._token = token or None
+        self._auth = auth if auth is not None else Authenticator()
         self._rollouts = rollouts
         #: model -> drift report dict (the monitoring observer's); None: drift monitoring is off.
         self.drift = drift
 
-    def _caller(self, context: grpc.aio.ServicerContext) -> str:
-        """Authenticate the call and return the caller's identity for the audit log.
+    def _caller(self, context: grpc.aio.ServicerContext, role: Role, what: str) -> str:
+        """Authorise the call for ``role`` and return the actor the audit log records.
 
-        Raises Unauthenticated when a token is configured and the call does not carry it.
-        """
-        md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        if self._token is not None:
-            header = md.get("authorization", "")
-            given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-            if not hmac.compare_digest(given.encode(), self._token.encode()):
-                what = "a wrong token" if given else "no token"
-                raise Unauthenticated(
-                    f"the control service requires a token and this call carried {what}; pass it with "
-                    "--token TOKEN or the SWAPSERVE_TOKEN environment variable (gRPC metadata "
-                    "'authorization: Bearer TOKEN')")
-        actor = md.get(ACTOR_METADATA) or "anonymous"
-        if not isinstance(actor, str):  # a binary header (-bin) would arrive as bytes
-            actor = "anonymous"
-        return f"{actor} ({context.peer()})"
+        UNAUTHENTICATED without a credential the server accepts, PERMISSION_DENIED without the role."""
+        return self._auth.control(call_credentials(context), role, what)
 
     @map_errors
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "ListModels")
         return pb.ListModelsResponse(models=[summary_to_pb(s) for s in await self._control.list_models()])
 
     @map_errors
     async def GetStatus(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "GetStatus")
         return model_view_to_pb(await self._control.status(request.model))
 
     @map_errors
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.ADMIN, "Register")
         view = await self._control.register(
             request.model, request.version, actor=actor, reason=request.reason,
             training_run=request.training_run or None, data_ref=request.data_ref or None,
@@ -182,31 +173,31 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     @map_errors
     async def Load(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.ADMIN, "Load")
         return model_view_to_pb(await self._control.load(request.model, request.version, actor=actor,
                                                          reason=request.reason, force=request.force))
 
     @map_errors
     async def Unload(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.ADMIN, "Unload")
         return model_view_to_pb(await self._control.unload(request.model, request.version, actor=actor,
                                                            reason=request.reason, force=request.force))
 
     @map_errors
     async def Promote(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "Promote")
         return model_view_to_pb(await self._control.promote(request.model, request.version, actor=actor,
                                                             reason=request.reason, force=request.force))
 
     @map_errors
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "Rollback")
         return model_view_to_pb(await self._control.rollback(
             request.model, request.to_version or None, actor=actor, reason=request.reason, force=request.force))
 
     @map_errors
     async def SetTraffic(self, request: pb.SetTrafficRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "SetTraffic")
         view = await self._control.set_traffic(
             request.model, [(t.version, t.weight_bp) for t in request.traffic],
             shadows=list(request.shadows), cohorts=[(c.attribute, c.value, c.version) for c in request.cohorts],
@@ -220,7 +211,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         A coroutine writing with ``context.write`` (not an async generator) so that map_errors
         turns a bad request (unknown model, ...) into its status like any unary call.
         """
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "Events")
         model = request.model or None
         last = request.after_id
         for e in await self._control.events(model, after_id=request.after_id,
@@ -244,7 +235,7 @@ class ControlServicer(pb_grpc.ControlServicer):
     @map_errors
     async def RecordMetrics(self, request: pb.RecordMetricsRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "RecordMetrics")
         metrics = metrics_from_pb(request.metrics)
         if not metrics:
             raise InvalidInput(f"model '{request.model}': no metrics given; send {{slice: {{metric: value}}}}")
@@ -274,7 +265,7 @@ class ControlServicer(pb_grpc.ControlServicer):
     @map_errors
     async def StartRollout(self, request: pb.StartRolloutRequest,
                            context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "StartRollout")
         cohorts = [(c.attribute, c.value) for c in request.cohorts]
         if request.plan.strip():
             plan = parse_plan(request.plan)
@@ -286,19 +277,19 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     @map_errors
     async def GetRollout(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "GetRollout")
         return await self._rollout_status(request.model)
 
     @map_errors
     async def RolloutAction(self, request: pb.RolloutActionRequest,
                             context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
-        actor = self._caller(context)
+        actor = self._caller(context, Role.OPERATOR, "RolloutAction")
         await self._rollout_controller().action(request.model, request.action, actor=actor, reason=request.reason)
         return await self._rollout_status(request.model)
 
     @map_errors
     async def GetDrift(self, request: pb.ModelRequest, context: grpc.aio.ServicerContext) -> pb.DriftReport:
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "GetDrift")
         if self.drift is None:
             raise Unimplemented("drift monitoring is not enabled on this server")
         self._control._model(request.model)  # NOT_FOUND for an unknown model
@@ -306,9 +297,31 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     @map_errors
     async def AuditLog(self, request: pb.AuditLogRequest, context: grpc.aio.ServicerContext) -> pb.AuditLogResponse:
-        self._caller(context)
+        self._caller(context, Role.VIEWER, "AuditLog")
         entries = await self._control.audit_log(request.model or None, limit=request.limit or DEFAULT_AUDIT_LIMIT)
         return pb.AuditLogResponse(entries=[audit_to_pb(a) for a in entries])
+
+
+    @map_errors
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: grpc.aio.ServicerContext) -> pb.TokenInfo:
+        actor = self._caller(context, Role.ADMIN, "CreateToken")
+        return token_to_pb(await self._control.create_token(
+            request.name, request.sha256, roles=list(request.roles), models=list(request.models), actor=actor,
+            expires_in_s=request.expires_in_s, reason=request.reason))
+
+    @map_errors
+    async def ListTokens(self, request: pb.ListTokensRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListTokensResponse:
+        self._caller(context, Role.ADMIN, "ListTokens")
+        return pb.ListTokensResponse(tokens=[token_to_pb(t) for t in await self._control.tokens(
+            request.include_inactive)])
+
+    @map_errors
+    async def RevokeToken(self, request: pb.RevokeTokenRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListTokensResponse:
+        actor = self._caller(context, Role.ADMIN, "RevokeToken")
+        return pb.ListTokensResponse(tokens=[token_to_pb(t) for t in await self._control.revoke_token(
+            request.name, actor=actor, reason=request.reason)])
 
 
 # -- serving it ----------------------------------------------------------------------------------
@@ -332,37 +345,3 @@ def evidence_sources(slices: SliceStats, r: RolloutRecord) -> dict[str, Any]:
         "excluded": {role: {"version": v, **slices.exclusions(r.model, v, since=since_f, until=until)}
                      for role, v in (("champion", r.champion), ("challenger", r.challenger))},
     }
-
-
-def is_loopback(address: str) -> bool:
-    """True when ``address`` ("127.0.0.1:8003", "[::1]:8003", "localhost:8003") binds only loopback."""
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost: may resolve anywhere
-
-
-async def start_control_server(control: ControlPlane, address: str, *, token: str | None,
-                               options: Sequence[tuple[str, Any]] = ()) -> tuple[grpc.aio.Server, int]:
-    """Start the control service on its own gRPC server at ``address`` (port 0: any free port).
-
-    Returns ``(server, bound port)``. Refuses (ConfigError) a non-loopback address without a
-    token, and raises OSError when the address cannot be bound.
-    """
-    if not token and not is_loopback(address):
-        raise ConfigError(
-            f"refusing to serve the control service on the non-loopback address {address} without "
-            "authentication; set a control token (--control-token or SWAPSERVE_CONTROL_TOKEN) or bind "
-            "127.0.0.1")
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
-    pb_grpc.add_ControlServicer_to_server(ControlServicer(control, token), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind the control service address {address}")
-    await server.start()
-    log.info("control service on %s (port %d)%s", address, port, ", token required" if token else "")
-    return server, port

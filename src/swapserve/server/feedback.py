@@ -9,7 +9,9 @@ Who may report (``FeedbackAuth``), in this order:
 - a call without a token reports as ``anonymous`` with ``--feedback-open``, or from a loopback
   peer while no feedback token is configured; any other is UNAUTHENTICATED.
 
-Tokens are compared in constant time, against every configured token (no early exit).
+A token is found by its SHA-256 among every principal the server knows (``server.auth``): a
+feedback token, or any token or mapped client certificate whose principal has the ``feedback``
+role (another principal is PERMISSION_DENIED).
 
 In a fleet (``forwarder``), outcomes for predictions another replica logged are forwarded to it
 with the caller's credential metadata, and that replica applies these same rules to the caller
@@ -17,19 +19,20 @@ with the caller's credential metadata, and that replica applies these same rules
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from swapserve._proto import feedback_pb2 as pb
 from swapserve._proto import feedback_pb2_grpc as pb_grpc
-from swapserve.errors import ConfigError, Unauthenticated
+from swapserve.errors import ConfigError, PermissionDenied, Unauthenticated
 from swapserve.feedback.forward import FORWARDED_METADATA, Forwarder
 from swapserve.feedback.observer import FeedbackObserver, Outcome, ReportSummary
 from swapserve.feedback.slices import ANONYMOUS
+from swapserve.identity import Role
+from swapserve.server.auth import Authenticator, credentials_of, is_loopback_peer
 from swapserve.server.errors import map_errors
 
 FEEDBACK_SERVICE = pb.DESCRIPTOR.services_by_name["Feedback"].full_name
@@ -74,13 +77,17 @@ def read_token_file(path: Path) -> list[tuple[str, str]]:
 
 
 class FeedbackAuth:
-    """Decides who reports a feedback call (the module docstring has the rules)."""
+    """Decides who reports a feedback call (the module docstring has the rules).
 
-    def __init__(self, tokens: Iterable[tuple[str, str]] = (), *, open_feedback: bool = False) -> None:
-        self._tokens: list[tuple[str, bytes]] = []
+    ``authenticator``: the server's, which knows every principal (its feedback tokens included);
+    without one, the feedback tokens alone."""
+
+    def __init__(self, tokens: Iterable[tuple[str, str]] = (), *, open_feedback: bool = False,
+                 authenticator: Authenticator | None = None) -> None:
+        pairs = list(tokens)
         names: set[str] = set()
         secrets: set[str] = set()
-        for name, token in tokens:
+        for name, token in pairs:
             if not name or name == ANONYMOUS:
                 raise ConfigError(f"a feedback token needs a name other than '{ANONYMOUS}' (it names the reporter)")
             if name in names or token in secrets:
@@ -90,65 +97,52 @@ class FeedbackAuth:
                                   "characters (e.g. `python -c 'import secrets; print(secrets.token_hex(16))'`)")
             names.add(name)
             secrets.add(token)
-            self._tokens.append((name, token.encode()))
+        self._names = [name for name, _ in pairs]
+        self.pairs = pairs
+        self._auth = authenticator if authenticator is not None else Authenticator(feedback_tokens=pairs)
         self.open = open_feedback
 
     @classmethod
-    def from_settings(cls, token_file: Path | None, token: str | None, open_feedback: bool) -> FeedbackAuth:
-        pairs = read_token_file(token_file) if token_file is not None else []
-        if token:
-            pairs.append((DEFAULT_REPORTER, token))
-        return cls(pairs, open_feedback=open_feedback)
+    def from_settings(cls, token_file: Path | None, token: str | None, open_feedback: bool,
+                      authenticator: Authenticator | None = None) -> FeedbackAuth:
+        return cls(feedback_pairs(token_file, token), open_feedback=open_feedback, authenticator=authenticator)
 
     @property
     def names(self) -> list[str]:
         """The configured reporters' names (never the tokens)."""
-        return [name for name, _ in self._tokens]
+        return list(self._names)
 
-    def reporter(self, metadata: Iterable[tuple[str, object]], peer: str) -> str:
-        """The reporter a call with this metadata from this peer reports as; raises Unauthenticated."""
-        given = ""
-        for key, value in metadata:
-            if not isinstance(value, str):
-                continue
-            k = key.lower()
-            if k == "authorization" and value.startswith("Bearer "):
-                given = value[len("Bearer "):]
-            elif k == TOKEN_METADATA and not given:
-                given = value
-        if given:
-            offered = given.encode()
-            found = ""
-            for name, token in self._tokens:  # every token, so timing tells nothing about which matched
-                if hmac.compare_digest(offered, token):
-                    found = name
-            if not found:
-                raise Unauthenticated("the feedback token this call carried is not one the server accepts; check "
-                                      "the token (metadata 'authorization: Bearer TOKEN') against the server's "
-                                      "--feedback-token-file")
-            return found
-        if self.open or (not self._tokens and _is_loopback_peer(peer)):
+    def reporter(self, metadata: Iterable[tuple[str, object]], peer: str,
+                 auth_context: Mapping[str, Iterable[Any]] | None = None) -> str:
+        """The reporter a call with this metadata from this peer reports as; raises Unauthenticated
+        (no or an unknown credential) or PermissionDenied (a principal without the feedback role)."""
+        creds = credentials_of(metadata, peer, auth_context)
+        try:
+            principal = self._auth.identify(creds)
+        except Unauthenticated:
+            raise Unauthenticated("the feedback token this call carried is not one the server accepts; check "
+                                  "the token (metadata 'authorization: Bearer TOKEN') against the server's "
+                                  "--feedback-token-file or `swapserve token list`") from None
+        if principal is not None:
+            if not principal.has(Role.FEEDBACK):
+                raise PermissionDenied(f"'{principal.name}' ({principal.source}) may not report labels: it lacks "
+                                       "the 'feedback' role")
+            return principal.name
+        if self.open or (not self._names and is_loopback_peer(peer)):
             return ANONYMOUS
-        why = ("this server requires a feedback token" if self._tokens else
+        why = ("this server requires a feedback token" if self._names else
                "feedback without a token is accepted only from loopback peers")
         raise Unauthenticated(f"{why}, and this call carried none; send the token as metadata "
                               "'authorization: Bearer TOKEN' (swapserve feedback --token TOKEN), or start the server "
                               "with --feedback-open to accept anonymous feedback")
 
 
-def _is_loopback_peer(peer: str) -> bool:
-    """grpc peer strings: ``ipv4:127.0.0.1:5555``, ``ipv6:[::1]:5555``, ``unix:/path`` (local)."""
-    if peer.startswith("unix:"):
-        return True
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    host = host.replace("%25", "%").split("%")[0]
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def feedback_pairs(token_file: Path | None, token: str | None) -> list[tuple[str, str]]:
+    """The feedback credentials of ``--feedback-token-file`` and ``--feedback-token`` (reporter 'default')."""
+    pairs = read_token_file(token_file) if token_file is not None else []
+    if token:
+        pairs.append((DEFAULT_REPORTER, token))
+    return pairs
 
 
 def credentials(metadata: Iterable[tuple[str, object]]) -> tuple[tuple[str, str], ...]:
@@ -178,7 +172,7 @@ class FeedbackServicer(pb_grpc.FeedbackServicer):
     @map_errors
     async def Report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext) -> pb.ReportResponse:
         metadata = tuple(context.invocation_metadata() or ())
-        reporter = self._auth.reporter(metadata, context.peer() or "")
+        reporter = self._auth.reporter(metadata, context.peer() or "", context.auth_context() or {})
         outcomes = [outcome_from_pb(o) for o in request.outcomes]
         forwarded = _forwarded_by(metadata)
         if self._forwarder is None or forwarded:  # the origin counts a forwarded report's final results

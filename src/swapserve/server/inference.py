@@ -14,10 +14,11 @@ from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.config import ControlMode
 from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
-from swapserve.errors import FailedPrecondition, ModelNotFound, Unimplemented
+from swapserve.errors import FailedPrecondition, ModelNotFound, SwapserveError, Unimplemented
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.repository.paths import check_model_name
 from swapserve.server.access import RepositoryAccess
+from swapserve.server.auth import InferenceGate, call_credentials
 from swapserve.server import converters
 from swapserve.server.errors import map_errors, status_of
 from swapserve.types import InferRequest
@@ -58,14 +59,21 @@ def _stats_pb(s: object) -> pb.ModelStatistics:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, manager: ModelManager, mode: ControlMode,
-                 control: ControlPlane | None = None, access: RepositoryAccess | None = None) -> None:
+                 control: ControlPlane | None = None, access: RepositoryAccess | None = None,
+                 gate: InferenceGate | None = None) -> None:
         self._dataplane = dataplane
         self._manager = manager
         self._mode = mode
         #: Where the repository API's load/unload go when ``access`` allows them.
         self._control = control
         self._access = access or RepositoryAccess()
+        #: Per-model access and rate limits (``server.auth``); None: open, nothing to check per request.
+        self._gate = gate
         self.live = True
+
+    def _authorize(self, context: grpc.aio.ServicerContext, *models: str) -> None:
+        if self._gate is not None:
+            self._gate.authorize(context, models)
 
     @map_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -96,6 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @map_errors
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        self._authorize(context, request.name)
         m, spec = self._spec_for(request.name, request.version)
         out = pb.ModelMetadataResponse(name=spec.name, platform=spec.platform,
                                        versions=[str(v) for v in m.resident_versions()])
@@ -108,6 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @map_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        self._authorize(context, request.name)
         m = self._manager.model(request.name)
         if request.version:
             self._manager.runtime(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for inference
@@ -120,6 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         out = pb.ModelStatisticsResponse()
         names = [request.name] if request.name else sorted(self._manager.models)
+        self._authorize(context, *names)
         for name in names:
             m = self._manager.model(name)
             for v, slot in sorted(m.slots.items()):
@@ -134,6 +145,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @map_errors
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        if self._gate is not None:
+            self._gate.principal(call_credentials(context))  # any identity may list the models
         out = pb.RepositoryIndexResponse()
         for e in self._manager.index(ready_only=request.ready):
             out.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
@@ -183,6 +196,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @map_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        if self._gate is not None:
+            self._gate.authorize(context, (request.model_name,))
         if not request.raw_input_contents and request.inputs:  # typed contents (raw: the hot path)
             req = await self._typed_request(request)
         else:
@@ -196,11 +211,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         A failed request yields a response with ``error_message`` (and the request's id), and the
         stream stays open for the requests that follow.
         """
+        gate, creds, principal = self._gate, None, None
+        if gate is not None:  # who calls is fixed for the stream; each request's model and rate are checked
+            creds = call_credentials(context)
+            try:
+                principal = gate.principal(creds)
+            except SwapserveError as exc:
+                await context.abort(*status_of(exc, "ModelStreamInfer"))
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
+                if gate is not None:
+                    gate.check(principal, creds, request.model_name)  # type: ignore[arg-type]
                 if not request.raw_input_contents and request.inputs:
                     req = await self._typed_request(request)
                 else:

@@ -156,6 +156,9 @@ class _Context:
         info = self._server._native.call_info(self._id)
         return info[0] if info is not None else ""
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._server._native.auth_info(self._id) or {}
+
     def cancelled(self) -> bool:
         return self._cancelled
 
