@@ -46,6 +46,9 @@ EXPOSE 8001 8002 8003
 # mount certificates and pass --tls-cert/--tls-key (--tls-ca for mTLS), or --insecure only behind a
 # network that encrypts and authenticates (a service mesh). docs/tls.md. The control service stays on
 # loopback unless --control-address 0.0.0.0:8003 and a token (-e SWAPSERVE_CONTROL_TOKEN_FILE=...).
+# Beyond loopback the inference port is closed too: mount an auth file (-e SWAPSERVE_AUTH_FILE=...,
+# principals with the models they may call) or open it (-e SWAPSERVE_INFERENCE_OPEN=true).
+# docs/security.md, "Identities and roles".
 ENTRYPOINT ["swapserve"]
 CMD ["serve", "--model-repository", "/models", "--device", "auto", "--host", "0.0.0.0", \
      "--tls-cert", "/etc/swapserve/tls/tls.crt", "--tls-key", "/etc/swapserve/tls/tls.key"]

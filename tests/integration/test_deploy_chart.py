@@ -88,6 +88,14 @@ def test_server_flags_and_environment_are_what_swapserve_serve_accepts(rendered,
         assert mounts["tls"]["mountPath"] == "/etc/swapserve/tls" and "subPath" not in mounts["tls"]
     else:
         assert args.insecure and args.tls_cert is None
+    # Identities: an auth file from a Secret where one is named; inference closed unless opened.
+    if render == "tls":
+        assert str(args.auth_file) == "/etc/swapserve/auth/auth.yaml"
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["auth"]["mountPath"] == "/etc/swapserve/auth" and mounts["auth"]["readOnly"]
+    else:
+        assert args.auth_file is None
+    assert args.inference_open is (True if render == "pvc-url" else None)
 
 
 @pytest.mark.parametrize("render", list(RENDERS))
