@@ -204,3 +204,17 @@ def test_registry_tokens_create_expire_revoke(tmp_path: Path) -> None:
     assert audit[0].reason == "leaked" and audit[-1].after["roles"] == ["operator"]
     assert registry.verify_audit().ok
     registry.close()
+
+
+def test_feedback_reporters_include_principals_with_the_feedback_role() -> None:
+    from swapserve.server.feedback import FeedbackAuth
+
+    auth = Authenticator(policy(), feedback_tokens=[("labeller", "l" * 20)])
+    fb = FeedbackAuth([("labeller", "l" * 20)], authenticator=auth)
+    assert fb.reporter([("authorization", "Bearer " + "l" * 20)], REMOTE) == "labeller"
+    assert fb.reporter([("authorization", f"Bearer {OPS_T}")], REMOTE) == "ci"  # operator + feedback
+    assert fb.reporter([("authorization", f"Bearer {ADMIN_T}")], REMOTE) == "alice"  # admin holds every role
+    with pytest.raises(PermissionDenied, match="'payments' \\(mtls\\) may not report labels"):
+        fb.reporter([], REMOTE, {"x509_common_name": [b"payments.internal"]})
+    with pytest.raises(Unauthenticated, match="not one the server accepts"):
+        fb.reporter([("authorization", "Bearer unknown-token-000000")], LOCAL)
