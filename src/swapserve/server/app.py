@@ -285,6 +285,10 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         await registry.call(auth.refresh)
     except SwapserveError as e:
         log.warning("could not read the registry's tokens at start (retrying every few seconds): %s", e)
+    if not auth.inference_open and not auth.model_grants():
+        log.warning("the inference port is closed (it binds %s) and no principal may call any model yet: every "
+                    "inference call will be refused. Grant models with `swapserve token create NAME --models "
+                    "'*'` or the auth file's principals, or open the port with --inference-open", settings.host)
     manager = ModelManager(repository, device=device, metrics=metrics, router=Router(), registry=registry,
                            backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
     slices = SliceStats(metrics.registry)

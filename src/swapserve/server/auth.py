@@ -275,6 +275,11 @@ class Authenticator:
                 log.warning("could not reread the registry's tokens (the ones read before stay in force): %s", e)
             await asyncio.sleep(REFRESH_S)
 
+    def model_grants(self) -> int:
+        """How many known principals may call at least one model (a closed port with none serves no one)."""
+        every = {p.name: p for p in (*self._static.values(), *self._certs.values(), *self._tokens.values())}
+        return sum(1 for p in every.values() if p.models)
+
     # identification
 
     def identify(self, creds: Credentials) -> Principal | None:
