@@ -68,7 +68,14 @@ def check_principal_name(name: str) -> str:
     return name
 
 
+#: At most this many model patterns per principal (each matched on every closed-port call).
+MAX_MODEL_PATTERNS = 100
+
+
 def check_model_patterns(patterns: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if len(patterns) > MAX_MODEL_PATTERNS:
+        raise InvalidInput(f"{len(patterns)} model patterns given; at most {MAX_MODEL_PATTERNS} (use fnmatch "
+                           "patterns such as 'team-*' to cover many models)")
     out = []
     for p in patterns:
         p = str(p).strip()

@@ -9,7 +9,7 @@ import pytest
 
 from swapserve.errors import (AlreadyExists, ConfigError, InvalidInput, NotFound, PermissionDenied,
                               ResourceExhausted, Unauthenticated)
-from swapserve.identity import Principal, Role, hash_token, new_token, parse_roles
+from swapserve.identity import Principal, Role, check_model_patterns, hash_token, new_token, parse_roles
 from swapserve.registry import Registry
 from swapserve.server.auth import (Authenticator, AuthPolicy, Credentials, InferenceGate, RateLimiter,
                                    credentials_of)
@@ -43,6 +43,10 @@ def test_roles_grant_what_the_docs_say() -> None:
     app = Principal("app", models=("fraud", "risk-*"))
     assert app.may_call("fraud") and app.may_call("risk-eu") and not app.may_call("fraudster")
     assert not Principal("none").may_call("fraud") and Principal("all", models=("*",)).may_call("x")
+    with pytest.raises(InvalidInput, match="at most 100"):
+        check_model_patterns([f"m{i}" for i in range(101)])
+    with pytest.raises(InvalidInput, match="not valid"):
+        check_model_patterns(["a b"])
 
 
 def test_tokens_are_random_and_stored_as_sha256() -> None:
