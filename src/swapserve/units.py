@@ -44,7 +44,11 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise UnitError(f"expected a duration, got {value!r}; {DURATION_FORMS}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float: YAML and JSON read 1 followed by 400 zeros as one
+            raise UnitError(f"expected a finite duration >= 0, got an integer of {len(str(abs(value)))} digits; "
+                            f"{DURATION_FORMS}") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         try:
@@ -80,6 +84,9 @@ def percent_to_bp(value: object) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UnitError(f"{value!r} is not a percent; give a number from 0 to 100 (e.g. 95 or 33.33)")
+    if isinstance(value, int) and not 0 <= value <= 100:  # before str(): a huge int has no decimal text
+        raise UnitError(f"{value if abs(value) < 10 ** 20 else 'a huge number'} is outside 0..100; "
+                        "give a percent between 0 and 100")
     try:
         d = Decimal(str(value).strip().removesuffix("%").strip())
     except InvalidOperation:

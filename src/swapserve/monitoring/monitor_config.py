@@ -172,6 +172,17 @@ def min_interval_floor_s() -> float:
     return value
 
 
+def _finite(v: Any) -> bool:
+    """A number (not a bool) that a float holds finitely; a YAML integer too large for a float is
+    not (``math.isfinite`` raises OverflowError on it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _seconds(value: Any, where: str) -> float:
     """A duration in the one grammar of :mod:`swapserve.units`; ConfigError naming ``where`` otherwise."""
     try:
@@ -228,8 +239,7 @@ class _Section:
         if not self.has(key):
             return default
         v = self.data[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo \
-                or (hi is not None and v > hi):
+        if not _finite(v) or v < lo or (hi is not None and v > hi):
             bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
             raise ConfigError(f"{self.field(key)} must be a number {bound}, got {v!r}")
         return float(v)
@@ -272,7 +282,7 @@ def _ranges(sec: _Section) -> dict[str, tuple[float, float]]:
         if not isinstance(key, str) or not re.fullmatch(r"[^\[\]]+(\[\d+\])?", key):
             raise ConfigError(f"{where}: the key must be an input name or 'input[i]' (i = flattened element index)")
         if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not all(_finite(v) for v in value)
                 or not value[0] <= value[1]):
             raise ConfigError(f"{where}: expected [lo, hi] with lo <= hi, got {value!r}")
         out[key] = (float(value[0]), float(value[1]))
@@ -404,13 +414,17 @@ def load_monitoring_config(model_dir: Path | str) -> MonitoringConfig:
     """
     path = Path(model_dir) / FILENAME
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return MonitoringConfig()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"model '{Path(model_dir).name}': {path} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"model '{Path(model_dir).name}': cannot read {path}: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"model '{Path(model_dir).name}': {path} is not valid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # PyYAML's int() of a >4300-digit integer; absurd nesting
+        raise ConfigError(f"model '{Path(model_dir).name}': {path} is not a usable YAML document: {exc}") from None
     return parse_monitoring(data, f"model '{Path(model_dir).name}': {path}")

@@ -220,8 +220,12 @@ class FeatureProfile:
         """int [rows, F] bin of each value; NaN -> the missing column."""
         bins = (x[:, :, None] > self.edges).sum(axis=2)
         # NaN compares false (bin 0): move it to the missing column. One reduction tells whether
-        # there is any NaN (a NaN or +-Inf makes the sum non-finite); only then look closer.
-        if x.dtype.kind == "f" and not math.isfinite(x.sum()):
+        # there is any NaN (a NaN or +-Inf makes the sum non-finite); only then look closer. Finite
+        # values near the dtype's limit overflow the sum too: expected, so numpy is not to warn
+        # (a client's inputs must not print RuntimeWarnings in the server's log).
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = x.sum()
+        if x.dtype.kind == "f" and not math.isfinite(total):
             nan = np.isnan(x)
             if nan.any():
                 bins[nan] = self.columns - 1

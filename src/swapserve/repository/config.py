@@ -37,6 +37,9 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_INSTANCE_COUNT = 64
 #: Most times one warmup sample may run (``model_warmup.count``): loading must end.
 MAX_WARMUP_COUNT = 1000
+#: Longest ``dynamic_batching.max_queue_delay_microseconds`` (one minute): a request waits at most
+#: this long for company. The field is a uint64; the native batcher counts in int64 nanoseconds.
+MAX_QUEUE_DELAY_US = 60_000_000
 
 
 def parse_config(model_dir: Path) -> mc.ModelConfig:
@@ -45,14 +48,21 @@ def parse_config(model_dir: Path) -> mc.ModelConfig:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"model '{model_dir.name}': {path} is larger than {MAX_CONFIG_BYTES} bytes")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"model '{model_dir.name}': {path} is missing; every model directory needs a config.pbtxt") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"model '{model_dir.name}': {path} is not UTF-8 text (byte {exc.start}); "
+                          "protobuf text format is UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"model '{model_dir.name}': cannot read {path}: {exc.strerror or exc}") from None
     config = mc.ModelConfig()
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
         raise ConfigError(f"model '{model_dir.name}': {path}: {exc}") from None
+    except ValueError as exc:  # text_format's setattr of a value out of the field's range: no line number
+        raise ConfigError(f"model '{model_dir.name}': {path}: {exc} (a number too large for its field?)") from None
     return config
 
 
@@ -80,11 +90,30 @@ def _infer_platform(config: mc.ModelConfig, model_dir: Path) -> str:
     )
 
 
+def _enum_name(model: str, enum: object, value: int, what: str) -> str:
+    """The name of ``value`` in a protobuf ``enum``; ConfigError for a number the enum does not
+    define (text format accepts any number for an open enum: ``data_type: 999``)."""
+    try:
+        return enum.Name(value)  # type: ignore[attr-defined, no-any-return]
+    except ValueError:
+        names = ", ".join(enum.keys())  # type: ignore[attr-defined]
+        raise ConfigError(f"model '{model}': {what} {value} is not a known value; use one of {names}") from None
+
+
+def _wire_dtype(model: str, data_type: int, what: str) -> tuple[str, np.dtype]:
+    """The wire datatype and numpy dtype of a fixed-size config ``data_type``; ConfigError otherwise."""
+    enum_name = _enum_name(model, mc.DataType, data_type, f"{what} data_type")
+    wire = dtypes.from_config(enum_name)
+    if wire not in dtypes.NUMPY:
+        raise ConfigError(f"model '{model}': {what} has data_type {enum_name}; give a fixed-size type such as TYPE_FP32")
+    return wire, dtypes.numpy_dtype(wire)
+
+
 def _tensor(model: str, kind: str, name: str, data_type: int, dims: list[int], reshape: list[int] | None,
             optional: bool) -> TensorSpec:
     if not name:
         raise ConfigError(f"model '{model}': an {kind} has no name")
-    enum_name = mc.DataType.Name(data_type)
+    enum_name = _enum_name(model, mc.DataType, data_type, f"{kind} '{name}' data_type")
     if enum_name == "TYPE_INVALID":
         raise ConfigError(f"model '{model}': {kind} '{name}' has no data_type; set e.g. data_type: TYPE_FP32")
     wire = dtypes.from_config(enum_name)
@@ -126,7 +155,7 @@ def _warmup(config: mc.ModelConfig, spec_inputs: dict[str, TensorSpec], model_di
         for name, inp in w.inputs.items():
             if name not in spec_inputs:
                 raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' names unknown input '{name}'")
-            dtype = dtypes.numpy_dtype(dtypes.from_config(mc.DataType.Name(inp.data_type)))
+            _, dtype = _wire_dtype(config.name, inp.data_type, f"model_warmup '{w.name}' input '{name}'")
             if dtype != dtypes.numpy_dtype(spec_inputs[name].datatype):
                 raise ConfigError(f"model '{config.name}': model_warmup '{w.name}' gives input '{name}' "
                                   f"{mc.DataType.Name(inp.data_type)}, but the input is "
@@ -212,16 +241,24 @@ def spec_from_config(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
             raise ConfigError(
                 f"model '{name}': preferred_batch_size {bad} must lie between 1 and max_batch_size {config.max_batch_size}"
             )
+        if db.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+            raise ConfigError(f"model '{name}': dynamic_batching max_queue_delay_microseconds "
+                              f"{db.max_queue_delay_microseconds} is more than {MAX_QUEUE_DELAY_US} (one minute); "
+                              "a request waits at most that long for a batch to fill")
         batching = DynamicBatching(
             preferred_batch_sizes=tuple(sorted(set(db.preferred_batch_size))),
             max_queue_delay_us=int(db.max_queue_delay_microseconds),
             max_queue_size=int(db.default_queue_policy.max_queue_size),
         )
+    negative = [g.count for g in config.instance_group if g.count < 0]
+    if negative:
+        raise ConfigError(f"model '{name}': instance_group count {negative[0]} is negative; give a count >= 1 "
+                          "(or leave it out for one instance)")
     count = sum(g.count or 1 for g in config.instance_group) or 1
     if count > MAX_INSTANCE_COUNT:
         raise ConfigError(f"model '{name}': instance_group asks for {count} instances; at most {MAX_INSTANCE_COUNT} "
                           "(each is a runtime worker thread)")
-    kinds = {mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
+    kinds = {_enum_name(name, mc.ModelInstanceGroup.Kind, g.kind, "instance_group kind") for g in config.instance_group}
     filename = config.default_model_filename or DEFAULT_FILENAMES[platform]
     try:  # where it resolves is checked again in each version directory, when the file is opened
         inside(model_dir, filename, what="default_model_filename")

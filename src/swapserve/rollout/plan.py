@@ -286,9 +286,22 @@ def _int(value: object, path: str, minimum: int = 0) -> int:
     return n
 
 
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a number (not a bool) that a float holds finitely; a YAML/JSON integer
+    too large for a float is not (``math.isfinite`` would raise OverflowError on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _fraction(value: object, path: str, hint: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(path, f"{value!r} is not a number; {hint}")
+    if not _finite(value):
+        raise _bad(path, f"{value!r} is outside 0..1; {hint}")
     x = float(value)
     if not math.isfinite(x) or x < 0 or x > 1:
         raise _bad(path, f"{value!r} is outside 0..1; {hint}")
@@ -313,18 +326,16 @@ def _gates(value: object) -> Gates:
     err = _fraction(d.get("max_error_rate_increase", g.max_error_rate_increase), "gates.max_error_rate_increase",
                     "a fraction: 0.005 is half a percentage point")
     mae = d.get("max_relative_mae_increase", g.max_relative_mae_increase)
-    if isinstance(mae, bool) or not isinstance(mae, (int, float)) or not math.isfinite(mae) or mae < 0:
+    if not _finite(mae) or mae < 0:
         raise _bad("gates.max_relative_mae_increase", f"{mae!r} must be a number >= 0 (0.05 = 5% of the champion's MAE)")
     p99 = d.get("p99_ms")
-    if p99 is not None and (isinstance(p99, bool) or not isinstance(p99, (int, float))
-                            or not math.isfinite(p99) or p99 <= 0):
+    if p99 is not None and (not _finite(p99) or p99 <= 0):
         raise _bad("gates.p99_ms", f"{p99!r} must be a positive number of milliseconds, or omitted for no latency gate")
     conf = d.get("confidence", g.confidence)
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf < 1:
         raise _bad("gates.confidence", f"{conf!r} must be in [0.5, 1), e.g. 0.99 for a 1% false-rollback rate")
     share = d.get("max_reporter_share")
-    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                              or not math.isfinite(share) or not 0 < share <= 1):
+    if share is not None and (not _finite(share) or not 0 < share <= 1):
         raise _bad("gates.max_reporter_share", f"{share!r} must be a fraction in (0, 1], e.g. 0.2: one reporter's "
                    "labels count up to 20% of a stage's labels on a version; omit it for no cap")
     return Gates(
@@ -428,17 +439,29 @@ def _plan_from_mapping(data: object) -> RolloutPlan:
     )
 
 
+def _load_json(text: str) -> object:
+    """JSON text -> data; json.JSONDecodeError when it is not JSON, InvalidInput for JSON no plan can be."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits; absurd nesting
+        raise InvalidInput(f"rollout plan: not a usable JSON document: {e}") from None
+
+
 def parse_plan(text: str) -> RolloutPlan:
     """Parse and validate a plan from YAML or JSON text. InvalidInput on any error."""
     if text.lstrip().startswith("{"):
         try:  # JSON first: YAML 1.1 mis-reads JSON's surrogate-pair escapes for non-BMP characters
-            return _plan_from_mapping(json.loads(text))
+            return _plan_from_mapping(_load_json(text))
         except json.JSONDecodeError:
             pass  # YAML flow style, e.g. {strategy: ab, split: 50}
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise InvalidInput(f"rollout plan: not valid YAML or JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # PyYAML's int() of a >4300-digit integer; block nesting
+        raise InvalidInput(f"rollout plan: not a usable YAML document: {e}") from None
     return _plan_from_mapping(data)
 
 
@@ -451,7 +474,7 @@ def load_plan(path: str | Path) -> RolloutPlan:
         raise InvalidInput(f"rollout plan: cannot read {str(p)!r}: {e.strerror}; check the --plan path") from None
     if p.suffix == ".json":
         try:
-            return _plan_from_mapping(json.loads(text))
+            return _plan_from_mapping(_load_json(text))
         except json.JSONDecodeError as e:
             raise InvalidInput(f"rollout plan: {str(p)!r} is not valid JSON: {e}") from None
     return parse_plan(text)
