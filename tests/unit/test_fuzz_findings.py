@@ -128,3 +128,15 @@ def test_drift_binning_of_huge_finite_inputs_warns_nothing(tmp_path: Path) -> No
     x[1, 3] = np.nan
     bins = profile.bin_indices(x)
     assert bins[1, 3] == profile.columns - 1 and bins[0, 3] != profile.columns - 1
+
+
+def test_a_plan_text_with_a_lone_surrogate_is_refused() -> None:
+    """Fuzzing found YAML's "\\ud83d\\ude00" escape (two surrogates, not one character): a cohort
+    value that did not survive the plan's JSON round trip. It is InvalidInput naming the field."""
+    from swapserve.errors import InvalidInput
+    from swapserve.rollout.plan import parse_plan
+
+    text = ('strategy: staged\nstages:\n  - name: nl\n    traffic: 0\n    cohorts:\n'
+            '      - {attribute: country, value: "\\ud83d\\ude00"}\n')
+    with pytest.raises(InvalidInput, match=r"stages\[0\]\.cohorts\[0\]\.value.*lone UTF-16 surrogate"):
+        parse_plan(text)

@@ -314,6 +314,8 @@ def _text(value: object, path: str) -> str:
     text = str(value)
     if not text.strip():
         raise _bad(path, "is empty; give a non-empty name")
+    if any("\ud800" <= ch <= "\udfff" for ch in text):  # YAML's "\ud83d\ude00" escapes: not one character
+        raise _bad(path, f"{text!r} holds a lone UTF-16 surrogate; write the character itself (or \\U0001F600)")
     return text
 
 
