@@ -164,10 +164,11 @@ def test_an_unreadable_model_directory_is_that_models_reason(tmp_path: Path) -> 
     write_model(repo, "good")
     write_model(repo, "bad")
     (repo / "bad" / "config.pbtxt").unlink()
-    (repo / "bad" / "config.pbtxt").mkdir()  # reading it raises IsADirectoryError, not a ConfigError
+    (repo / "bad" / "config.pbtxt").mkdir()  # reading it raises IsADirectoryError, an OSError
     scan = ModelRepository(repo).scan()
     assert scan["good"].spec is not None
-    assert scan["bad"].spec is None and "IsADirectoryError" in (scan["bad"].error or "")
+    assert scan["bad"].spec is None and "cannot read" in (scan["bad"].error or "")
+    assert "config.pbtxt: Is a directory" in (scan["bad"].error or "")
 
 
 def test_a_warmup_file_inside_the_model_directory_is_read(tmp_path: Path) -> None:
