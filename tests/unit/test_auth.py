@@ -222,3 +222,26 @@ def test_feedback_reporters_include_principals_with_the_feedback_role() -> None:
         fb.reporter([], REMOTE, {"x509_common_name": [b"payments.internal"]})
     with pytest.raises(Unauthenticated, match="not one the server accepts"):
         fb.reporter([("authorization", "Bearer unknown-token-000000")], LOCAL)
+
+
+def test_a_call_over_several_models_takes_one_request_of_its_rate() -> None:
+    """ModelStatistics without a name covers every model: access is checked per model, the rate
+    is charged once per call."""
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("authorization", f"Bearer {APP_T}"),)
+
+        def peer(self) -> str:
+            return REMOTE
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {}
+
+    gate = InferenceGate(Authenticator(policy()), RateLimiter(clock=lambda: 0.0))  # payments: 2/s, burst 2
+    assert gate.authorize(Context(), ["fraud", "risk-eu", "risk-us"]).name == "payments"
+    gate.authorize(Context(), ["fraud"])
+    with pytest.raises(ResourceExhausted):
+        gate.authorize(Context(), ["fraud"])
+    closed = InferenceGate(Authenticator(policy(), inference_open=False), RateLimiter(clock=lambda: 0.0))
+    with pytest.raises(PermissionDenied, match="may not call model 'digits'"):
+        closed.authorize(Context(), ["fraud", "digits"])

@@ -78,6 +78,9 @@ class TokenTables(RegistryBase):
     def tokens(self, *, include_inactive: bool = False) -> list[TokenRecord]:
         """Tokens by id; by default only those neither revoked nor expired."""
         now = self._now()
+        q = sa.select(TokenRow).order_by(TokenRow.id)
+        if not include_inactive:  # revoked rows stay for the record; the servers reread the rest every 2 s
+            q = q.where(TokenRow.revoked_at.is_(None))
         with self._read() as s:
-            rows = [_record(r) for r in s.scalars(sa.select(TokenRow).order_by(TokenRow.id))]
+            rows = [_record(r) for r in s.scalars(q)]
         return rows if include_inactive else [r for r in rows if r.active(now)]

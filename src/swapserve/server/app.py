@@ -270,8 +270,11 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
         raise ConfigError(f"the control service would listen on {settings.control_address}, which is not a loopback "
                           "address, without authentication; set --auth-file or --control-token-file (or "
                           "SWAPSERVE_CONTROL_TOKEN) or use 127.0.0.1")
+    # The flag, else the auth file, else open only when the inference port binds loopback.
     inference_open = settings.inference_open
-    if inference_open is None and policy.inference_open is None:
+    if inference_open is None:
+        inference_open = policy.inference_open
+    if inference_open is None:
         inference_open = not _beyond_loopback(settings.host)
     if settings.device_memory_budget:
         budget = parse_bytes(settings.device_memory_budget)

@@ -32,6 +32,7 @@ per request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -237,7 +238,8 @@ class Authenticator:
         self.policy = policy
         by_name = {p.name: p for p in policy.principals}
         self._static: dict[str, Principal] = {h: by_name[n] for h, n in policy.token_hashes.items()}
-        self._certs: dict[str, Principal] = {c: _as(by_name[n], "mtls") for c, n in policy.mtls_names.items()}
+        self._certs: dict[str, Principal] = {c: dataclasses.replace(by_name[n], source="mtls")
+                                             for c, n in policy.mtls_names.items()}
         if control_token:
             self._static[hash_token(control_token)] = Principal(CONTROL_TOKEN_PRINCIPAL, frozenset({Role.ADMIN}),
                                                                 source="control-token")
@@ -251,8 +253,6 @@ class Authenticator:
         self.inference_open = inference_open
         self._registry = registry
         self._tokens: dict[str, Principal] = {}
-        #: When the registry tokens were last read (monotonic); 0: never.
-        self.refreshed_at = 0.0
 
     # registry tokens
 
@@ -264,7 +264,6 @@ class Authenticator:
         for t in self._registry.tokens():
             fresh[t.sha256] = Principal(t.name, parse_roles(list(t.roles)), tuple(t.models), source="token")
         self._tokens = fresh
-        self.refreshed_at = time.monotonic()
 
     async def run(self, registry_call: Callable[..., Any]) -> None:
         """Keep the registry tokens fresh until cancelled."""
@@ -315,10 +314,6 @@ class Authenticator:
                                    "An admin can grant it (`swapserve token create NAME --role "
                                    f"{role.value}`, or the auth file)")
         return p.actor(creds.peer)
-
-
-def _as(p: Principal, source: str) -> Principal:
-    return Principal(p.name, p.roles, p.models, source=source, rate=p.rate)
 
 
 # -- inference -----------------------------------------------------------------------------------
@@ -376,10 +371,17 @@ class InferenceGate:
 
     def check(self, p: Principal | None, creds: Credentials, model: str) -> None:
         """May ``p`` call ``model`` now: PERMISSION_DENIED, or RESOURCE_EXHAUSTED past its rate."""
+        self._allow(p, model)
+        self._throttle(p, creds)
+
+    def _allow(self, p: Principal | None, model: str) -> None:
         if not self._auth.inference_open and (p is None or not p.may_call(model)):
             raise PermissionDenied(f"'{p.name if p else 'anonymous'}' may not call model '{model}'; an admin can "
                                    "allow it (the principal's models in the auth file, or `swapserve token create "
                                    "... --models`)")
+
+    def _throttle(self, p: Principal | None, creds: Credentials) -> None:
+        """One request of ``p``'s bucket; RESOURCE_EXHAUSTED with the wait when it is empty."""
         if not self._rated:
             return
         rate = (p.rate if p is not None else None) or self._default_rate
@@ -392,9 +394,11 @@ class InferenceGate:
                                     f"retry in {wait:.3f} s")
 
     def authorize(self, context: Any, models: Sequence[str]) -> Principal | None:
-        """``principal`` then ``check`` for each model of a unary call."""
+        """A unary call on ``models``: its principal, access to each model, and one request of its
+        rate (a statistics call over every model counts once)."""
         creds = call_credentials(context)
         p = self.principal(creds)
         for m in models:
-            self.check(p, creds, m)
+            self._allow(p, m)
+        self._throttle(p, creds)
         return p

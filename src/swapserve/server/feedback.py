@@ -98,7 +98,6 @@ class FeedbackAuth:
             names.add(name)
             secrets.add(token)
         self._names = [name for name, _ in pairs]
-        self.pairs = pairs
         self._auth = authenticator if authenticator is not None else Authenticator(feedback_tokens=pairs)
         self.open = open_feedback
 

@@ -118,7 +118,7 @@ class _HandlerCallDetails(grpc.HandlerCallDetails):
 class _Context:
     """What our servicers and grpcio's health/reflection servicers use of grpc.aio's ServicerContext."""
 
-    __slots__ = ("_server", "_id", "_deadline_ns", "_code", "_details", "_serializer", "_cancelled", "_done")
+    __slots__ = ("_server", "_id", "_deadline_ns", "_code", "_details", "_serializer", "_cancelled", "_done", "_info")
 
     def __init__(self, server: NativeServer, call_id: int, deadline_ns: int,
                  serializer: Callable[[Any], bytes] | None) -> None:
@@ -127,6 +127,8 @@ class _Context:
         self._details = ""
         self._cancelled = False
         self._done = False
+        #: (peer, metadata) read from the front end once, when first asked (fixed for the call).
+        self._info: tuple[str, tuple[Any, ...]] | None = None
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = None) -> None:
         raise _Abort(code, details)
@@ -148,13 +150,16 @@ class _Context:
             return None
         return max(0.0, (self._deadline_ns - time.monotonic_ns()) / 1e9)
 
+    def _call_info(self) -> tuple[str, tuple[Any, ...]]:
+        if self._info is None:
+            self._info = self._server._native.call_info(self._id) or ("", ())
+        return self._info
+
     def invocation_metadata(self) -> tuple[Any, ...]:
-        info = self._server._native.call_info(self._id)
-        return info[1] if info is not None else ()
+        return self._call_info()[1]
 
     def peer(self) -> str:
-        info = self._server._native.call_info(self._id)
-        return info[0] if info is not None else ""
+        return self._call_info()[0]
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._server._native.auth_info(self._id) or {}
