@@ -8,6 +8,12 @@ default when built), ``loop`` + ``worker_raw`` / ``worker_triton`` (Python worke
 tritonclient and swapserve's protos never share a process); ``report`` (statistics,
 JSON, table, plot), ``swap`` (how a version is made live), ``procstat`` (server CPU).
 
+Security. ``BenchConfig.tls`` (a ``swapserve.tls.ClientTls``) puts the metadata call, every
+Python worker and the swap's control client on TLS (mTLS with a client certificate);
+``token`` is sent as ``authorization: Bearer TOKEN`` on every inference call, ``control_token``
+on the swaps. The native worker speaks plaintext without credentials only: a secured run
+resolves "auto" to "raw" and refuses "native" (``BenchError``).
+
 Modes. Closed loop (``--concurrency C``): C users, each sends, waits, sends again;
 latency = response - send. Open loop (``--rate R``): arrival k is due at k/R seconds
 whatever is in flight, and latency = response - *scheduled* send, so queueing in the
@@ -31,7 +37,9 @@ JSON document (``--json``; key set stable within a ``schema`` value)::
                  timeout, model_version, input_data, params,
                  client: "native"|"raw"|"tritonclient",   # the one that ran ("auto" resolved)
                  processes, server_pids, swap_every, versions, control_url, swap_command,
-                 distinct_requests, seed, command?},   # command: argv, when run from the CLI
+                 distinct_requests, seed, command?,    # command: argv, when run from the CLI
+                 tls: {ca, cert, key} | null,          # the files' paths (null: plaintext)
+                 token, control_token},                # whether one was sent (never the token)
       "duration_s": 10.02,                 # window start -> last response (>= --duration)
       "sent": 22000, "completed": 21998, "errors": 2,
       "errors_by_status": {"UNAVAILABLE": 2},          # gRPC status name -> count

@@ -31,9 +31,12 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from swapserve.tls import ClientTls
 
 #: gRPC status code recorded for a client-side failure that carries no gRPC status.
 CLIENT_ERROR = 2  # UNKNOWN
@@ -58,7 +61,13 @@ class WorkerSpec:
     slot: int = 0                  # open loop: this process takes arrivals slot, slot+P, ...
     slots: int = 1                 # open loop: P
     first_payload: int = 0         # so processes do not all send the same payload first
+    tls: ClientTls | None = None   # the channel's TLS (files read in the worker); None: plaintext
+    token: str = ""                # inference bearer token sent on every request; "": none
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata every request carries: the bearer token, or None (no metadata at all)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
 #: Builds a worker's call and the coroutine function that closes its channel.

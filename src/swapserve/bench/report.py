@@ -130,6 +130,13 @@ def write_json(summary: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def _security(cfg: dict[str, Any]) -> str:
+    """", mTLS + token" and the like for the table's title; "" for plaintext without credentials."""
+    tls = cfg.get("tls")
+    parts = (["mTLS" if tls.get("cert") else "TLS"] if tls else []) + (["token"] if cfg.get("token") else [])
+    return ", " + " + ".join(parts) if parts else ""
+
+
 def print_summary(summary: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -138,7 +145,7 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
     cfg = summary["config"]
     load = f"rate {cfg['rate']:g}/s (open loop)" if cfg["rate"] else f"concurrency {cfg['concurrency']} (closed loop)"
     t = Table(title=f"swapserve bench: {cfg['model']} @ {cfg['url']}, {load}, {summary['duration_s']:.1f}s, "
-                    f"client={cfg['client']}", show_header=False)
+                    f"client={cfg['client']}{_security(cfg)}", show_header=False)
     t.add_column("metric", style="bold")
     t.add_column("value", justify="right")
     lat = summary["latency_ms"]

@@ -13,13 +13,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from swapserve.bench import native, procstat, report
 from swapserve.bench.loop import WorkerSpec
 from swapserve.bench.swap import SwapDriver, SwapFailed
+
+if TYPE_CHECKING:
+    from swapserve.tls import ClientTls
 
 #: Python workers: client -> module run as ``python -m MODULE SPEC.pkl OUT.npz``.
 WORKERS = {"raw": "swapserve.bench.worker_raw", "tritonclient": "swapserve.bench.worker_triton"}
@@ -40,13 +43,25 @@ class BenchError(RuntimeError):
     pass
 
 
-def resolve_client(client: str) -> str:
+#: Why the native client cannot run a secured bench (the start of its error message).
+NATIVE_PLAINTEXT = ("--client native speaks plaintext gRPC without credentials only (swapserve-loadgen has no TLS "
+                    "and sends no token)")
+
+
+def resolve_client(client: str, *, secured: str = "") -> str:
     """The client that runs for ``--client``: "auto" -> "native" when its binary is built, else "raw".
 
-    Raises ``BenchError`` for an unknown name, or for "native" when the binary is missing.
+    ``secured`` names what the run needs that the native client lacks (e.g. "TLS (--tls-ca)");
+    then "auto" is "raw" and "native" is refused. Raises ``BenchError`` for an unknown name,
+    for "native" on a secured run, or for "native" when the binary is missing.
     """
     if client not in CLIENTS:
         raise BenchError(f"--client must be one of {list(CLIENTS)}, not {client!r}")
+    if secured:
+        if client == "native":
+            raise BenchError(f"{NATIVE_PLAINTEXT}, and this run needs {secured}: use --client raw or "
+                             "--client tritonclient (--client auto picks raw)")
+        return "raw" if client == "auto" else client
     if client == "auto":
         return "native" if native.find_binary() is not None else "raw"
     if client == "native" and native.find_binary() is None:
@@ -76,6 +91,18 @@ class BenchConfig:
     distinct_requests: int = 64
     seed: int = 0
     progress: bool = False
+    tls: ClientTls | None = None            # inference and control channels; None: plaintext
+    token: str = ""                         # inference bearer token ("authorization: Bearer ..."); "": none
+    control_token: str = ""                 # the swap's control service token; "": none
+
+    def secured(self) -> str:
+        """What this run needs beyond plaintext without credentials, in words ("" for nothing)."""
+        needs = []
+        if self.tls is not None:
+            needs.append("mTLS (--tls-cert/--tls-key)" if self.tls.cert else "TLS (--tls-ca)")
+        if self.token:
+            needs.append("an inference token (--token-file)")
+        return " and ".join(needs)
 
     def auto_processes(self) -> int:
         if self.processes > 0:
@@ -91,6 +118,12 @@ class BenchConfig:
         d["processes"] = self.auto_processes()
         d["mode"] = "open" if self.rate > 0 else "closed"
         d.pop("progress")
+        # Which files, never their contents; whether tokens were sent, never the tokens.
+        tls = self.tls
+        d["tls"] = None if tls is None else {"ca": str(tls.ca) if tls.ca else None,
+                                             "cert": str(tls.cert) if tls.cert else None,
+                                             "key": str(tls.key) if tls.key else None}
+        d["token"], d["control_token"] = bool(self.token), bool(self.control_token)
         return d
 
 
@@ -111,7 +144,7 @@ def _swap_driver(cfg: BenchConfig) -> SwapDriver | None:
     if cfg.swap_command:
         return swap.command_driver(cfg.swap_command)
     if cfg.control_url:
-        return swap.promote_driver(cfg.control_url)
+        return swap.promote_driver(cfg.control_url, tls=cfg.tls, token=cfg.control_token)
     raise BenchError("--swap-every needs --control-url HOST:PORT (swapserve's control service) or --swap-command")
 
 
@@ -218,16 +251,23 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
     ``cfg.client`` "auto" is resolved first (see ``resolve_client``); the summary's
     ``config.client`` names the client that ran. Raises ``BenchError`` when the workers cannot
-    start; request failures are results, not exceptions.
+    start (or a TLS file cannot be read); request failures are results, not exceptions.
     """
     from swapserve.bench.workload import build_payloads
+    from swapserve.errors import ConfigError
 
-    cfg = dataclasses.replace(cfg, client=resolve_client(cfg.client))
+    cfg = dataclasses.replace(cfg, client=resolve_client(cfg.client, secured=cfg.secured()))
+    if cfg.tls is not None:
+        try:
+            cfg.tls.pem()  # a missing or non-PEM file fails here, naming it, not in every worker
+        except ConfigError as exc:
+            raise BenchError(str(exc)) from None
     if cfg.rate <= 0 and cfg.concurrency < 1:
         raise BenchError("give --concurrency >= 1 (closed loop) or --rate > 0 (open loop)")
     driver = _swap_driver(cfg)
     payloads, _meta = build_payloads(cfg.url, cfg.model, input_data=cfg.input_data, params=cfg.params,
-                                     version=cfg.model_version, count=cfg.distinct_requests, seed=cfg.seed)
+                                     version=cfg.model_version, count=cfg.distinct_requests, seed=cfg.seed,
+                                     tls=cfg.tls, token=cfg.token)
     nproc = cfg.auto_processes()
     if cfg.rate <= 0:
         nproc = min(nproc, cfg.concurrency)
@@ -241,7 +281,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             for n in range(nproc):
                 spec = WorkerSpec(url=cfg.url, model=cfg.model, payloads=payloads, duration_s=total_s,
                                   timeout_s=cfg.timeout, concurrency=conc[n] if cfg.rate <= 0 else 0,
-                                  rate=cfg.rate, slot=n, slots=nproc, first_payload=n * 7919)
+                                  rate=cfg.rate, slot=n, slots=nproc, first_payload=n * 7919,
+                                  tls=cfg.tls, token=cfg.token)
                 workers.append(_Worker(cfg.client, spec, tmp, n))
             for w in workers:
                 w.wait_for("ready", 120)

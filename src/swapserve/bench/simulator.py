@@ -11,7 +11,8 @@ gets a random ``routing_key`` so a canary's share of keys is its share of traffi
 ``slice`` parameter), and reports every answer's true label through the Feedback service in
 small batches (labels arrive ``label_delay_s`` late; with ``token``, as that feedback
 credential's reporter; with several tokens, each report batch uses the next). Request ids are left to the server (unguessable, unique). It runs in its own thread and counts
-requests, errors, labels and answers per version.
+requests, errors, labels and answers per version. Against a TLS server pass ``tls`` (a
+``swapserve.tls.ClientTls``), and ``inference_token`` where the inference port is closed.
 """
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from swapserve._proto import feedback_pb2 as fpb
 from swapserve._proto import grpc_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from swapserve.tls import ClientTls
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 REPORT = "/swapserve.v1.Feedback/Report"
@@ -89,8 +94,13 @@ class Simulator:
 
     def __init__(self, url: str, model: str, *, rate: float = 200.0, label_delay_s: float = 0.05,
                  slices: Sequence[str] = SLICES, seed: int = 0, concurrency_cap: int = 256,
-                 token: str | Sequence[str] | None = None) -> None:
+                 token: str | Sequence[str] | None = None, tls: ClientTls | None = None,
+                 inference_token: str | None = None) -> None:
+        """``token``: feedback credential(s); ``inference_token``: the bearer token on every request;
+        ``tls``: the channel's TLS (None: plaintext)."""
         self.url, self.model, self.rate, self.label_delay_s = url, model, rate, label_delay_s
+        self.tls = tls
+        self.infer_metadata = (("authorization", f"Bearer {inference_token}"),) if inference_token else None
         tokens = [token] if isinstance(token, str) else list(token or ())
         #: Feedback metadata per report, in turn (a fleet of labellers, one credential each).
         self.metadata = [(("authorization", f"Bearer {t}"),) for t in tokens] or [None]
@@ -122,7 +132,9 @@ class Simulator:
         return req.SerializeToString(), label
 
     async def _main(self) -> None:
-        async with grpc.aio.insecure_channel(self.url) as ch:
+        channel = (grpc.aio.insecure_channel(self.url) if self.tls is None
+                   else grpc.aio.secure_channel(self.url, self.tls.channel_credentials()))
+        async with channel as ch:
             infer = ch.unary_unary(INFER, request_serializer=None, response_deserializer=None)
             report = ch.unary_unary(REPORT, request_serializer=fpb.ReportRequest.SerializeToString,
                                     response_deserializer=fpb.ReportResponse.FromString)
@@ -133,7 +145,7 @@ class Simulator:
             async def one(i: int) -> None:
                 payload, label = self._request(i)
                 try:
-                    raw = await infer(payload, timeout=30)
+                    raw = await infer(payload, timeout=30, metadata=self.infer_metadata)
                     resp = pb.ModelInferResponse.FromString(raw)
                     self.stats.ok += 1
                     self.stats.by_version[resp.model_version] += 1

@@ -53,14 +53,18 @@ def response_version(buf: bytes) -> str:
 
 
 async def make_call(spec: WorkerSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    channel = grpc.aio.insecure_channel(spec.url, options=CHANNEL_OPTIONS)
+    if spec.tls is None:
+        channel = grpc.aio.insecure_channel(spec.url, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.aio.secure_channel(spec.url, spec.tls.channel_credentials(), options=CHANNEL_OPTIONS)
     rpc = channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
     payloads = spec.payloads
     timeout = spec.timeout_s
+    metadata = spec.metadata()
 
     async def call(i: int) -> Outcome:
         try:
-            return 0, response_version(await rpc(payloads[i], timeout=timeout))
+            return 0, response_version(await rpc(payloads[i], timeout=timeout, metadata=metadata))
         except grpc.aio.AioRpcError as exc:
             return exc.code().value[0], ""
         except Exception:  # noqa: BLE001 - any client-side failure is this request's error

@@ -44,13 +44,20 @@ def _request(payload: bytes) -> dict[str, Any]:
 
 
 async def make_call(spec: WorkerSpec) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    client = aioclient.InferenceServerClient(spec.url)
+    tls = spec.tls
+    if tls is None:
+        client = aioclient.InferenceServerClient(spec.url)
+    else:  # tritonclient reads the files itself
+        client = aioclient.InferenceServerClient(
+            spec.url, ssl=True, root_certificates=str(tls.ca) if tls.ca else None,
+            private_key=str(tls.key) if tls.key else None, certificate_chain=str(tls.cert) if tls.cert else None)
     requests = [_request(p) for p in spec.payloads]
     timeout = spec.timeout_s
+    headers = dict(spec.metadata() or ()) or None
 
     async def call(i: int) -> Outcome:
         try:
-            result = await client.infer(**requests[i], client_timeout=timeout)
+            result = await client.infer(**requests[i], headers=headers, client_timeout=timeout)
             return 0, result.get_response().model_version
         except InferenceServerException as exc:
             return _CODES.get(str(exc.status()), CLIENT_ERROR), ""

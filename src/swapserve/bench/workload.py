@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
+from swapserve import tls as _tls
 from swapserve._proto import grpc_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from swapserve.tls import ClientTls
 
 NP_DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -62,14 +66,20 @@ def parse_params(items: list[str]) -> dict[str, bool | int | float | str]:
     return out
 
 
-def model_metadata(url: str, model: str, version: str = "", timeout: float = 10.0) -> dict[str, Any]:
-    """ModelMetadata over a plain generic call: {name, versions, platform, inputs:[{name, datatype, shape}]}."""
-    with grpc.insecure_channel(url) as channel:
+def model_metadata(url: str, model: str, version: str = "", timeout: float = 10.0, *,
+                   tls: ClientTls | None = None, token: str = "") -> dict[str, Any]:
+    """ModelMetadata over a plain generic call: {name, versions, platform, inputs:[{name, datatype, shape}]}.
+
+    ``tls`` and ``token`` as the workers use them (a server that closes inference asks for
+    the token here too).
+    """
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with _tls.channel(url, tls) as channel:
         rpc = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata",
                                   request_serializer=pb.ModelMetadataRequest.SerializeToString,
                                   response_deserializer=pb.ModelMetadataResponse.FromString)
         try:
-            m = rpc(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout)
+            m = rpc(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise WorkloadError(f"cannot read metadata of model '{model}' from {url}: "
                                 f"{exc.code().name}: {exc.details()}") from exc
@@ -172,12 +182,14 @@ def _from_npz(path: Path, meta_inputs: dict[str, dict[str, Any]]) -> list[dict[s
 
 
 def build_payloads(url: str, model: str, *, input_data: Path | None = None, params: dict[str, Any] | None = None,
-                   version: str = "", count: int = 64, seed: int = 0) -> tuple[list[bytes], dict[str, Any]]:
+                   version: str = "", count: int = 64, seed: int = 0, tls: ClientTls | None = None,
+                   token: str = "") -> tuple[list[bytes], dict[str, Any]]:
     """The distinct request messages of a run and the model metadata they were built from.
 
     Explicit per-request parameters in the input data override ``params`` (the ``--param`` values).
+    The metadata is read over ``tls`` with ``token`` (see ``model_metadata``).
     """
-    meta = model_metadata(url, model, version)
+    meta = model_metadata(url, model, version, tls=tls, token=token)
     meta_inputs = {t["name"]: t for t in meta["inputs"]}
     params = params or {}
     if input_data is not None:

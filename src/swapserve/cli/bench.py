@@ -2,12 +2,50 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from swapserve.cli.tlsargs import add_tls_arguments, client_tls
+
+#: Exit status of a usage error (as the control verbs): flags that cannot work together, an unreadable file.
+EXIT_USAGE = 2
+
+
+class _Usage(Exception):
+    pass
 
 
 def _versions(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _read_token(path: str, flag: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise _Usage(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    if not token:
+        raise _Usage(f"{flag} {path} is empty")
+    return token
+
+
+def inference_token(args: argparse.Namespace) -> str:
+    """--token-file, else $SWAPSERVE_INFERENCE_TOKEN, else "" (no token)."""
+    if args.token_file:
+        return _read_token(args.token_file, "--token-file")
+    return os.environ.get("SWAPSERVE_INFERENCE_TOKEN", "").strip()
+
+
+def control_token(args: argparse.Namespace) -> str:
+    """--control-token-file, else $SWAPSERVE_TOKEN, else the file $SWAPSERVE_TOKEN_FILE (as the control verbs)."""
+    if args.control_token_file:
+        return _read_token(args.control_token_file, "--control-token-file")
+    if token := os.environ.get("SWAPSERVE_TOKEN", "").strip():
+        return token
+    if path := os.environ.get("SWAPSERVE_TOKEN_FILE"):
+        return _read_token(path, "$SWAPSERVE_TOKEN_FILE")
+    return ""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--client", choices=["auto", "native", "raw", "tritonclient"], default="auto",
                    help="native: swapserve-loadgen, grpc++ generic calls on pre-serialised requests (cheapest); "
                         "raw: the same requests from Python grpc.aio; tritonclient: its aio infer(); "
-                        "auto (default): native when it is built, else raw")
+                        "auto (default): native when it is built and the run needs no TLS or token, else raw")
     p.add_argument("--processes", type=int, default=0, help="client processes (default: automatic)")
     p.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
                    help="local server process (its children count too): report server CPU per request")
@@ -38,6 +76,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--versions", type=_versions, default=[], help="versions to cycle through, e.g. 1,2")
     p.add_argument("--control-url", default="",
                    help="swapserve control service HOST:PORT (swaps promote through swapserve.cli.client)")
+    add_tls_arguments(p)  # the inference port and the control service (one certificate serves both)
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the inference bearer token, sent as 'authorization: Bearer TOKEN' on every "
+                        "request (default $SWAPSERVE_INFERENCE_TOKEN, the token itself)")
+    p.add_argument("--control-token-file", default=None, metavar="FILE",
+                   help="file holding the control service token for the swaps (default $SWAPSERVE_TOKEN, "
+                        "then the file $SWAPSERVE_TOKEN_FILE)")
     p.add_argument("--swap-command", default="",
                    help="swap with this command instead, {model} and {version} substituted (for other servers)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the summary as JSON")
@@ -53,13 +98,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from swapserve.bench import native, report
-    from swapserve.bench.runner import BenchConfig, BenchError, run_bench
+    from swapserve.bench.runner import BenchConfig, BenchError, resolve_client, run_bench
     from swapserve.bench.swap import SwapFailed
     from swapserve.bench.workload import WorkloadError, parse_params
 
     console, errors = Console(), Console(stderr=True)
-    if args.client == "auto" and native.find_binary() is None:
-        errors.print(f"[yellow]swapserve bench: {native.missing_message()}; using --client raw[/yellow]")
     try:
         cfg = BenchConfig(url=args.url, model=args.model, concurrency=args.concurrency or 1, rate=args.rate or 0.0,
                           duration=args.duration, warmup=args.warmup, timeout=args.timeout,
@@ -67,7 +110,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           params=parse_params(args.param), client=args.client, processes=args.processes,
                           server_pids=args.server_pid, swap_every=args.swap_every, versions=args.versions,
                           control_url=args.control_url, swap_command=args.swap_command,
-                          progress=sys.stdout.isatty() and not args.quiet)
+                          progress=sys.stdout.isatty() and not args.quiet, tls=client_tls(args),
+                          token=inference_token(args),
+                          control_token=control_token(args) if args.control_url else "")
+        resolve_client(cfg.client, secured=cfg.secured())  # flags that cannot work together stop here
+    except (_Usage, BenchError, WorkloadError) as exc:
+        print(f"swapserve bench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if cfg.client == "auto" and cfg.secured():
+        errors.print(f"[yellow]swapserve bench: using --client raw: the native client has no TLS and sends no "
+                     f"token, and this run needs {cfg.secured()}[/yellow]")
+    elif cfg.client == "auto" and native.find_binary() is None:
+        errors.print(f"[yellow]swapserve bench: {native.missing_message()}; using --client raw[/yellow]")
+    try:
         result = run_bench(cfg)
     except (BenchError, WorkloadError, SwapFailed) as exc:
         errors.print(f"[red]swapserve bench: {exc}[/red]")
