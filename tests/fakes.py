@@ -261,9 +261,10 @@ class FakeBatcher:
     """
 
     def __init__(self, max_rows: int = 0, preferred: list[int] | None = None, delay_us: int = 0,
-                 max_queue: int = 0, name: str = "") -> None:
+                 max_queue: int = 0, max_queue_bytes: int = 0, name: str = "") -> None:
         self.name = name
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes  # recorded, not enforced (the native batcher's tests do)
         self.closed = False
         #: (ticket, rows) of every accepted submit, in order.
         self.submitted: list[tuple[int, int]] = []
@@ -326,13 +327,18 @@ class FakeFrontend:
     The test plays the client: ``message``/``half_close``/``cancel`` queue events and wake the
     event loop through a pipe (where the real one uses an eventfd), so ``NativeServer`` reads
     them with ``drain`` exactly as it reads grpc++'s. What the server answers is recorded:
-    ``finished[call_id]``, ``written[call_id]`` (streamed messages), ``streaming`` (calls it
-    asked to read to the end). ``start`` returns ``port``; the front end is never polled.
+    ``finished[call_id]``, ``written[call_id]`` (streamed messages), ``reads[call_id]`` (how many
+    further messages it asked for). ``hold(call_id)`` makes writes to a call answer FULL (a
+    client that does not read) until ``writable(call_id)`` sends WRITABLE. ``start`` returns
+    ``port``; the front end is never polled.
     """
 
     MESSAGE: ClassVar[int] = 0
     HALF_CLOSE: ClassVar[int] = 1
     CANCELLED: ClassVar[int] = 2
+    WRITABLE: ClassVar[int] = 3
+    WRITE_QUEUED: ClassVar[int] = 1
+    WRITE_FULL: ClassVar[int] = 2
 
     def __init__(self, address: str, max_message_bytes: int, port: int = 50051) -> None:
         self.address = address
@@ -342,7 +348,8 @@ class FakeFrontend:
         self.stopped_with: float | None = None
         self.finished: dict[int, Finished] = {}
         self.written: dict[int, list[bytes]] = {}
-        self.streaming: set[int] = set()
+        self.reads: dict[int, int] = {}
+        self.held: set[int] = set()
         self._events: list[tuple[int, int, str, bytes, int]] = []
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
@@ -371,11 +378,13 @@ class FakeFrontend:
             raise AssertionError(f"call {call_id} finished twice: {self.finished[call_id]} then {code} {details!r}")
         self.finished[call_id] = Finished(code, details, last)
 
-    def write(self, call_id: int, message: bytes) -> None:
+    def write(self, call_id: int, message: bytes) -> int:
         self.written.setdefault(call_id, []).append(message)
+        return self.WRITE_FULL if call_id in self.held else self.WRITE_QUEUED
 
-    def stream(self, call_id: int) -> None:
-        self.streaming.add(call_id)
+    def read(self, call_id: int) -> bool:
+        self.reads[call_id] = self.reads.get(call_id, 0) + 1
+        return True
 
     def stop(self, grace: float) -> None:
         self.stopped_with = grace
@@ -402,6 +411,15 @@ class FakeFrontend:
     def cancel(self, call_id: int, method: str = "") -> None:
         self.send((call_id, self.CANCELLED, method, b"", 0))
 
+    def hold(self, call_id: int) -> None:
+        """From now on writes to ``call_id`` answer FULL, as for a client that stopped reading."""
+        self.held.add(call_id)
+
+    def writable(self, call_id: int, method: str = "") -> None:
+        """The held call's client read again: writes are queued, and WRITABLE is sent."""
+        self.held.discard(call_id)
+        self.send((call_id, self.WRITABLE, method, b"", 0))
+
     def close(self) -> None:
         for fd in (self._read, self._write):
             try:
@@ -417,6 +435,7 @@ class FakeFrontendModule:
     MESSAGE = FakeFrontend.MESSAGE
     HALF_CLOSE = FakeFrontend.HALF_CLOSE
     CANCELLED = FakeFrontend.CANCELLED
+    WRITABLE = FakeFrontend.WRITABLE
     POLL_OFF, POLL_IDLE, POLL_PENDING = 0, 1, 2
 
     def __init__(self) -> None:

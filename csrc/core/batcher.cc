@@ -16,11 +16,23 @@ std::chrono::steady_clock::time_point ToSteady(int64_t ns) {
 }
 }  // namespace
 
+// The refusal of a request whose bytes would pass max_queue_bytes: what is queued, what it
+// asked for, and both ways out.
+Status Batcher::BytesExhausted(const std::string& who, int64_t bytes, int64_t queued) const {
+  return Status::ResourceExhausted("queue of " + who + " holds " + std::to_string(queued) + " bytes of requests; this " +
+                                   std::to_string(bytes) + "-byte request would pass its bound of " +
+                                   std::to_string(options_.max_queue_bytes) +
+                                   " bytes (max_queue_bytes); retry later, or raise the bound: swapserve serve "
+                                   "--max-queue-bytes for every model, or the model's config parameter "
+                                   "swapserve.max_queue_bytes");
+}
+
 Status Batcher::Create(BatcherOptions o, std::unique_ptr<Batcher>* out) {
   std::string who = o.name.empty() ? "batcher" : "batcher of " + o.name;
   if (o.max_batch_rows < 0) return Status::InvalidArgument(who + ": max_batch_rows must be >= 0 (0 disables batching)");
   if (o.max_queue_delay_us < 0) return Status::InvalidArgument(who + ": max_queue_delay_us must be >= 0");
   if (o.max_queue_size < 0) return Status::InvalidArgument(who + ": max_queue_size must be >= 0 (0 = unbounded)");
+  if (o.max_queue_bytes < 0) return Status::InvalidArgument(who + ": max_queue_bytes must be >= 0 (0 = unbounded)");
   for (int64_t p : o.preferred_batch_rows) {
     if (o.max_batch_rows == 0)
       return Status::InvalidArgument(who + ": preferred_batch_rows need max_batch_rows > 0");
@@ -46,12 +58,19 @@ Status Batcher::Submit(int64_t ticket, int64_t rows, const std::vector<InputView
                                    " > max_batch_size " + std::to_string(options_.max_batch_rows) +
                                    "; split it into smaller requests");
   // Copy outside the lock: producers only contend for the enqueue itself.
-  Request r{ticket, rows, 0, deadline_ns, nullptr, {}};
+  Request r{ticket, rows, 0, deadline_ns, nullptr, {}, 0};
   size_t total = 0;
   r.sizes.reserve(inputs.size());
   for (const InputView& in : inputs) {
     r.sizes.push_back(in.size);
     total += in.size;
+  }
+  r.bytes = static_cast<int64_t>(total);
+  // Refused before the copy: the bound exists so that memory is not spent on what it refuses.
+  if (options_.max_queue_bytes > 0 && r.bytes > options_.max_queue_bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.rejected_bytes;
+    return BytesExhausted(who, r.bytes, 0);
   }
   r.data.reset(new uint8_t[total == 0 ? 1 : total]);
   size_t off = 0;
@@ -69,12 +88,17 @@ Status Batcher::Submit(int64_t ticket, int64_t rows, const std::vector<InputView
     return Status::ResourceExhausted("queue of " + who + " is full (" + std::to_string(options_.max_queue_size) +
                                      " requests); retry later or raise max_queue_size");
   }
+  if (options_.max_queue_bytes > 0 && queued_bytes_ + r.bytes > options_.max_queue_bytes) {
+    ++stats_.rejected_bytes;
+    return BytesExhausted(who, r.bytes, queued_bytes_);
+  }
   if (n_inputs_ >= 0 && static_cast<int64_t>(inputs.size()) != n_inputs_)
     return Status::InvalidArgument("request for " + who + " has " + std::to_string(inputs.size()) +
                                    " inputs but earlier requests had " + std::to_string(n_inputs_) +
                                    "; send every input the model declares");
   n_inputs_ = static_cast<int64_t>(inputs.size());
   r.enqueue_ns = MonotonicNowNs();
+  queued_bytes_ += r.bytes;
   queue_.push_back(std::move(r));
   ++stats_.submitted;
   cv_.notify_one();
@@ -92,6 +116,7 @@ int64_t Batcher::TakeExpired(int64_t now, Batch* out) {
     if (it->deadline_ns != 0 && it->deadline_ns <= now) {
       out->expired.push_back(it->ticket);
       ++stats_.expired;
+      queued_bytes_ -= it->bytes;
       it = queue_.erase(it);
     } else {
       if (it->deadline_ns != 0) earliest = std::min(earliest, it->deadline_ns);
@@ -146,6 +171,7 @@ void Batcher::NextBatch(int64_t timeout_us, Batch* out, bool* got) {
         if (due) {
           taken.reserve(take);
           for (size_t i = 0; i < take; ++i) {
+            queued_bytes_ -= queue_.front().bytes;
             taken.push_back(std::move(queue_.front()));
             queue_.pop_front();
           }

@@ -39,6 +39,7 @@ struct BatcherOptions {
   std::vector<int64_t> preferred_batch_rows;  // each in [1, max_batch_rows]
   int64_t max_queue_delay_us = 0;           // 0: dispatch whatever is queued at once
   int64_t max_queue_size = 0;               // max queued requests; 0: unbounded
+  int64_t max_queue_bytes = 0;              // max input bytes of the queued requests together; 0: unbounded
   std::string name;                         // e.g. "model 'm' version 3", used in messages
 };
 
@@ -59,7 +60,8 @@ struct Batch {
 
 struct BatcherStats {
   int64_t submitted = 0;        // requests accepted
-  int64_t rejected_full = 0;    // Submit refused because the queue was full
+  int64_t rejected_full = 0;    // Submit refused because the queue was full (max_queue_size)
+  int64_t rejected_bytes = 0;   // Submit refused because its bytes would pass max_queue_bytes
   int64_t expired = 0;          // requests reported in Batch::expired
   int64_t batches = 0;          // batches with at least one ticket
   std::map<int64_t, int64_t> rows_histogram;  // batch rows -> number of batches
@@ -77,7 +79,9 @@ class Batcher {
 
   // Copy the request's inputs into the queue. Errors: kInvalidArgument (rows out
   // of range, input count differs from earlier requests), kResourceExhausted
-  // (max_queue_size requests queued), kUnavailable (closed).
+  // (max_queue_size requests queued, or the queued input bytes with this request's
+  // would pass max_queue_bytes: a request larger than the bound is never queued),
+  // kUnavailable (closed).
   // deadline_ns: absolute MonotonicNowNs() value, 0 = none.
   Status Submit(int64_t ticket, int64_t rows, const std::vector<InputView>& inputs, int64_t deadline_ns);
 
@@ -100,6 +104,7 @@ class Batcher {
     int64_t deadline_ns;
     std::unique_ptr<uint8_t[]> data;  // owned: all inputs back to back
     std::vector<size_t> sizes;        // byte size of each input inside data
+    int64_t bytes;                    // sum of sizes: what it counts against max_queue_bytes
   };
 
   explicit Batcher(BatcherOptions options);
@@ -109,12 +114,14 @@ class Batcher {
   // Under mu_: how many front requests to take, whether due now, and when due otherwise.
   size_t Plan(int64_t now, bool* due, int64_t* due_at) const;
   bool IsPreferred(int64_t rows) const;
+  Status BytesExhausted(const std::string& who, int64_t bytes, int64_t queued) const;
 
   const BatcherOptions options_;   // immutable after Create
   int64_t largest_preferred_ = 0;  // max of preferred_batch_rows (0 if none)
   std::mutex mu_;                  // guards everything below; never held while taking the GIL
   std::condition_variable cv_;     // consumers wait here; signalled by Submit and Close
   std::deque<Request> queue_;      // owned queued requests, FIFO
+  int64_t queued_bytes_ = 0;       // sum of Request::bytes over queue_
   int64_t n_inputs_ = -1;          // inputs per request, fixed by the first accepted request
   bool closed_ = false;
   BatcherStats stats_;

@@ -329,15 +329,15 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<Batcher>(m, "Batcher", py::release_gil_before_calling_cpp_dtor())
       .def(py::init([](int64_t max_batch_rows, std::vector<int64_t> preferred, int64_t max_queue_delay_us,
-                       int64_t max_queue_size, std::string name) {
+                       int64_t max_queue_size, int64_t max_queue_bytes, std::string name) {
              BatcherOptions o{max_batch_rows, std::move(preferred), max_queue_delay_us, max_queue_size,
-                              std::move(name)};
+                              max_queue_bytes, std::move(name)};
              std::unique_ptr<Batcher> b;
              Check(Batcher::Create(std::move(o), &b));
              return b;
            }),
            py::arg("max_batch_rows"), py::arg("preferred_batch_rows"), py::arg("max_queue_delay_us"),
-           py::arg("max_queue_size"), py::arg("name") = "")
+           py::arg("max_queue_size"), py::arg("max_queue_bytes") = 0, py::arg("name") = "")
       .def("submit",
            [](Batcher& b, int64_t ticket, int64_t rows, py::sequence inputs, int64_t deadline_ns) {
              BufferViews held;
@@ -391,6 +391,7 @@ PYBIND11_MODULE(_native, m) {
         py::dict d;
         d["submitted"] = s.submitted;
         d["rejected_full"] = s.rejected_full;
+        d["rejected_bytes"] = s.rejected_bytes;
         d["expired"] = s.expired;
         d["batches"] = s.batches;
         d["rows_histogram"] = s.rows_histogram;

@@ -3,7 +3,7 @@
 //
 // Conventions (the core's, see ../bindings.cc): arguments are converted with the GIL held; the
 // GIL is released inside the body around work that may block (Start, a waiting Poll, Stop) or
-// take a call's lock (Write, Stream, Finish), kept for what takes microseconds and touches no
+// take a call's lock (Write, Read, Finish), kept for what takes microseconds and touches no
 // contended lock for long (a look without waiting, Drain). A non-OK Status raises the
 // swapserve.errors class of its code. Frontend owns threads: its destructor (which joins them)
 // runs without the GIL.
@@ -26,12 +26,17 @@ using swapserve::frontend::EventKind;
 using swapserve::frontend::Frontend;
 using swapserve::frontend::PollResult;
 using swapserve::frontend::TlsFiles;
+using swapserve::frontend::WriteResult;
 
 PYBIND11_MODULE(_frontend, m) {
   m.doc() = "Native gRPC front end (grpc++ generic async server); typed access through swapserve.native.";
   m.attr("MESSAGE") = static_cast<int>(EventKind::kMessage);
   m.attr("HALF_CLOSE") = static_cast<int>(EventKind::kHalfClose);
   m.attr("CANCELLED") = static_cast<int>(EventKind::kCancelled);
+  m.attr("WRITABLE") = static_cast<int>(EventKind::kWritable);
+  m.attr("WRITE_GONE") = static_cast<int>(WriteResult::kGone);
+  m.attr("WRITE_QUEUED") = static_cast<int>(WriteResult::kQueued);
+  m.attr("WRITE_FULL") = static_cast<int>(WriteResult::kFull);
   m.attr("POLL_OFF") = static_cast<int>(PollResult::kOff);
   m.attr("POLL_IDLE") = static_cast<int>(PollResult::kIdle);
   m.attr("POLL_PENDING") = static_cast<int>(PollResult::kPending);
@@ -109,13 +114,13 @@ PYBIND11_MODULE(_frontend, m) {
            [](Frontend& f, uint64_t id, const py::bytes& data) {
              std::string s = data;
              py::gil_scoped_release nogil;
-             return f.Write(id, std::move(s));
+             return static_cast<int>(f.Write(id, std::move(s)));
            },
            py::arg("id"), py::arg("data"))
-      .def("stream",
+      .def("read",
            [](Frontend& f, uint64_t id) {
              py::gil_scoped_release nogil;
-             return f.Stream(id);
+             return f.Read(id);
            },
            py::arg("id"))
       .def("finish",

@@ -17,14 +17,16 @@
 //     deleted once no completion is outstanding        <------- kFinished
 //
 // Independent of the state: which completions are still to come (Call::outstanding, at most one
-// read and one write at a time, as grpc++ allows, plus the done notification), and whether
-// Python reads every message of the call (Call::streaming) or only the first.
+// read and one write at a time, as grpc++ allows, plus the done notification), whether the
+// client's half-close was reported (Call::half_closed: no read follows it), and how much of the
+// call's answer grpc has not taken yet (Call::queued_write_bytes, Call::write_blocked).
 #pragma once
 
 #include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <mutex>
@@ -83,14 +85,22 @@ struct Call {
   std::mutex mu;
   CallState state = CallState::kListening;
   uint8_t outstanding = kDoneOutstanding;   // k*Outstanding bits
-  bool streaming = false;                   // Python wants every message (client streaming), not just the first
+  bool half_closed = false;                 // kHalfClose was pushed: Frontend::Read refuses further reads
   grpc::ByteBuffer read_buf;                // target of the outstanding read
   std::deque<grpc::ByteBuffer> writes;      // owned messages waiting behind the write in flight
+  size_t writing_bytes = 0;                 // bytes of the write in flight (kWriteOutstanding), else 0
+  size_t queued_write_bytes = 0;            // bytes of writes + writing_bytes: what grpc has not taken yet
+  bool write_blocked = false;               // Write answered kFull: kWritable is pushed once the queue drained
   grpc::Status final_status;                // set with kFinishPending
   int64_t deadline_ns = 0;                  // CLOCK_MONOTONIC ns; 0 = none. Set on arrival
   std::string method;                       // set on arrival
 
   bool finish_requested() const { return state >= CallState::kFinishPending; }
+  // Drop the messages waiting behind the write in flight (the client is gone, or an error ends the call).
+  void ClearWrites() {
+    writes.clear();
+    queued_write_bytes = writing_bytes;
+  }
   // No completion of this call can arrive any more: it may be deleted.
   bool releasable() const {
     return outstanding == 0 && (state == CallState::kFinished || state == CallState::kListening);

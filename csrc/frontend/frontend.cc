@@ -282,15 +282,18 @@ std::vector<Event> Frontend::Drain() {
   return out;
 }
 
-bool Frontend::Write(uint64_t id, std::string data) {
+WriteResult Frontend::Write(uint64_t id, std::string data) {
   std::shared_lock<std::shared_mutex> ops(ops_mu_);
-  if (closed_) return false;
+  if (closed_) return WriteResult::kGone;
   std::unique_lock<std::mutex> lock;
   Call* c = Find(id, &lock);
-  if (c == nullptr || c->finish_requested()) return false;
+  if (c == nullptr || c->finish_requested()) return WriteResult::kGone;
+  c->queued_write_bytes += data.size();
   c->writes.push_back(ToBuffer(std::move(data)));
   PumpLocked(c);
-  return true;
+  if (c->writes.size() < kMaxQueuedWrites && c->queued_write_bytes < kMaxQueuedWriteBytes) return WriteResult::kQueued;
+  c->write_blocked = true;
+  return WriteResult::kFull;
 }
 
 bool Frontend::CallInfo(uint64_t id, std::string* peer,
@@ -324,17 +327,14 @@ bool Frontend::AuthInfo(uint64_t id, std::vector<std::pair<std::string, std::str
   return true;
 }
 
-bool Frontend::Stream(uint64_t id) {
+bool Frontend::Read(uint64_t id) {
   std::shared_lock<std::shared_mutex> ops(ops_mu_);
   if (closed_) return false;
   std::unique_lock<std::mutex> lock;
   Call* c = Find(id, &lock);
-  if (c == nullptr || c->streaming) return false;
-  c->streaming = true;
-  if (!(c->outstanding & kReadOutstanding) && c->state < CallState::kFinishing) {
-    c->outstanding |= kReadOutstanding;
-    c->stream.Read(&c->read_buf, &c->read_tag);
-  }
+  if (c == nullptr || c->half_closed || (c->outstanding & kReadOutstanding) || c->finish_requested()) return false;
+  c->outstanding |= kReadOutstanding;
+  c->stream.Read(&c->read_buf, &c->read_tag);
   return true;
 }
 
@@ -344,9 +344,14 @@ bool Frontend::Finish(uint64_t id, int code, std::string details, std::optional<
   std::unique_lock<std::mutex> lock;
   Call* c = Find(id, &lock);
   if (c == nullptr || c->finish_requested()) return false;
-  if (last) c->writes.push_back(ToBuffer(std::move(*last)));
   c->state = CallState::kFinishPending;
   c->final_status = grpc::Status(static_cast<grpc::StatusCode>(code), std::move(details));
+  if (!c->final_status.ok()) {
+    c->ClearWrites();  // an error status carries no message: free them now, not behind a stalled write
+  } else if (last) {
+    c->queued_write_bytes += last->size();
+    c->writes.push_back(ToBuffer(std::move(*last)));
+  }
   PumpLocked(c);
   return true;
 }
@@ -389,7 +394,7 @@ void Frontend::PumpLocked(Call* c) {
       c->state >= CallState::kFinishing)
     return;
   if (c->state == CallState::kFinishPending) {
-    if (!c->final_status.ok()) c->writes.clear();  // an error status carries no message
+    if (!c->final_status.ok()) c->ClearWrites();  // an error status carries no message
     if (c->writes.empty()) {
       c->state = CallState::kFinishing;
       c->stream.Finish(c->final_status, &c->finish_tag);
@@ -407,6 +412,7 @@ void Frontend::PumpLocked(Call* c) {
     c->outstanding |= kWriteOutstanding;
     grpc::ByteBuffer next = std::move(c->writes.front());
     c->writes.pop_front();
+    c->writing_bytes = next.Length();
     c->stream.Write(next, &c->write_tag);
   }
 }
@@ -498,20 +504,24 @@ void Frontend::OnCompletion(Call* c, Op op, bool ok) {
           Event e{c->id, EventKind::kMessage, c->method, ToString(c->read_buf), c->deadline_ns};
           c->read_buf.Clear();
           if (c->state == CallState::kArrived) c->state = CallState::kDelivered;
-          Push(std::move(e));
-          if (c->streaming && c->state < CallState::kFinishing && !closed_) {
-            c->outstanding |= kReadOutstanding;
-            c->stream.Read(&c->read_buf, &c->read_tag);
-          }
+          Push(std::move(e));  // the next read waits for Python's Read: it has room for one more
         } else if (!c->finish_requested()) {  // the client is done sending (maybe without a message)
           c->state = CallState::kDelivered;
+          c->half_closed = true;
           Push(Event{c->id, EventKind::kHalfClose, c->method, std::string(), c->deadline_ns});
         }
         break;
       case Op::kWrite:
         c->outstanding &= ~kWriteOutstanding;
-        if (!ok) c->writes.clear();  // the client is gone; the done notification follows
+        c->queued_write_bytes -= c->writing_bytes;
+        c->writing_bytes = 0;
+        if (!ok) c->ClearWrites();  // the client is gone; the done notification follows (kCancelled)
         PumpLocked(c);
+        if (ok && c->write_blocked && !c->finish_requested() && c->writes.size() <= kMaxQueuedWrites / 2 &&
+            c->queued_write_bytes <= kMaxQueuedWriteBytes / 2) {
+          c->write_blocked = false;
+          Push(Event{c->id, EventKind::kWritable, c->method, std::string(), c->deadline_ns});
+        }
         break;
       case Op::kFinish:
         c->state = CallState::kFinished;

@@ -25,29 +25,36 @@
 //     second thread: on a small machine those wake-ups cost more CPU than the request itself.
 //
 // EVENTS AND ANSWERS (guarantees Python relies on)
-//   * Every call gets a kMessage event for its first request message. A call Python marks as
-//     client streaming (Stream) gets one per further message and kHalfClose when the client is
-//     done sending (unary calls are not read again: one completion-queue round trip less).
+//   * Every call gets a kMessage event for its first request message. Further messages are read
+//     only when Python asks (Read, once per message it has room for): each Read is answered by
+//     a kMessage, or by kHalfClose when the client is done sending. Until then grpc++ reads no
+//     more of the call, so a client that sends faster than the server works is held back by
+//     HTTP/2 flow control instead of filling memory (unary calls are never read again).
+//   * Write queues a message behind the one in flight. It answers kFull when the call then holds
+//     kMaxQueuedWrites messages or kMaxQueuedWriteBytes bytes grpc has not taken (a client that
+//     does not read its responses); Python writes no more to that call until kWritable, pushed
+//     once the queue has drained to half of both. A call's queued answer is thus bounded by
+//     about kMaxQueuedWriteBytes plus one message.
 //   * A call Python was told about gets kCancelled when the client went away or the deadline
 //     passed, unless Python already finished it.
 //   * Python finishes every call it was told about exactly once; calls cancelled before Python
-//     saw them are finished here.
-//   * grpc++ allows one outstanding read and one outstanding write per call: reads are chained
-//     here, writes queue per call and the finish waits for them to drain.
+//     saw them are finished here. An error status drops the writes still queued.
+//   * grpc++ allows one outstanding read and one outstanding write per call: reads wait for
+//     Python, writes queue per call and the finish waits for them to drain.
 //
 // LOCK ORDER (a thread holding a lock takes only locks to its right):
 //
 //   stop_mu_ -> ops_mu_ -> calls_mu_ -> Call::mu -> events_mu_
 //                     \-> listen_mu_ (taken alone under ops_mu_ or stop_mu_, nothing inside it)
 //
-//   Python's Write/Stream/Finish (Find) and the completion of a new call (OnRequest) both take
+//   Python's Write/Read/Finish (Find) and the completion of a new call (OnRequest) both take
 //   calls_mu_ before the call's mutex; nothing takes calls_mu_ while holding a Call::mu.
 //   Release erases under calls_mu_, then takes Call::mu alone to let a Find that won the race
 //   finish. The GIL is outside this order: no thread of the front end ever takes it, so Python
 //   may hold it while it waits for any of these (Drain and Poll(0) do).
 //
-// ERRORS are Status values (../status.h): Create, Start and Watch report them; Write, Stream
-// and Finish answer false when the call is gone (the client left, or it was finished): that is
+// ERRORS are Status values (../status.h): Create, Start and Watch report them; Write (kGone), Read
+// and Finish (false) answer so when the call is gone (the client left, or it was finished): that is
 // not an error, Python simply drops its answer.
 #pragma once
 
@@ -55,6 +62,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -74,7 +82,11 @@ namespace frontend {
 struct Call;             // call.h
 enum class Op : uint8_t;  // call.h
 
-enum class EventKind : int { kMessage = 0, kHalfClose = 1, kCancelled = 2 };
+enum class EventKind : int { kMessage = 0, kHalfClose = 1, kCancelled = 2, kWritable = 3 };
+
+// What Write did with a message: kGone (dropped: the call is gone or finished), kQueued, or
+// kFull (queued, and the call now holds as much as it may: wait for kWritable before the next).
+enum class WriteResult : int { kGone = 0, kQueued = 1, kFull = 2 };
 
 // What Drain reports: one thing that happened to one call.
 struct Event {
@@ -101,7 +113,7 @@ struct TlsFiles {
 };
 
 // Thread-safety: Poll, Watch and Drain are called by the event loop's thread only; Write,
-// Stream and Finish by any thread; Stop by any one thread (it may block for the grace period).
+// Read and Finish by any thread; Stop by any one thread (it may block for the grace period).
 class Frontend {
  public:
   // Creates the descriptors the front end needs for its whole life (the eventfd behind fd(),
@@ -148,11 +160,13 @@ class Frontend {
   // (empty without TLS). Read on demand, like CallInfo. False when the call is gone.
   bool AuthInfo(uint64_t id, std::vector<std::pair<std::string, std::string>>* properties);
 
-  // Send one response message (streaming responses). False when the call is gone or finished.
-  bool Write(uint64_t id, std::string data);
-  // A client-streaming call: read every message (and report the half-close), not only the
-  // first. False when the call is gone or already streaming.
-  bool Stream(uint64_t id);
+  // Queue one response message (streaming responses): kGone when the call is gone or finished,
+  // kFull when Python must wait for kWritable before writing the next (see EVENTS AND ANSWERS).
+  WriteResult Write(uint64_t id, std::string data);
+  // A client-streaming call: read its next message (kMessage) or half-close (kHalfClose). False,
+  // and nothing read, when the call is gone or finishing, a read is outstanding, or the
+  // half-close was already reported.
+  bool Read(uint64_t id);
   // End the call with ``code`` (a grpc::StatusCode) and ``details``; ``last``, when given, is
   // sent as the final message with it (dropped for an error status). False when the call is
   // gone or was already finished.
@@ -165,6 +179,11 @@ class Frontend {
  private:
   static constexpr int kListening = 16;  // calls always waiting for the next client
   static constexpr unsigned kTlsRefreshS = 1;  // how often grpc++ looks at the TLS files
+  // A call's answer grpc has not taken yet, at most (beyond it Write answers kFull). Enough to keep
+  // a reading client's stream busy between two turns of the event loop; a client that does not
+  // read holds at most this (and one message) here.
+  static constexpr size_t kMaxQueuedWrites = 64;
+  static constexpr size_t kMaxQueuedWriteBytes = size_t{1} << 20;
 
   Frontend(std::string address, int max_message_bytes, int efd, int watch_epoll, int watch_stop, TlsFiles tls);
   std::shared_ptr<grpc::ServerCredentials> Credentials() const;

@@ -43,6 +43,7 @@ class Batcher:
         preferred_batch_rows: list[int],
         max_queue_delay_us: int,
         max_queue_size: int,
+        max_queue_bytes: int = 0,
         name: str = "",
     ) -> None: ...
     def submit(self, ticket: int, rows: int, inputs: Sequence[Any], deadline_ns: int = 0) -> None: ...

@@ -13,6 +13,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Requests queued per serving version before the server answers RESOURCE_EXHAUSTED.
 DEFAULT_MAX_QUEUE_SIZE = 4096
+#: Input bytes queued per serving version before the server answers RESOURCE_EXHAUSTED
+#: (--max-queue-bytes; a model's parameter ``swapserve.max_queue_bytes`` sets its own). Four
+#: requests of the default message limit: a queue always takes a few of the largest requests,
+#: while 4096 queued requests can no longer hold 4096 messages' worth; docs/serving.md "Limits".
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
+#: Requests of one ModelStreamInfer stream read and not yet answered (--stream-max-inflight): at
+#: the limit the server stops reading the stream until the client takes a response. Enough to
+#: fill a batch of most models from one stream; docs/serving.md "Limits".
+DEFAULT_STREAM_MAX_INFLIGHT = 64
+#: Response bytes of one stream waiting for its client (--stream-max-queued-bytes); beyond them
+#: the stream ends RESOURCE_EXHAUSTED. Within the in-flight limit only responses of 1 MiB and
+#: more on average get there.
+DEFAULT_STREAM_MAX_QUEUED_BYTES = 64 * 1024 * 1024
 #: How long a worker waits for a batch before checking for shutdown (microseconds).
 WORKER_POLL_US = 100_000
 #: Largest gRPC message on the inference port by default (--grpc-max-message-bytes raises it).
@@ -91,6 +104,19 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=2**31 - 1)
     """Largest request or response message on the inference port (default 64 MiB); larger ones get
     RESOURCE_EXHAUSTED. gRPC's limit is a 32-bit signed int, hence the ceiling."""
+
+    max_queue_bytes: int = Field(default=DEFAULT_MAX_QUEUE_BYTES, gt=0)
+    """Input bytes queued per serving version, all requests together (default 256 MiB); a request
+    that would pass it gets RESOURCE_EXHAUSTED. A model's config parameter
+    ``swapserve.max_queue_bytes`` sets its own bound instead."""
+
+    stream_max_inflight: int = Field(default=DEFAULT_STREAM_MAX_INFLIGHT, ge=1)
+    """Requests of one ModelStreamInfer stream read and not yet answered (default 64); at the limit
+    the server reads no more of the stream until its client takes a response (back-pressure)."""
+
+    stream_max_queued_bytes: int = Field(default=DEFAULT_STREAM_MAX_QUEUED_BYTES, gt=0)
+    """Response bytes of one stream waiting for its client to read them (default 64 MiB); beyond
+    them the stream ends RESOURCE_EXHAUSTED."""
 
     frontend: Frontend = Frontend.AUTO
     """Inference port transport: auto (native when built), native (grpc++) or python (grpc.aio)."""

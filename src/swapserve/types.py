@@ -94,6 +94,7 @@ class ModelSpec:
     default_model_filename: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
     warmup: tuple[WarmupSample, ...] = ()
+    max_queue_bytes: int = 0  # parameter swapserve.max_queue_bytes; 0: the server's --max-queue-bytes
 
     @property
     def batching(self) -> bool:

@@ -2,18 +2,22 @@
 
 Through the real server on both inference-port transports: duplicate requested outputs, typed
 contents (size limit, checked against the model before decoding, decoded off the event loop),
-the default message limit and its flag, and unknown method paths (nothing kept per path).
+the default message limit and its flag, unknown method paths (nothing kept per path),
+ModelStreamInfer back-pressure and its cap on unread responses, and queue bounds in bytes.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
@@ -23,6 +27,32 @@ from tests.e2e.serverproc import ServerProcess, copy_models
 MiB = 1024 * 1024
 #: swapserve.server.converters.MAX_TYPED_CONTENTS_BYTES (e2e tests never import swapserve._proto's users).
 MAX_TYPED_CONTENTS_BYTES = 4 * MiB
+#: swapserve.config.DEFAULT_STREAM_MAX_QUEUED_BYTES.
+STREAM_MAX_QUEUED_BYTES = 64 * MiB
+
+WIDE_CONFIG = """name: "{name}"
+platform: "pytorch_libtorch"
+max_batch_size: 8
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {floats} ] }} ]
+"""
+
+
+class Wide(torch.nn.Module):
+    """Each row's one value, repeated ``floats`` times: a tiny request with a large response."""
+
+    def __init__(self, floats: int) -> None:
+        super().__init__()
+        self.floats = floats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand([x.shape[0], self.floats]).contiguous()
+
+
+def make_wide(repo: Path, name: str, floats: int) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(WIDE_CONFIG.format(name=name, floats=floats))
+    torch.jit.script(Wide(floats)).save(str(repo / name / "1" / "model.pt"))
 
 
 @pytest.fixture(scope="module", params=["native", "python"])
@@ -33,6 +63,8 @@ def srv(request: pytest.FixtureRequest, example_repo: Path,
             pytest.fail("the native front end is not built; scripts/dev setup installs grpc++ and builds it")
         pytest.skip("the native front end is not built (no grpc++ at install)")
     repo = copy_models(example_repo, tmp_path_factory.mktemp("repo"), ["simple", "digits", "convnet"])
+    make_wide(repo, "wide", 16 * 1024)  # 64 KiB per response
+    make_wide(repo, "wider", 512 * 1024)  # 2 MiB per response
     with ServerProcess(repo, "--frontend", request.param) as proc:
         yield proc
 
@@ -54,6 +86,15 @@ def typed_request(model: str, name: str, shape: list[int], values: np.ndarray) -
     req = service_pb2.ModelInferRequest(model_name=model)
     t = req.inputs.add(name=name, datatype="FP32", shape=shape)
     t.contents.fp32_contents.extend(values.astype(np.float32).ravel().tolist())
+    return req
+
+
+def wide_request(model: str, i: int, tag: str = "r") -> service_pb2.ModelInferRequest:
+    """Request ``i`` of a stream; ``tag`` keeps ids unique across streams (the server refuses a
+    request id it already logged a prediction for)."""
+    req = service_pb2.ModelInferRequest(model_name=model, id=f"{tag}{i}")
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    req.raw_input_contents.append(np.float32(i).tobytes())
     return req
 
 
@@ -158,3 +199,96 @@ def test_unknown_methods_are_unimplemented_and_keep_no_memory(srv: ServerProcess
     grown = rss_bytes(srv.proc.pid) - before
     channel.close()
     assert grown < 8 * MiB, f"4000 more unknown methods grew the server's RSS by {grown / MiB:.1f} MiB"
+
+
+def test_a_stream_client_that_never_reads_cannot_grow_the_server(
+        srv: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+    """Before (both transports): one task per message, Read re-armed at once, unbounded result and
+    write queues: the 2000 unread 64 KiB responses below grew the server by more than 125 MiB."""
+    assert srv.proc is not None
+    stub = client._client_stub
+    # A stream read to the end first: buffers and allocator arenas at their high-water mark.
+    warm = list(stub.ModelStreamInfer(iter([wide_request("wide", i, "warm") for i in range(200)]), timeout=60))
+    assert len(warm) == 200 and not any(r.error_message for r in warm)
+    n = 2000
+    before = rss_bytes(srv.proc.pid)
+    responses = stub.ModelStreamInfer(iter([wide_request("wide", i) for i in range(n)]), timeout=120)
+    grown = 0
+    for _ in range(16):  # 4 s unread; old servers had answered (and kept) all of them by then
+        time.sleep(0.25)
+        grown = max(grown, rss_bytes(srv.proc.pid) - before)
+        if grown > 48 * MiB:
+            break
+    # Other clients are served while the stream waits for its reader.
+    assert client.infer("digits", digits_input()).as_numpy("probabilities").shape == (1, 10)
+    other = list(stub.ModelStreamInfer(iter([wide_request("wide", i, "other") for i in range(3)]), timeout=30))
+    assert len(other) == 3 and not any(r.error_message for r in other)
+    assert grown < 48 * MiB, f"{n} unread stream responses grew the server's RSS by {grown / MiB:.1f} MiB"
+    # Back-pressure loses nothing: reading now returns every answer, once.
+    ids = []
+    for r in responses:
+        assert not r.error_message, r.error_message
+        assert len(r.infer_response.raw_output_contents[0]) == 64 * 1024
+        ids.append(r.infer_response.id)
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n))
+
+
+def test_unread_responses_past_the_byte_limit_end_the_stream_resource_exhausted(
+        srv: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+    """Before: unbounded: the 100 unread 2 MiB responses below made the server hold 200 MiB.
+
+    64 in flight at 2 MiB each pass the default 64 MiB of unread responses: the stream ends with
+    RESOURCE_EXHAUSTED naming the flag, after what the transport had already taken."""
+    responses = client._client_stub.ModelStreamInfer(iter([wide_request("wider", i, "wider") for i in range(100)]),
+                                                     timeout=120)
+    time.sleep(3)  # the client does not read
+    got = 0
+    with pytest.raises(grpc.RpcError) as err:
+        for r in responses:
+            assert not r.error_message, r.error_message
+            got += 1
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "--stream-max-queued-bytes" in err.value.details() and str(STREAM_MAX_QUEUED_BYTES) in err.value.details()
+    assert got < 64
+    assert client.infer("digits", digits_input()).as_numpy("probabilities").shape == (1, 10)
+
+
+def images(rows: int) -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput("image", [rows, 1, 32, 32], "FP32")
+    inp.set_data_from_numpy(np.zeros((rows, 1, 32, 32), np.float32))
+    return [inp]
+
+
+def test_a_queue_over_its_byte_bound_answers_resource_exhausted_naming_it(example_repo: Path, tmp_path: Path) -> None:
+    """Before: queues counted requests only (4096 per version, whatever their size)."""
+    repo = copy_models(example_repo, tmp_path / "repo", ["convnet"])
+    copy_models(repo, tmp_path / "big", ["convnet"])
+    (tmp_path / "big" / "convnet").rename(repo / "convnet_big")
+    config = (repo / "convnet_big" / "config.pbtxt").read_text().replace('name: "convnet"', 'name: "convnet_big"')
+    (repo / "convnet_big" / "config.pbtxt").write_text(
+        config + 'parameters { key: "swapserve.max_queue_bytes" value: { string_value: "1MiB" } }\n')
+    with ServerProcess(repo, "--max-queue-bytes", str(64 * 1024)) as proc:
+        c = grpcclient.InferenceServerClient(proc.url)
+        with pytest.raises(InferenceServerException) as err:  # 32 images are 128 KiB: more than the bound
+            c.infer("convnet", images(32))
+        assert "RESOURCE_EXHAUSTED" in str(err.value.status())
+        message = err.value.message()
+        assert "model 'convnet' version 1" in message and "bound of 65536 bytes" in message
+        assert "--max-queue-bytes" in message and "swapserve.max_queue_bytes" in message
+        assert c.infer("convnet_big", images(32)).as_numpy("logits").shape == (32, 10)  # its own bound: 1 MiB
+        # 40 requests of 16 KiB at once: the queue takes four at a time, the rest are refused.
+        results: list[object] = []
+        done = threading.Semaphore(0)
+
+        def callback(result: object, error: object) -> None:
+            results.append(error if error is not None else result)
+            done.release()
+
+        for _ in range(40):
+            c.async_infer("convnet", images(4), callback)
+        for _ in range(40):
+            assert done.acquire(timeout=60)
+        refused = [r for r in results if isinstance(r, InferenceServerException)]
+        assert refused and len(refused) < 40
+        assert all("RESOURCE_EXHAUSTED" in str(r.status()) and "max_queue_bytes" in r.message() for r in refused)
+        c.close()

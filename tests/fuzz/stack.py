@@ -76,8 +76,9 @@ def _load_backend(spec: Any, path: Any, device: str) -> Any:
     return backend_class(spec.platform).load(spec, path, device)
 
 
-def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, name: str) -> Batcher:
-    return Batcher(max_rows, preferred, delay_us, max_queue, name=name)
+def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, max_queue_bytes: int,
+             name: str) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue, max_queue_bytes, name=name)
 
 
 @dataclass

@@ -27,6 +27,7 @@ using swapserve::Status;
 using swapserve::frontend::Event;
 using swapserve::frontend::EventKind;
 using swapserve::frontend::Frontend;
+using swapserve::frontend::WriteResult;
 
 namespace {
 
@@ -122,7 +123,7 @@ void RunMode(bool polled, int calls) {
   stopper.join();
   stop.store(true);
   loop.join();
-  if (f->Write(1, "late") || f->Finish(1, 0, "", std::nullopt)) Fail("an operation after Stop was accepted");
+  if (f->Write(1, "late") != WriteResult::kGone || f->Finish(1, 0, "", std::nullopt)) Fail("an operation after Stop was accepted");
   f.reset();
   std::printf("  %s: %d calls\n", polled ? "polled" : "threaded", calls);
 }

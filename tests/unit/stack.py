@@ -24,8 +24,9 @@ from tests.fakes import FakeClock, FakeLoader, write_model
 MODEL_BYTES = 1000
 
 
-def native_batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, name: str) -> Batcher:
-    return Batcher(max_rows, preferred, delay_us, max_queue, name=name)
+def native_batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, max_queue_bytes: int,
+                   name: str) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue, max_queue_bytes, name=name)
 
 
 @dataclass

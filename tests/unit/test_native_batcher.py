@@ -128,6 +128,46 @@ def test_queue_bound_raises_resource_exhausted() -> None:
     assert b.pending() == 2 and b.stats()["rejected_full"] == 1
 
 
+def test_queue_byte_bound_refuses_what_would_pass_it_naming_the_bound() -> None:
+    """Before: only requests were counted, so 4096 queued requests could hold 4096 messages' bytes."""
+    b = Batcher(8, [], 0, 0, 10, name="model 'm' version 3")
+    b.submit(1, 1, [b"aaaa", b"bb"])  # 6 bytes
+    b.submit(2, 1, [b"a", b"bbb"])  # 10: exactly the bound
+    with pytest.raises(ResourceExhausted) as err:
+        b.submit(3, 1, [b"a", b""])
+    message = err.value.message
+    assert "model 'm' version 3" in message and "holds 10 bytes" in message and "bound of 10 bytes" in message
+    assert "--max-queue-bytes" in message and "swapserve.max_queue_bytes" in message
+    assert b.pending() == 2 and b.stats()["rejected_bytes"] == 1 and b.stats()["rejected_full"] == 0
+    got = b.next_batch(SECOND_US)  # a dispatched batch frees its bytes
+    assert got is not None and got.tickets == [1, 2]
+    b.submit(4, 1, [b"aaaaa", b"bbbbb"])
+    with pytest.raises(ResourceExhausted):
+        b.submit(5, 1, [b"a", b""])
+
+
+def test_a_request_larger_than_the_byte_bound_is_never_queued() -> None:
+    b = Batcher(0, [], 0, 0, 8, name="model 'm' version 1")
+    with pytest.raises(ResourceExhausted, match="holds 0 bytes of requests; this 9-byte request"):
+        b.submit(1, 1, [b"x" * 9])
+    assert b.pending() == 0
+    b.submit(2, 1, [b"x" * 8])
+    assert b.pending() == 1
+
+
+def test_expired_requests_free_their_bytes() -> None:
+    b = Batcher(8, [], 10 * SECOND_US, 0, 4)
+    b.submit(1, 1, [b"abcd"], deadline_ns=time.monotonic_ns() + 1_000_000)
+    with pytest.raises(ResourceExhausted):
+        b.submit(2, 1, [b"a"])
+    time.sleep(0.01)
+    got = b.next_batch(SECOND_US)
+    assert got is not None and got.expired == [1]
+    b.submit(3, 1, [b"wxyz"])  # room again
+    with pytest.raises(InvalidInput, match="max_queue_bytes"):
+        Batcher(8, [], 0, 0, -1)
+
+
 def test_oversize_and_malformed_requests_are_invalid() -> None:
     b = Batcher(4, [], 0, 0, name="model 'm' version 1")
     with pytest.raises(InvalidInput, match="max_batch_size 4"):

@@ -87,6 +87,17 @@ def handlers(probe: Probe) -> dict[str, grpc.RpcMethodHandler]:
         for i in range(int(request)):
             yield str(i)
 
+    async def tell(request: str, context: Any) -> None:  # writes as grpcio's health Watch does
+        for i in range(int(request)):
+            await context.write(str(i))
+
+    async def pace(requests: AsyncIterator[str], context: Any) -> str:  # works on each message until let go
+        seen = []
+        async for r in requests:
+            seen.append(r)
+            await probe.gate.wait()
+        return "+".join(seen)
+
     def unary(fn: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=decode, response_serializer=encode)
 
@@ -96,6 +107,8 @@ def handlers(probe: Probe) -> dict[str, grpc.RpcMethodHandler]:
         "Join": grpc.stream_unary_rpc_method_handler(join, request_deserializer=decode, response_serializer=encode),
         "Count": grpc.unary_stream_rpc_method_handler(count, request_deserializer=decode,
                                                       response_serializer=encode),
+        "Tell": grpc.unary_stream_rpc_method_handler(tell, request_deserializer=decode, response_serializer=encode),
+        "Pace": grpc.stream_unary_rpc_method_handler(pace, request_deserializer=decode, response_serializer=encode),
     }
 
 
@@ -226,12 +239,65 @@ def test_client_and_server_streams(module: FakeFrontendModule) -> None:
         fe.message(1, method("Join"), b"c")
         for _ in range(5):
             await asyncio.sleep(0)
-        assert 1 not in fe.finished and 1 in fe.streaming  # waiting for the client to finish sending
+        assert 1 not in fe.finished  # waiting for the client to finish sending
+        assert fe.reads[1] == 3  # one further message asked for per message handed to the handler
         fe.half_close(1, method("Join"))
         assert await answer(fe, 1) == Finished(OK, "", b"a+b+c")
         fe.message(2, method("Count"), b"3")
         assert await answer(fe, 2) == Finished(OK, "", None)
         assert fe.written[2] == [b"0", b"1", b"2"]
+        await server.stop(0)
+
+    run(scenario())
+
+
+async def turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_a_stream_is_read_only_as_fast_as_its_handler_takes_messages(module: FakeFrontendModule) -> None:
+    """Before: every message was read at once (the front end re-armed its read after each), so a
+    handler that fell behind had the whole stream queued in memory."""
+    probe = Probe()
+
+    async def scenario() -> None:
+        server, fe = await serve(module, probe)
+        fe.message(1, method("Pace"), b"a")
+        await turns()
+        assert fe.reads.get(1) == 1  # the handler took "a": one more message is read ahead
+        fe.message(1, method("Pace"), b"b")  # that read's answer
+        await turns()
+        assert fe.reads[1] == 1  # the handler is still busy with "a": nothing more is read
+        probe.gate.set()
+        await turns()
+        assert fe.reads[1] == 2  # it took "b": the next read
+        fe.half_close(1, method("Pace"))
+        assert await answer(fe, 1) == Finished(OK, "", b"a+b")
+        assert fe.reads[1] == 2  # never asked past the end
+        await server.stop(0)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("name", ["Count", "Tell"])
+def test_a_streamed_answer_waits_while_the_front_end_is_full(module: FakeFrontendModule, name: str) -> None:
+    """Before: every message was queued in the front end whether or not the client read them."""
+    async def scenario() -> None:
+        server, fe = await serve(module, Probe())
+        fe.hold(1)  # a client that does not read: every write answers FULL
+        fe.message(1, method(name), b"4")
+        await turns()
+        assert fe.written[1] == [b"0"] and 1 not in fe.finished  # the handler waits for room
+        fe.writable(1, method(name))
+        assert await answer(fe, 1) == Finished(OK, "", None)
+        assert fe.written[1] == [b"0", b"1", b"2", b"3"]
+        fe.hold(2)
+        fe.message(2, method(name), b"4")
+        await turns()
+        fe.cancel(2, method(name))  # the client left while the handler waited
+        assert await answer(fe, 2) == Finished(CANCELLED, "cancelled", None)
+        assert fe.written[2] == [b"0"]
         await server.stop(0)
 
     run(scenario())

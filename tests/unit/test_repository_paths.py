@@ -146,6 +146,8 @@ def test_directories_that_are_not_model_names_are_not_listed(tmp_path: Path) -> 
     ('version_policy: { specific: { versions: [ 1 ] } }\nmodel_warmup [ { name: "w" count: 2000000000 '
      'inputs { key: "x" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]\n', "count"),
     ("max_batch_size: oops\n", "max_batch_size"),
+    ('parameters { key: "swapserve.max_queue_bytes" value: { string_value: "lots" } }\n', "swapserve.max_queue_bytes"),
+    ('parameters { key: "swapserve.max_queue_bytes" value: { string_value: "0" } }\n', "at least 1 byte"),
 ])
 def test_anything_wrong_in_a_model_directory_is_that_models_reason(tmp_path: Path, extra: str, reason: str) -> None:
     repo = tmp_path / "repo"
@@ -178,3 +180,11 @@ def test_a_warmup_file_inside_the_model_directory_is_read(tmp_path: Path) -> Non
     (repo / "m" / "warmup" / "x.bin").write_bytes(b"\0" * 16)
     entry = ModelRepository(repo).entry("m")
     assert entry.spec is not None and entry.spec.warmup[0].inputs["x"].shape == (1, 4)
+
+
+@pytest.mark.parametrize("value,expected", [("1MiB", 1 << 20), ("5000", 5000), (None, 0)])
+def test_a_model_sets_its_own_queue_byte_bound(tmp_path: Path, value: str | None, expected: int) -> None:
+    extra = f'parameters {{ key: "swapserve.max_queue_bytes" value: {{ string_value: "{value}" }} }}\n' if value else ""
+    write_model(tmp_path / "repo", "m", extra=extra)
+    spec = ModelRepository(tmp_path / "repo").scan()["m"].spec
+    assert spec is not None and spec.max_queue_bytes == expected  # 0: the server's --max-queue-bytes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Coroutine
@@ -29,8 +30,9 @@ def spec(execution: str = "thread", *, max_batch_size: int = 8, warmup: tuple[Wa
                      parameters={"swapserve.execution": execution, **params})
 
 
-def native_batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, name: str) -> Batcher:
-    return Batcher(max_rows, preferred, delay_us, max_queue, name=name)
+def native_batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, max_queue_bytes: int,
+                   name: str) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue, max_queue_bytes, name=name)
 
 
 def runtime(s: ModelSpec, backend: FakeBackend | None = None, batcher: BatcherFactory = native_batcher,
@@ -185,6 +187,32 @@ def test_a_full_queue_refuses_the_request_that_does_not_fit() -> None:
         rt.close()
     assert [type(r) for r in results[:2]] == [tuple, tuple]
     assert isinstance(results[2], ResourceExhausted)
+
+
+@pytest.mark.parametrize("where", ["config", "server"])
+def test_the_byte_bound_refuses_the_request_that_does_not_fit(where: str) -> None:
+    """The model's parameter swapserve.max_queue_bytes (parsed into the spec) wins over the server's bound."""
+    s = spec("thread")
+    if where == "config":
+        s = dataclasses.replace(s, max_queue_bytes=40)
+    made: list[FakeBatcher] = []
+
+    def factory(*args: Any) -> FakeBatcher:
+        made.append(FakeBatcher(*args))
+        return made[-1]
+
+    rt = VersionRuntime(s, 1, Path("/nonexistent/1/model.pt"), FakeBackend(s), factory, Metrics(CollectorRegistry()),
+                        max_queue_bytes=40 if where == "server" else 1 << 20)
+    rt.close()
+    assert made[0].max_queue_bytes == 40
+    s2 = dataclasses.replace(spec("inline"), max_queue_bytes=40)
+    rt = runtime(s2)
+    try:
+        results = run(infer_all(rt, rows(1), rows(1), rows(1)))  # 16 bytes each: two fit in 40
+    finally:
+        rt.close()
+    assert [type(r) for r in results[:2]] == [tuple, tuple]
+    assert isinstance(results[2], ResourceExhausted) and "max_queue_bytes" in results[2].message
 
 
 def test_a_request_whose_deadline_passed_in_the_queue_is_not_run() -> None:

@@ -38,6 +38,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: rescan interval (default 15)")
     p.add_argument("--grpc-max-message-bytes", type=int, default=None,
                    help="largest gRPC message accepted or sent on the inference port (default 64 MiB = 67108864)")
+    p.add_argument("--max-queue-bytes", type=int, default=None,
+                   help="input bytes queued per model version before RESOURCE_EXHAUSTED (default 256 MiB = "
+                        "268435456; a model's parameter swapserve.max_queue_bytes sets its own)")
+    p.add_argument("--stream-max-inflight", type=int, default=None,
+                   help="requests of one ModelStreamInfer stream read and not yet answered; at the limit the "
+                        "server stops reading the stream until the client reads a response (default 64)")
+    p.add_argument("--stream-max-queued-bytes", type=int, default=None,
+                   help="response bytes one stream may hold unread by its client before it ends "
+                        "RESOURCE_EXHAUSTED (default 64 MiB = 67108864)")
     p.add_argument("--frontend", choices=["auto", "native", "python"], default=None,
                    help="inference port transport: native (grpc++), python (grpc.aio); default auto = native if built")
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads per torch worker (default 1)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from swapserve.config import DEFAULT_MAX_QUEUE_BYTES
 from swapserve.errors import ConfigError, FailedPrecondition, ModelNotFound, SwapserveError, VersionNotReady
 from swapserve.lifecycle.budget import Resident, plan_eviction
 from swapserve.lifecycle.runtime import BackendLike, BatcherFactory, VersionRuntime
@@ -143,7 +144,8 @@ class ModelManager:
 
     def __init__(self, repository: ModelRepository, *, device: str, metrics: Metrics, router: Any,
                  registry: Registry, backend_loader: BackendLoader, batcher_factory: BatcherFactory,
-                 memory_budget: int) -> None:
+                 memory_budget: int, max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
+        """``max_queue_bytes``: the bound on queued input bytes of a version whose config sets none."""
         self.repository = repository
         self.device = device
         self.metrics = metrics
@@ -152,6 +154,7 @@ class ModelManager:
         self.memory_budget = memory_budget
         self._load_backend = backend_loader
         self._batcher_factory = batcher_factory
+        self._max_queue_bytes = max_queue_bytes
         self.models: dict[str, ManagedModel] = {}
         #: The request path's only view of a model: replaced whole, never changed in place.
         self.tables: dict[str, ServingTable] = {}
@@ -399,7 +402,7 @@ class ModelManager:
             backend = await asyncio.to_thread(self._load_backend, spec, path, self.device)
             try:
                 runtime = VersionRuntime(spec, version, path, backend, self._batcher_factory, self.metrics,
-                                         device=self.device)
+                                         device=self.device, max_queue_bytes=self._max_queue_bytes)
                 await self._set_state(m, new, VersionState.WARMING)
                 await asyncio.to_thread(self._start_runtime, runtime)
             except BaseException:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from swapserve import dtypes
-from swapserve.config import DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
+from swapserve.config import DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_SIZE, WORKER_POLL_US
 from swapserve.errors import DeadlineExceeded, ModelExecutionError, SwapserveError, VersionNotReady
 from swapserve.native import split_rows
 from swapserve.telemetry.metrics import Metrics
@@ -65,7 +65,8 @@ class BatcherLike(Protocol):
     def pending(self) -> int: ...
 
 
-BatcherFactory = Callable[[int, list[int], int, int, str], BatcherLike]
+#: (max_batch_rows, preferred_batch_rows, max_queue_delay_us, max_queue_size, max_queue_bytes, name)
+BatcherFactory = Callable[[int, list[int], int, int, int, str], BatcherLike]
 
 
 class BackendLike(Protocol):
@@ -99,7 +100,9 @@ class VersionRuntime:
     """One loaded version. Create with ``start()`` (blocking: load + warm), stop with ``close()``."""
 
     def __init__(self, spec: ModelSpec, version: int, model_file: Path, backend: BackendLike,
-                 batcher_factory: BatcherFactory, metrics: Metrics, device: str = "cpu") -> None:
+                 batcher_factory: BatcherFactory, metrics: Metrics, device: str = "cpu",
+                 max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES) -> None:
+        """``max_queue_bytes``: the server's bound on queued input bytes, for a config that sets none."""
         self.spec = spec
         self.version = version
         self.label = str(version)
@@ -122,6 +125,7 @@ class VersionRuntime:
             list(db.preferred_batch_sizes) if db else [],
             db.max_queue_delay_us if db else 0,
             (db.max_queue_size if db and db.max_queue_size else DEFAULT_MAX_QUEUE_SIZE),
+            spec.max_queue_bytes or max_queue_bytes,
             f"model '{spec.name}' version {version}",
         )
         self._pending: dict[int, _Pending] = {}

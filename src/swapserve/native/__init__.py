@@ -214,8 +214,9 @@ class Batcher:
 
     Thread-safe for any number of producers and consumers. ``max_batch_rows == 0`` disables
     batching (each request is its own batch); ``max_queue_delay_us == 0`` dispatches whatever
-    is queued at once; ``max_queue_size == 0`` means unbounded. ``name`` (e.g.
-    ``"model 'm' version 3"``) appears in error messages.
+    is queued at once; ``max_queue_size == 0`` (requests) and ``max_queue_bytes == 0`` (their
+    input bytes together) mean unbounded. ``name`` (e.g. ``"model 'm' version 3"``) appears in
+    error messages.
     """
 
     def __init__(
@@ -224,18 +225,21 @@ class Batcher:
         preferred_batch_rows: Sequence[int] = (),
         max_queue_delay_us: int = 0,
         max_queue_size: int = 0,
+        max_queue_bytes: int = 0,
         name: str = "",
     ) -> None:
         self._native = _native.Batcher(
-            max_batch_rows, list(preferred_batch_rows), max_queue_delay_us, max_queue_size, name
+            max_batch_rows, list(preferred_batch_rows), max_queue_delay_us, max_queue_size, max_queue_bytes, name
         )
 
     def submit(self, ticket: int, rows: int, inputs: Sequence[Any], deadline_ns: int = 0) -> None:
         """Copy the request's C-contiguous input buffers into the queue.
 
         ``deadline_ns`` is an absolute ``time.monotonic_ns()`` (0 = none). Raises
-        ResourceExhausted (queue full), VersionNotReady (closed), InvalidInput (rows outside
-        [1, max_batch_rows], non-contiguous input, input count differs from earlier requests).
+        ResourceExhausted (``max_queue_size`` requests queued, or the queued input bytes with this
+        request's would pass ``max_queue_bytes``; the message names the bound and how to raise it),
+        VersionNotReady (closed), InvalidInput (rows outside [1, max_batch_rows], non-contiguous
+        input, input count differs from earlier requests).
         """
         self._native.submit(ticket, rows, inputs, deadline_ns)
 
@@ -259,7 +263,8 @@ class Batcher:
         return self._native.pending()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: submitted, rejected_full, expired, batches, rows_histogram {rows: batches}."""
+        """Counters: submitted, rejected_full (max_queue_size), rejected_bytes (max_queue_bytes), expired,
+        batches, rows_histogram {rows: batches}."""
         return self._native.stats()
 
 
@@ -299,9 +304,18 @@ def bench_publish_visible(trials: int) -> tuple[list[int], list[int]]:
 class EventKind(enum.IntEnum):
     """What happened to a call (``FrontendEvent.kind``); values as in csrc/frontend/frontend.h."""
 
-    MESSAGE = 0  #: a request message: the first of every call, every further one of a streamed call
+    MESSAGE = 0  #: a request message: the first of every call, then one per :meth:`Frontend.read`
     HALF_CLOSE = 1  #: a streamed call's client is done sending (maybe without any message)
     CANCELLED = 2  #: the client went away or the deadline passed before the call was finished
+    WRITABLE = 3  #: a call whose :meth:`Frontend.write` answered FULL may be written to again
+
+
+class WriteResult(enum.IntEnum):
+    """What :meth:`Frontend.write` did with a message; values as in csrc/frontend/frontend.h."""
+
+    GONE = 0  #: dropped: the call is gone or finished
+    QUEUED = 1  #: queued behind the messages grpc has not sent yet
+    FULL = 2  #: queued, and the call now holds as much as it may: write no more until WRITABLE
 
 
 class PollResult(enum.IntEnum):
@@ -330,7 +344,10 @@ def _frontend_problem() -> str:
     except ImportError as exc:
         log.debug("swapserve._frontend: %s", exc)
         return _NOT_BUILT
-    if ((_frontend.MESSAGE, _frontend.HALF_CLOSE, _frontend.CANCELLED) != tuple(EventKind)
+    if ((getattr(_frontend, "MESSAGE", None), getattr(_frontend, "HALF_CLOSE", None),
+         getattr(_frontend, "CANCELLED", None), getattr(_frontend, "WRITABLE", None)) != tuple(EventKind)
+            or (getattr(_frontend, "WRITE_GONE", None), getattr(_frontend, "WRITE_QUEUED", None),
+                getattr(_frontend, "WRITE_FULL", None)) != tuple(WriteResult)
             or (_frontend.POLL_OFF, _frontend.POLL_IDLE, _frontend.POLL_PENDING) != tuple(PollResult)):
         return "swapserve._frontend does not match swapserve.native (a stale build); reinstall: pip install -e ."
     return ""
@@ -344,10 +361,10 @@ def frontend_available() -> bool:
 class Frontend:
     """The inference port's gRPC transport in C++ (grpc++); semantics in csrc/frontend/frontend.h.
 
-    Calls are accepted and their messages read in C++; Python learns of them through
-    :meth:`drain` and answers each call it was told about exactly once, with :meth:`finish`
-    (after any :meth:`write` of a streamed response). Calls cancelled before Python saw them
-    are answered in C++.
+    Calls are accepted and their first messages read in C++ (further ones when Python asks,
+    :meth:`read`); Python learns of them through :meth:`drain` and answers each call it was told
+    about exactly once, with :meth:`finish` (after any :meth:`write` of a streamed response).
+    Calls cancelled before Python saw them are answered in C++.
 
     Threaded (``start(polled=False)``): a C++ thread runs the completion queue and makes
     :meth:`fileno` readable when events wait. Polled: the event loop's selector calls
@@ -412,13 +429,18 @@ class Frontend:
         empty without TLS); None when the call is gone."""
         return self._native.auth_info(call)
 
-    def write(self, call: int, data: bytes) -> bool:
-        """Send one message of a streamed response. False when the call is gone or finished."""
+    def write(self, call: int, data: bytes) -> int:
+        """Queue one message of a streamed response; a :class:`WriteResult` value. ``FULL``: the call
+        holds as much unsent answer as it may (a client that does not read): write no more to it
+        until a ``WRITABLE`` event. ``GONE``: the call is gone or finished, the message dropped."""
         return self._native.write(call, data)
 
-    def stream(self, call: int) -> bool:
-        """Report every further message of ``call`` and its half-close (client streaming)."""
-        return self._native.stream(call)
+    def read(self, call: int) -> bool:
+        """Read the next message of a client-streamed ``call``: a ``MESSAGE`` event follows, or
+        ``HALF_CLOSE`` when the client is done. Until asked, no further message is read (the client
+        waits in HTTP/2 flow control). False, and nothing read, when the call is gone or finishing,
+        a read is outstanding, or the half-close was reported."""
+        return self._native.read(call)
 
     def finish(self, call: int, code: int, details: str, last: bytes | None = None) -> bool:
         """End ``call`` with gRPC status ``code`` (its number) and ``details``, ``last`` as the final

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 
 from swapserve import dtypes
 from swapserve._proto import model_config_pb2 as mc
+from swapserve.config import parse_bytes
 from swapserve.errors import ConfigError, InvalidInput
 from swapserve.repository.paths import inside
 from swapserve.types import (
@@ -40,6 +41,8 @@ MAX_WARMUP_COUNT = 1000
 #: Longest ``dynamic_batching.max_queue_delay_microseconds`` (one minute): a request waits at most
 #: this long for company. The field is a uint64; the native batcher counts in int64 nanoseconds.
 MAX_QUEUE_DELAY_US = 60_000_000
+#: The config parameter that sets a model's bound on queued input bytes ("512MiB", "1GiB", bytes).
+MAX_QUEUE_BYTES_PARAMETER = "swapserve.max_queue_bytes"
 
 
 def parse_config(model_dir: Path) -> mc.ModelConfig:
@@ -267,6 +270,7 @@ def spec_from_config(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
     if not config.instance_group:
         config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
     parameters = {k: v.string_value for k, v in config.parameters.items()}
+    max_queue_bytes = _max_queue_bytes(name, parameters.get(MAX_QUEUE_BYTES_PARAMETER))
     spec_inputs = {t.name: t for t in inputs}
     return ModelSpec(
         name=name,
@@ -281,4 +285,20 @@ def spec_from_config(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         default_model_filename=filename,
         parameters=parameters,
         warmup=_warmup(config, spec_inputs, model_dir),
+        max_queue_bytes=max_queue_bytes,
     )
+
+
+def _max_queue_bytes(model: str, text: str | None) -> int:
+    """The model's own bound on queued input bytes (parameter ``swapserve.max_queue_bytes``), 0 for
+    the server's (``--max-queue-bytes``)."""
+    if text is None:
+        return 0
+    try:
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise ConfigError(f"model '{model}': parameter {MAX_QUEUE_BYTES_PARAMETER}: {exc}") from None
+    if value < 1:
+        raise ConfigError(f"model '{model}': parameter {MAX_QUEUE_BYTES_PARAMETER} must be at least 1 byte "
+                          "(leave it out for the server's --max-queue-bytes)")
+    return value

@@ -47,6 +47,7 @@ from swapserve.server.feedback import FeedbackAuth, FeedbackServicer, feedback_p
 from swapserve.server.feedback_forward import GrpcPeers
 from swapserve.server.access import RepositoryAccess
 from swapserve.server.inference import InferenceServicer
+from swapserve.server.streams import StreamLimits
 from swapserve.server.transport import native as native_frontend
 from swapserve.telemetry.metrics import Metrics
 from swapserve.tls import ServerTls, server_tls
@@ -71,8 +72,9 @@ def _load_backend(spec: Any, path: Any, device: str) -> Any:
     return backend_class(spec.platform).load(spec, path, device)
 
 
-def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, name: str) -> Batcher:
-    return Batcher(max_rows, preferred, delay_us, max_queue, name=name)
+def _batcher(max_rows: int, preferred: list[int], delay_us: int, max_queue: int, max_queue_bytes: int,
+             name: str) -> Batcher:
+    return Batcher(max_rows, preferred, delay_us, max_queue, max_queue_bytes, name=name)
 
 
 @dataclass
@@ -293,7 +295,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
                     "inference call will be refused. Grant models with `swapserve token create NAME --models "
                     "'*'` or the auth file's principals, or open the port with --inference-open", settings.host)
     manager = ModelManager(repository, device=device, metrics=metrics, router=Router(), registry=registry,
-                           backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget)
+                           backend_loader=_load_backend, batcher_factory=_batcher, memory_budget=budget,
+                           max_queue_bytes=settings.max_queue_bytes)
     slices = SliceStats(metrics.registry)
     feedback = FeedbackObserver(slices, PredictionLog())
     monitor = MonitoringObserver(repository_dir, metrics.registry,
@@ -316,7 +319,8 @@ async def create_server(settings: Settings, metrics: Metrics | None = None) -> S
     dataplane = DataPlane(manager, metrics, observers=[feedback, monitor], request_ids=RequestIds(tag))
     control.on_tokens_changed = auth.refresh
     servicer = InferenceServicer(dataplane, manager, settings.model_control_mode, control,
-                                 RepositoryAccess(enabled=settings.repository_api, auth=auth), InferenceGate.needed(auth))
+                                 RepositoryAccess(enabled=settings.repository_api, auth=auth), InferenceGate.needed(auth),
+                                 StreamLimits(settings.stream_max_inflight, settings.stream_max_queued_bytes))
     limit = settings.grpc_max_message_bytes
     frontend = settings.frontend
     if frontend is Frontend.AUTO:

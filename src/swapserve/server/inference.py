@@ -14,13 +14,15 @@ from swapserve._proto import grpc_service_pb2_grpc as pb_grpc
 from swapserve.config import ControlMode
 from swapserve.controlplane import ControlPlane
 from swapserve.dataplane import DataPlane
-from swapserve.errors import FailedPrecondition, ModelNotFound, SwapserveError, Unimplemented
+from swapserve.errors import FailedPrecondition, ModelNotFound, ResourceExhausted, SwapserveError, Unimplemented
+from swapserve.identity import Principal
 from swapserve.lifecycle.manager import ModelManager
 from swapserve.repository.paths import check_model_name
 from swapserve.server.access import RepositoryAccess
-from swapserve.server.auth import InferenceGate, call_credentials
+from swapserve.server.auth import Credentials, InferenceGate, call_credentials
 from swapserve.server import converters
 from swapserve.server.errors import map_errors, status_of
+from swapserve.server.streams import ResponseStream, StreamLimits
 from swapserve.types import InferRequest
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int:
     if remaining is None:
         return 0
     return time.monotonic_ns() + int(remaining * 1e9)
+
+
+def _byte_size(response: pb.ModelStreamInferResponse) -> int:
+    return response.ByteSize()  # type: ignore[no-any-return]
 
 
 def _stats_pb(s: object) -> pb.ModelStatistics:
@@ -60,7 +66,7 @@ def _stats_pb(s: object) -> pb.ModelStatistics:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, manager: ModelManager, mode: ControlMode,
                  control: ControlPlane | None = None, access: RepositoryAccess | None = None,
-                 gate: InferenceGate | None = None) -> None:
+                 gate: InferenceGate | None = None, stream_limits: StreamLimits | None = None) -> None:
         self._dataplane = dataplane
         self._manager = manager
         self._mode = mode
@@ -69,6 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._access = access or RepositoryAccess()
         #: Per-model access and rate limits (``server.auth``); None: open, nothing to check per request.
         self._gate = gate
+        self._stream_limits = stream_limits or StreamLimits()
         self.live = True
 
     def _authorize(self, context: grpc.aio.ServicerContext, *models: str) -> None:
@@ -209,7 +216,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Bidirectional stream. Requests run concurrently; responses come back as they finish.
 
         A failed request yields a response with ``error_message`` (and the request's id), and the
-        stream stays open for the requests that follow.
+        stream stays open for the requests that follow. Bounded per stream (``StreamLimits``,
+        server/streams.py): at the in-flight limit the stream is not read until its client takes a
+        response; unread responses past the byte limit end it RESOURCE_EXHAUSTED.
         """
         gate, creds, principal = self._gate, None, None
         if gate is not None:  # who calls is fixed for the stream; each request's model and rate are checked
@@ -218,44 +227,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 principal = gate.principal(creds)
             except SwapserveError as exc:
                 await context.abort(*status_of(exc, "ModelStreamInfer"))
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(request: pb.ModelInferRequest) -> None:
-            try:
-                if gate is not None:
-                    gate.check(principal, creds, request.model_name)  # type: ignore[arg-type]
-                if not request.raw_input_contents and request.inputs:
-                    req = await self._typed_request(request)
-                else:
-                    req = converters.infer_request_from_pb(request)
-                resp = converters.infer_response_to_pb(await self._dataplane.infer(req))
-                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
-            except Exception as exc:  # noqa: BLE001 - becomes this request's error message
-                _, message = status_of(exc, "ModelStreamInfer")
-                failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                               id=request.id)
-                await results.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
-
-        async def reader() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-                await results.put(None)
-
-        read_task = asyncio.create_task(reader())
+        stream = ResponseStream(request_iterator, lambda request: self._stream_answer(request, principal, creds),
+                                _byte_size, self._stream_limits)
         try:
-            while (item := await results.get()) is not None:
-                yield item
+            while (response := await stream.next()) is not None:
+                yield response
+        except ResourceExhausted as exc:
+            await context.abort(exc.code, exc.message)
         finally:
-            read_task.cancel()
-            for t in list(tasks):
-                t.cancel()
+            stream.close()
+
+    async def _stream_answer(self, request: pb.ModelInferRequest, principal: Principal | None,
+                             creds: Credentials | None) -> pb.ModelStreamInferResponse:
+        """One streamed request's response: its answer, or its error as ``error_message``.
+
+        With a gate, ``principal`` (fixed for the stream) must be allowed the request's model and
+        within its rate; a refusal is this request's error, the stream stays open.
+        """
+        try:
+            if self._gate is not None:
+                self._gate.check(principal, creds, request.model_name)  # type: ignore[arg-type]
+            if not request.raw_input_contents and request.inputs:
+                req = await self._typed_request(request)
+            else:
+                req = converters.infer_request_from_pb(request)
+            resp = converters.infer_response_to_pb(await self._dataplane.infer(req))
+            return pb.ModelStreamInferResponse(infer_response=resp)
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error message
+            _, message = status_of(exc, "ModelStreamInfer")
+            failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                           id=request.id)
+            return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     # Shared memory, trace and log settings are not implemented: answer precisely instead of hanging.
     async def _unimplemented(self, what: str, context: grpc.aio.ServicerContext) -> None:

@@ -6,8 +6,14 @@ servicers (inference, feedback, health, reflection) run on either front end. The
 accepts calls and moves bytes; this side turns events into servicer calls on the event loop:
 
 - a message of a new call: look up the method's handler; unary requests run at once, streaming
-  requests get an async iterator fed by the following messages (half-close ends it);
-- the handler's answer goes back with one ``finish`` (unary) or ``write`` per message + ``finish``;
+  requests get an async iterator fed by the following messages (half-close ends it). Each
+  further message is read only when the iterator hands out the one before (``read``), so a
+  handler that stops asking (ModelStreamInfer at its in-flight limit) stops the reading, and the
+  client waits in HTTP/2 flow control, as on grpc.aio;
+- the handler's answer goes back with one ``finish`` (unary) or ``write`` per message + ``finish``.
+  A streamed response's handler resumes after a ``write`` only while the front end has room for
+  more of the call's answer (else once it reports WRITABLE), as grpc.aio resumes it only once
+  the message was sent: a client that does not read holds the handler, not the server's memory;
 - cancellation (client gone, deadline passed) cancels the handler's task, so the data plane
   counts the request CANCELED (its answer, if the model still runs it, is dropped).
 
@@ -32,14 +38,15 @@ from typing import Any, TypeVar
 import grpc
 
 from swapserve.errors import SwapserveError
-from swapserve.native import EventKind, Frontend, PollResult, frontend_available
+from swapserve.native import EventKind, Frontend, PollResult, WriteResult, frontend_available
 from swapserve.tls import ServerTls
 from swapserve.types import ARRIVALS
 
 log = logging.getLogger(__name__)
 
 # Plain ints, compared per request and per turn of the loop.
-_MESSAGE, _HALF_CLOSE = int(EventKind.MESSAGE), int(EventKind.HALF_CLOSE)
+_MESSAGE, _HALF_CLOSE, _WRITABLE = int(EventKind.MESSAGE), int(EventKind.HALF_CLOSE), int(EventKind.WRITABLE)
+_WRITE_FULL = int(WriteResult.FULL)
 _POLL_OFF, _POLL_IDLE, _POLL_PENDING = int(PollResult.OFF), int(PollResult.IDLE), int(PollResult.PENDING)
 
 
@@ -171,7 +178,8 @@ class _Context:
         return self._done
 
     async def write(self, message: Any) -> None:
-        self._server._native.write(self._id, _serialized(self._serializer, message))
+        if self._server._native.write(self._id, _serialized(self._serializer, message)) == _WRITE_FULL:
+            await self._server._room(self._id)
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         return None
@@ -181,14 +189,18 @@ class _Context:
 
 
 class _Call:
-    __slots__ = ("task", "requests", "context", "waiting")
+    __slots__ = ("task", "requests", "context", "waiting", "writable")
 
     def __init__(self, context: _Context) -> None:
         self.context = context
         self.task: asyncio.Task[None] | None = None
+        #: A client-streaming call's messages not yet handed to its handler: at most one, and the
+        #: end (each further message is read only once the iterator handed out the one before).
         self.requests: asyncio.Queue[Any] | None = None
         #: The future a call started eagerly waits on until a Task takes it over (see _start).
         self.waiting: asyncio.Future[Any] | None = None
+        #: Set while the handler waits for room to write (a write answered FULL); WRITABLE resolves it.
+        self.writable: asyncio.Future[None] | None = None
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -336,6 +348,10 @@ class NativeServer:
                         self._begin(call_id, method, None, deadline_ns)
                     elif call.requests is not None:
                         call.requests.put_nowait(_END)
+                elif kind == _WRITABLE:
+                    call = self._calls.get(call_id)
+                    if call is not None and call.writable is not None and not call.writable.done():
+                        call.writable.set_result(None)
                 else:  # CANCELLED
                     call = self._calls.get(call_id)
                     if call is not None:
@@ -381,9 +397,7 @@ class NativeServer:
         if handler.request_streaming:
             call.requests = asyncio.Queue()
             call.requests.put_nowait(request)
-            if payload is not None:
-                self._native.stream(call_id)  # unary calls are read once; streams to the end
-            request = self._iterate(call.requests)
+            request = self._iterate(call_id, call.requests)
         self._start(call_id, call, self._run(call_id, handler, request, context))
 
     def _start(self, call_id: int, call: _Call, coro: Any) -> None:
@@ -420,10 +434,30 @@ class NativeServer:
         if call_id in self._calls:
             self._finish(call_id, grpc.StatusCode.CANCELLED, "cancelled")
 
-    @staticmethod
-    async def _iterate(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    async def _iterate(self, call_id: int, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        """A client-streaming call's messages, read as its handler asks for them.
+
+        Handing out one message asks the front end for the next, so one is read ahead while the
+        handler works on this one, and none beyond it until the handler asks again.
+        """
         while (item := await queue.get()) is not _END:
+            self._native.read(call_id)
             yield item
+
+    async def _room(self, call_id: int) -> None:
+        """Wait until the front end has room for more of the call's answer (its WRITABLE event).
+
+        Only after a ``write`` answered FULL; a cancelled call ends the wait with CancelledError.
+        """
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        assert self._loop is not None
+        call.writable = self._loop.create_future()
+        try:
+            await call.writable
+        finally:
+            call.writable = None
 
     def _finish(self, call_id: int, code: grpc.StatusCode, details: str, last: bytes | None = None) -> None:
         self._calls.pop(call_id, None)
@@ -444,7 +478,8 @@ class NativeServer:
             if handler.response_streaming:
                 if inspect.isasyncgen(result):
                     async for message in result:
-                        self._native.write(call_id, _serialized(serialize, message))
+                        if self._native.write(call_id, _serialized(serialize, message)) == _WRITE_FULL:
+                            await self._room(call_id)
                 elif inspect.isawaitable(result):  # writes through context.write, returns None
                     await result
             else:
