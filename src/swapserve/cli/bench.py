@@ -6,14 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from swapserve.cli.control import EXIT_USAGE, UsageError
 from swapserve.cli.tlsargs import add_tls_arguments, client_tls
-
-#: Exit status of a usage error (as the control verbs): flags that cannot work together, an unreadable file.
-EXIT_USAGE = 2
-
-
-class _Usage(Exception):
-    pass
 
 
 def _versions(text: str) -> list[str]:
@@ -24,9 +18,9 @@ def _read_token(path: str, flag: str) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as e:
-        raise _Usage(f"cannot read {flag} {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot read {flag} {path}: {e.strerror or e}") from None
     if not token:
-        raise _Usage(f"{flag} {path} is empty")
+        raise UsageError(f"{flag} {path} is empty")
     return token
 
 
@@ -114,7 +108,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                           token=inference_token(args),
                           control_token=control_token(args) if args.control_url else "")
         resolve_client(cfg.client, secured=cfg.secured())  # flags that cannot work together stop here
-    except (_Usage, BenchError, WorkloadError) as exc:
+    except (UsageError, BenchError, WorkloadError) as exc:
         print(f"swapserve bench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.client == "auto" and cfg.secured():
